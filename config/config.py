@@ -1,0 +1,256 @@
+"""The one configuration of every stage: edit the defaults here, override any key on the command line.
+
+    python train_everything.py --dataset webface --rec /data/faces_webface_112x112 --loss ArcFace
+
+Keys whose default is None are filled when the config is resolved: from the dataset preset table
+(epoch schedule, verification targets), from the loss table (s, m), or from the dataset itself
+(`num_classes`, `num_image` and the image size are always read from `property` / the record headers,
+never typed in by hand).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class Config:
+    # ---- data -------------------------------------------------------------------------------
+    dataset: str = "synthetic"  # preset: webface (CASIA-WebFace), ms1mv2, glint360k, synthetic
+    rec: str = "data/synthetic"  # dataset folder: train.rec, train.idx, property, *.bin, ijb/
+    output: str = "output"  # experiment folder; every stage reads and writes below it
+    val_targets: Optional[List[str]] = None  # .bin names in `rec` (None: the preset's)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    # ---- model -------------------------------------------------------------------------------
+    network: str = "iresnet50"  # backbones registry name
+    SE: bool = False  # squeeze-and-excitation blocks in the iresnets
+    embedding_size: int = 512
+    loss: str = "CosFace"  # losses registry name of the margin head
+    s: Optional[float] = None  # scale (None: the loss table's)
+    m: Optional[float] = None  # margin (None: the loss table's)
+    std: Optional[float] = None  # margin std of the Elastic heads (None: the loss table's)
+    # ---- optimisation (paper recipe) ----------------------------------------------------------
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256  # per process
+    lr: float = 0.1  # for a global batch of 512; the run uses lr * global_batch / 512
+    num_epoch: Optional[int] = None  # None: the preset's
+    warmup_epoch: int = 0
+    lr_steps: Optional[List[int]] = None  # epochs at which lr is multiplied by lr_decay
+    lr_decay: float = 0.1
+    grad_clip: float = 5.0  # max gradient norm (0: off)
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU) | fp32 | fp16 | bf16
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile the backbone
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = False  # continue from the last complete checkpoint of this run
+    eval_step: int = 0  # verification every N steps (0: at each epoch end only)
+    frequent: int = 50  # log a line every N steps
+    max_steps_per_epoch: int = 0  # 0: the whole epoch (a positive value is for smoke tests)
+    # ---- original training and scoring -------------------------------------------------------
+    is_original_train: bool = True  # full dataset + per-epoch probability recording (DynUnc input)
+    original_net_loss: str = "CosFace"  # loss of the original model whose scores the pruning reads
+    record_topk: int = 10  # margin-free top-k logits recorded per sample and epoch (entropy method)
+    eval_epoch: int = -1  # checkpoint epoch to score (1-based; -1: the last)
+    use_all_epochs: bool = False  # score every saved epoch and average
+    checkpoint: str = ""  # explicit checkpoint / backbone.pth to score or evaluate
+    head_checkpoint: str = ""  # head state dict to pair with a plain backbone.pth
+    score_batch_size: int = 512
+    # ---- pruning and cleaning ------------------------------------------------------------------
+    coreset_method: str = "diffprob"  # kept list that retraining uses: full, rand, dynunc, diffprob, diffprob_clean, entropy
+    fraction: float = 0.5  # kept fraction (per identity for rand/dynunc/entropy; overall for DiffProb)
+    threshold: Optional[float] = None  # DiffProb threshold t (None: searched for `fraction`)
+    window: int = 10  # DynUnc window J (epochs)
+    min_samples_per_id: int = 5
+    coreset_order: str = "descending"  # dynunc/entropy: keep the highest (descending) or lowest scores
+    relabel: bool = False  # cleaning: also write the suggested label of each flagged sample
+    write_text_kept_index: bool = False  # also write the paper repository's `kept_index = [...]` text form
+    kept_index: str = ""  # explicit kept list (.npy or the paper's text form) for retraining
+    label_map: str = ""  # explicit label map for retraining
+    # ---- evaluation ----------------------------------------------------------------------------
+    ijb_root: str = ""  # IJB release folder (loose_crop/, meta/); "" : <rec>/ijb
+    ijb_target: str = "ijbc"  # ijbc | ijbb
+    eval_batch_size: int = 256
+
+
+# Dataset presets: the schedule each dataset is trained with (paper: CASIA-WebFace, 34 epochs).
+DATASET_PRESETS = {
+    "webface": dict(num_epoch=34, lr_steps=[20, 28, 32], val_targets=["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]),
+    "ms1mv2": dict(num_epoch=26, lr_steps=[8, 14, 20, 25], val_targets=["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]),
+    "glint360k": dict(num_epoch=20, lr_steps=[8, 12, 15, 18], val_targets=["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]),
+    "synthetic": dict(num_epoch=12, lr_steps=[8, 10], val_targets=["syn_frontal", "syn_pose"]),
+}
+
+CHOICES = {
+    "dtype": ("auto", "fp32", "fp16", "bf16"),
+    "device": ("auto", "cpu", "cuda"),
+    "coreset_order": ("descending", "ascending"),
+    "coreset_method": ("full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy"),
+    "ijb_target": ("ijbc", "ijbb"),
+    "dataset": tuple(DATASET_PRESETS),
+}
+
+
+class ConfigError(ValueError):
+    """A config value a user gave is not valid."""
+
+
+def _base_type(tp):
+    """(base type, is_list) of a field annotation such as Optional[List[int]]."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, List):
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_scalar(key, text, tp):
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"--{key}: expected a boolean (true/false), got {text!r}")
+    try:
+        return tp(text)
+    except ValueError:
+        raise ConfigError(f"--{key}: expected {tp.__name__}, got {text!r}") from None
+
+
+def parse_value(key: str, text: str):
+    """Parse command-line text for `key` into the field's type ('none' clears an Optional key)."""
+    tp = typing.get_type_hints(Config)[key]
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    base, is_list = _base_type(tp)
+    if is_list:
+        return [_parse_scalar(key, t, base) for t in text.replace(",", " ").split()]
+    return _parse_scalar(key, text, base)
+
+
+def _describe_keys():
+    return ", ".join(f.name for f in dataclasses.fields(Config))
+
+
+def _check(cfg: Config):
+    """Value checks that do not need the dataset."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if not 0 < cfg.fraction <= 1:
+        raise ConfigError(f"fraction={cfg.fraction} must be in (0, 1]")
+    if cfg.threshold is not None and cfg.threshold < 0:
+        raise ConfigError(f"threshold={cfg.threshold} must be >= 0")
+    for key in ("batch_size", "embedding_size", "window", "score_batch_size", "eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.window < 2:
+        raise ConfigError(f"window={cfg.window} must be >= 2 (a standard deviation needs two epochs)")
+    if cfg.min_samples_per_id < 1:
+        raise ConfigError(f"min_samples_per_id={cfg.min_samples_per_id} must be >= 1")
+    if cfg.num_workers < 0 or cfg.lr <= 0:
+        raise ConfigError("num_workers must be >= 0 and lr > 0")
+    if cfg.num_epoch is not None and cfg.num_epoch < 1:
+        raise ConfigError(f"num_epoch={cfg.num_epoch} must be >= 1")
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the None keys from the preset and loss tables; checks values. Returns a new Config."""
+    from losses import HEAD_DEFAULTS
+
+    _check(cfg)
+    values = dataclasses.asdict(cfg)
+    for key, value in DATASET_PRESETS[cfg.dataset].items():
+        if values[key] is None:
+            values[key] = list(value) if isinstance(value, list) else value
+    by_lower = {name.lower(): name for name in HEAD_DEFAULTS}
+    if cfg.loss.lower() not in by_lower:
+        raise ConfigError(f"loss={cfg.loss!r} is not a known head; valid: {', '.join(HEAD_DEFAULTS)}")
+    loss = values["loss"] = by_lower[cfg.loss.lower()]
+    values["original_net_loss"] = by_lower.get(cfg.original_net_loss.lower(), cfg.original_net_loss)
+    for key in ("s", "m", "std"):
+        if values[key] is None:
+            values[key] = HEAD_DEFAULTS[loss].get(key)
+    out = Config(**values)
+    if any(s > out.num_epoch for s in out.lr_steps):
+        raise ConfigError(f"lr_steps={out.lr_steps} must not exceed num_epoch={out.num_epoch}")
+    return out
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every key of config/config.py can be given as --KEY VALUE (lists: comma-separated; "
+        "booleans: true/false; Optional keys: none).",
+    )
+    defaults = Config()
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        base, is_list = _base_type(hints[f.name])
+        kind = f"list of {base.__name__}" if is_list else base.__name__
+        parser.add_argument(f"--{f.name}", metavar=kind.upper().replace(" ", "_"), default=None,
+                            help=f"default: {getattr(defaults, f.name)!r}")
+    return parser
+
+
+def parse_config(argv=None, description: str = "", extra=None, defaults: Config = None):
+    """Defaults of config/config.py + `--key value` overrides, resolved and checked.
+
+    An unknown key or a value of the wrong type exits with status 2 and names the valid keys.
+    `extra` is an optional callable adding stage-specific arguments to the parser; the parsed
+    namespace is then returned too: (cfg, args).
+    """
+    parser = build_parser(description)
+    if extra is not None:
+        extra(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.print_usage(sys.stderr)
+        print(f"error: unknown argument(s) {' '.join(unknown)}; valid keys: {_describe_keys()}", file=sys.stderr)
+        raise SystemExit(2)
+    base = defaults if defaults is not None else Config()
+    overrides = {}
+    try:
+        for f in dataclasses.fields(Config):
+            text = getattr(args, f.name)
+            if text is not None:
+                overrides[f.name] = parse_value(f.name, text)
+        cfg = resolve(dataclasses.replace(base, **overrides))
+    except ConfigError as e:
+        parser.print_usage(sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return (cfg, args) if extra is not None else cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config from a saved dict (unknown keys, e.g. from a newer version, are an error)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {_describe_keys()}")
+    return Config(**values)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=1, sort_keys=True)

@@ -1,0 +1,323 @@
+"""Model-parallel margin softmax (Partial FC with sample rate 1).
+
+Each rank holds a contiguous slice of the class centres (split as `np.array_split`). A step
+all-gathers the embeddings and labels of the global batch, computes the logits of the local classes,
+and evaluates softmax cross-entropy across ranks from an all-reduced max and sum of exponentials,
+so no rank ever materialises (global batch x all classes).
+
+Gradient convention (the training loop relies on it):
+- the head is NOT wrapped in DDP: each rank's weight slice gets exactly dLoss/dW_slice;
+- the local embeddings get world_size x dLoss/d(local embeddings). The backbone IS wrapped in DDP,
+  which averages its gradients over ranks; the sum over ranks of the per-rank chain rule is the
+  gradient of the global-batch mean loss, so the average of world_size x (each rank's part) is
+  exactly the single-process gradient on the global batch.
+
+With world_size == 1 no torch.distributed call is made.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from losses.registry import get_head
+
+
+def class_split(num_classes: int, world_size: int) -> List[Tuple[int, int]]:
+    """[start, end) class range of every rank, as np.array_split: the first (C % W) ranks get one more."""
+    base, extra = divmod(num_classes, world_size)
+    bounds, start = [], 0
+    for r in range(world_size):
+        end = start + base + (1 if r < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class ShardComm:
+    """The collectives a sharded head needs, on one process group."""
+
+    def __init__(self, group, rank: int, world_size: int):
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.src = 0 if group is None else dist.get_global_rank(group, 0)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` on every rank."""
+        t = t.clone().contiguous()
+        dist.broadcast(t, src=self.src, group=self.group)
+        return t
+
+    def sizes(self, n: int, device) -> List[int]:
+        """Every rank's first-dimension size (ranks may hold different batch sizes)."""
+        mine = torch.tensor([n], dtype=torch.long, device=device)
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine, group=self.group)
+        return [int(x) for x in out]
+
+    def all_gather_cat(self, t: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """Concatenate every rank's `t` (first dims `sizes`) along dim 0, in rank order."""
+        pad = max(sizes)
+        t = t.contiguous()
+        if t.shape[0] < pad:
+            t = torch.cat([t, t.new_zeros((pad - t.shape[0],) + tuple(t.shape[1:]))])
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self.group)
+        return torch.cat([o[:n] for o, n in zip(out, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather of the local embeddings; backward sums the gathered gradient over ranks and returns
+    world_size x the local rows (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, comm: ShardComm, sizes: List[int]):
+        ctx.comm, ctx.sizes = comm, sizes
+        return comm.all_gather_cat(local, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        comm, sizes = ctx.comm, ctx.sizes
+        total = comm.all_reduce_sum(grad.contiguous())
+        start = sum(sizes[:comm.rank])
+        return total[start:start + sizes[comm.rank]] * comm.world_size, None, None
+
+
+class _ShardedSoftmaxCE(torch.autograd.Function):
+    """Mean softmax cross-entropy of logits split by columns over ranks.
+
+    forward(logits (N, C_local), rows, cols) -> (loss scalar, gt_prob (N,)); rows/cols index the
+    labelled class of the rows whose class is local. Backward: (softmax - onehot) / N per slice."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, cols, comm: Optional[ShardComm]):
+        n = logits.shape[0]
+        stats = _softmax_stats(logits, rows, cols, comm)
+        ctx.save_for_backward(stats["exp"], stats["sumexp"], rows, cols)
+        ctx.n = n
+        log_prob = stats["target"] - stats["max"] - torch.log(stats["sumexp"])
+        loss = -log_prob.mean()
+        gt_prob = torch.exp(log_prob)
+        ctx.mark_non_differentiable(gt_prob)
+        return loss, gt_prob
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_prob):
+        exp, sumexp, rows, cols = ctx.saved_tensors
+        grad = exp / sumexp[:, None]
+        grad[rows, cols] -= 1.0
+        grad *= grad_loss / ctx.n
+        return grad, None, None, None
+
+
+def _softmax_stats(logits, rows, cols, comm: Optional[ShardComm]) -> Dict[str, torch.Tensor]:
+    """Global row max, exp(logits - max), sum of exp over all classes, labelled-class logit (N,)."""
+    row_max = logits.max(dim=1).values
+    if comm is not None:
+        row_max = comm.all_reduce_max(row_max)
+    exp = torch.exp(logits - row_max[:, None])
+    sumexp = exp.sum(dim=1)
+    target = torch.zeros_like(row_max)
+    target[rows] = logits[rows, cols]
+    if comm is not None:
+        both = comm.all_reduce_sum(torch.stack([sumexp, target]))
+        sumexp, target = both[0], both[1]
+    return {"max": row_max, "exp": exp, "sumexp": sumexp, "target": target}
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.train(False)
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class ShardedClassifier(nn.Module):
+    """Margin head `head_name` over `num_classes` classes, split across `world_size` ranks.
+
+    forward(local_embeddings (n, D), local_labels (n,)) -> (loss, gt_prob):
+      loss: scalar, mean cross-entropy over the GLOBAL batch (identical on every rank);
+      gt_prob: (n,) float32, detached, softmax probability of the labelled class WITH margin.
+    Every rank must call forward / score / full_state_dict together (they are collectives).
+    Labels are global class ids in [0, num_classes)."""
+
+    def __init__(self, head_name: str, in_features: int, num_classes: int, rank: int = 0, world_size: int = 1,
+                 group=None, **head_kwargs):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardedClassifier: rank {rank} is not in a world of {world_size}")
+        if num_classes < world_size:
+            raise ValueError(f"ShardedClassifier: {num_classes} classes cannot be split over {world_size} ranks")
+        if world_size > 1:
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError("ShardedClassifier with world_size > 1 needs torch.distributed initialised")
+            if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
+                raise ValueError(f"ShardedClassifier: rank/world_size {rank}/{world_size} disagree with the process "
+                                 f"group's {dist.get_rank(group)}/{dist.get_world_size(group)}")
+        self.num_classes = num_classes
+        self.in_features = in_features
+        self.rank, self.world_size = rank, world_size
+        self.bounds = class_split(num_classes, world_size)
+        self.class_start, self.class_end = self.bounds[rank]
+        self.head = get_head(head_name, in_features, self.class_end - self.class_start, **head_kwargs)
+        self.head_name = self.head.head_name
+        self.comm = ShardComm(group, rank, world_size) if world_size > 1 else None
+        self.head.shard_comm = self.comm
+
+    @property
+    def s(self) -> float:
+        return self.head.s
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, classes=[{self.class_start}, {self.class_end}), "
+                f"rank={self.rank}, world_size={self.world_size}")
+
+    # ---------------------------------------------------------------------------- batch plumbing
+    def _global_batch(self, local_embeddings, local_labels, with_grad: bool):
+        """(embeddings (N, D), labels (N,), local row range) of the global batch."""
+        local_labels = local_labels.reshape(-1).to(device=local_embeddings.device, dtype=torch.long)
+        n = local_embeddings.shape[0]
+        if local_labels.numel() != n:
+            raise ValueError(f"ShardedClassifier: {local_labels.numel()} labels for {n} embeddings")
+        if self.comm is None:
+            return local_embeddings, local_labels, (0, n)
+        sizes = self.comm.sizes(n, local_embeddings.device)
+        if with_grad:
+            embeddings = _GatherWithGrad.apply(local_embeddings, self.comm, sizes)
+        else:
+            embeddings = self.comm.all_gather_cat(local_embeddings.detach(), sizes)
+        labels = self.comm.all_gather_cat(local_labels, sizes)
+        start = sum(sizes[:self.rank])
+        return embeddings, labels, (start, start + n)
+
+    def _local_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Global class ids -> column in this slice, -1 where the class lives on another rank."""
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"ShardedClassifier: labels must be in [0, {self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        here = (labels >= self.class_start) & (labels < self.class_end)
+        return torch.where(here, labels - self.class_start, torch.full_like(labels, -1))
+
+    def _target_cos(self, cos: torch.Tensor, local_labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """(N,) labelled-class cosine of every row, summed from the one rank that holds each class."""
+        if self.comm is None:
+            return None
+        rows = (local_labels >= 0).nonzero().squeeze(1)
+        target = torch.zeros(cos.shape[0], device=cos.device, dtype=torch.float32)
+        target[rows] = cos.detach()[rows, local_labels[rows]]
+        return self.comm.all_reduce_sum(target)
+
+    # --------------------------------------------------------------------------------- training
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor):
+        with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
+            embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=True)
+            local = self._local_labels(labels)
+            cos = self.head.cosine(embeddings)
+            logits = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
+            rows = (local >= 0).nonzero().squeeze(1)
+            loss, gt_prob = _ShardedSoftmaxCE.apply(logits, rows, local[rows], self.comm)
+        return loss, gt_prob[lo:hi].detach()
+
+    # ---------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def score(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+              topk: int = 0) -> Dict[str, torch.Tensor]:
+        """Per local sample (detached): 'gt_prob_with_margin', 'gt_prob' (margin-free), 'pred' (int64
+        global arg-max class, margin-free; ties -> lowest class id), 'pred_prob'; with topk > 0 also
+        'topk_logits' (n, k) float32 and 'topk_index' (n, k) int64 (margin-free, descending) and
+        'rest_mean_logit' (n,), the mean margin-free logit of the other classes (NaN if none).
+        The head's statistics are not updated and Elastic heads use their mean margin."""
+        if not 0 <= topk <= self.num_classes:
+            raise ValueError(f"score: topk={topk} must be in [0, {self.num_classes}]")
+        with torch.autocast(device_type=local_embeddings.device.type, enabled=False), _eval_mode(self.head):
+            embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=False)
+            local = self._local_labels(labels)
+            rows = (local >= 0).nonzero().squeeze(1)
+            cols = local[rows]
+            cos = self.head.cosine(embeddings)
+            with_margin = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
+            plain = cos * self.head.s
+
+            stats = _softmax_stats(with_margin, rows, cols, self.comm)
+            out = {"gt_prob_with_margin": torch.exp(stats["target"] - stats["max"] - torch.log(stats["sumexp"]))}
+            stats = _softmax_stats(plain, rows, cols, self.comm)
+            out["gt_prob"] = torch.exp(stats["target"] - stats["max"] - torch.log(stats["sumexp"]))
+            # The arg-max class has logit == the global max: pred_prob = exp(0) / sumexp.
+            out["pred_prob"] = 1.0 / stats["sumexp"]
+            out["pred"] = self._global_argmax(plain, stats["max"])
+            if topk > 0:
+                values, index = self._global_topk(plain, topk)
+                out["topk_logits"], out["topk_index"] = values, index
+                total = plain.sum(dim=1)
+                if self.comm is not None:
+                    total = self.comm.all_reduce_sum(total)
+                rest = self.num_classes - topk
+                out["rest_mean_logit"] = ((total - values.sum(dim=1)) / rest if rest
+                                          else torch.full_like(total, float("nan")))
+        return {k: v[lo:hi].detach() for k, v in out.items()}
+
+    def _global_argmax(self, plain: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
+        local_max, local_arg = plain.max(dim=1)
+        # Lowest global class id among the ranks that reach the global max (torch.argmax's tie rule).
+        candidate = torch.where(local_max == global_max, local_arg + self.class_start,
+                                torch.full_like(local_arg, self.num_classes))
+        if self.comm is not None:
+            candidate = -self.comm.all_reduce_max(-candidate)
+        return candidate
+
+    def _global_topk(self, plain: torch.Tensor, k: int):
+        k_local = min(k, plain.shape[1])
+        values, index = plain.topk(k_local, dim=1)
+        index = index + self.class_start
+        if self.comm is None:
+            return values, index
+        n = plain.shape[0]
+        pad = k - k_local  # a rank with fewer than k classes pads with -inf
+        if pad:
+            values = torch.cat([values, values.new_full((n, pad), float("-inf"))], dim=1)
+            index = torch.cat([index, index.new_full((n, pad), -1)], dim=1)
+        both = torch.cat([values, index.to(values.dtype)], dim=1)  # class ids < 2^24 are exact in float32
+        gathered = [torch.empty_like(both) for _ in range(self.world_size)]
+        dist.all_gather(gathered, both.contiguous(), group=self.comm.group)
+        all_values = torch.cat([g[:, :k] for g in gathered], dim=1)
+        all_index = torch.cat([g[:, k:] for g in gathered], dim=1).long()
+        best_values, pos = all_values.topk(k, dim=1)
+        return best_values, all_index.gather(1, pos)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The single-head state dict (same keys as get_head's module) with the full weight
+        (num_classes, in_features), gathered from all ranks. Buffers are the same on every rank."""
+        state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        if self.comm is not None:
+            sizes = [end - start for start, end in self.bounds]
+            state["weight"] = self.comm.all_gather_cat(state["weight"], sizes)
+        return state
+
+    def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load a single-head state dict (full weight), keeping this rank's slice."""
+        weight = state.get("weight")
+        if weight is None or tuple(weight.shape) != (self.num_classes, self.in_features):
+            found = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"head state dict: expected 'weight' of shape ({self.num_classes}, "
+                             f"{self.in_features}), found {found}")
+        sliced = dict(state)
+        sliced["weight"] = weight[self.class_start:self.class_end]
+        self.head.load_state_dict(sliced, strict=True)

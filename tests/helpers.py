@@ -1,0 +1,36 @@
+"""Shared helpers of the integration tests: a tiny synthetic dataset and stage runners."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds on 2 CPU cores, large enough that every identity has > min_samples_per_id images.
+TINY_DATASET = ["--num-ids", "16", "--image-size", "32", "--seed", "3"]
+TINY_TRAIN = ["--network", "smallnet", "--embedding_size", "64", "--batch_size", "32", "--num_epoch", "3",
+              "--lr_steps", "2", "--lr", "0.2", "--num_workers", "0", "--frequent", "5", "--record_topk", "4",
+              "--score_batch_size", "64", "--eval_batch_size", "64"]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO)
+    e.setdefault("OMP_NUM_THREADS", "2")
+    return e
+
+
+def run_script(script, *args, check=True, torchrun=0, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    r = subprocess.run(cmd + [str(REPO / script), *map(str, args)], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {r.returncode}\n"
+                             f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}")
+    return r
+
+
+def make_tiny_dataset(out: Path):
+    run_script("make_synthetic_dataset.py", "--out", out, *TINY_DATASET)
+    return out

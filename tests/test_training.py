@@ -1,0 +1,143 @@
+"""train_everything.py and eval_trainset.py on a tiny synthetic dataset: recording, resume, torchrun, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from config.config import parse_config
+from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script
+from utils import paths
+from utils.artifacts import Fingerprint, load_array
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def _cfg(rec, out, *extra):
+    return parse_config(["--rec", str(rec), "--output", str(out), *TINY_TRAIN, *extra])
+
+
+def _ctx():
+    from utils.runtime import Context
+
+    return Context()
+
+
+def test_original_training_records_every_epoch(tiny, tmp_path):
+    from utils.training import train
+
+    cfg = _cfg(tiny, tmp_path)
+    summary = train(cfg, _ctx())
+    out = paths.original_dir(cfg)
+    for e in (1, 2, 3):
+        assert (out / f"epoch_{e:03d}.pt").exists()
+    fp = Fingerprint(**json.loads((out / "prob_history.manifest.json").read_text())["fingerprint"])
+    hist = load_array(out / "prob_history.npy", fp)
+    assert hist.shape == (3, fp.num_images)
+    seen = np.isfinite(hist)
+    # drop_last: every epoch sees all but the last partial batch; a value is a probability
+    steps = fp.num_images // 32
+    assert (seen.sum(1) == steps * 32).all()
+    assert ((hist[seen] >= 0) & (hist[seen] <= 1)).all()
+    topk = load_array(out / "topk_logits.npz", fp)
+    assert topk["topk_index"].shape == (3, fp.num_images, 4)
+    assert ((topk["topk_index"] >= 0) == seen[..., None]).all()
+    # the plain backbone.pth loads strictly into a fresh model
+    from backbones import get_model
+
+    model = get_model("smallnet", num_features=64, input_size=32)
+    model.load_state_dict(torch.load(out / "backbone.pth"), strict=True)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["type"] == "epoch"] == [1, 2, 3]
+    assert summary["num_images"] == fp.num_images and summary["train_seconds"] > 0
+    assert set(summary["verification"]) == {"syn_frontal", "syn_pose"}
+
+
+def test_resume_after_a_crash_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    from utils import training
+
+    straight = _cfg(tiny, tmp_path / "a", "--record_topk", "0")
+    training.train(straight, _ctx())
+    crashed = _cfg(tiny, tmp_path / "b", "--record_topk", "0")
+    real = training.train_one_epoch
+
+    def dies_in_epoch_3(run, epoch, record=None, on_step=None):
+        if epoch == 2:
+            def boom(*a):
+                raise KeyboardInterrupt("killed mid-epoch")
+            return real(run, epoch, record, boom)
+        return real(run, epoch, record, on_step)
+
+    monkeypatch.setattr(training, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(crashed, _ctx())
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    resumed = _cfg(tiny, tmp_path / "b", "--record_topk", "0", "--resume", "true")
+    training.train(resumed, _ctx())
+    a = torch.load(paths.original_dir(straight) / "backbone.pth")
+    b = torch.load(paths.original_dir(resumed) / "backbone.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = np.load(paths.original_dir(straight) / "prob_history.npy")
+    hb = np.load(paths.original_dir(resumed) / "prob_history.npy")
+    assert np.array_equal(ha, hb, equal_nan=True)
+
+
+def test_torchrun_two_ranks_train_and_score_exactly(tiny, tmp_path):
+    args = ["--rec", tiny, "--output", tmp_path, *TINY_TRAIN, "--batch_size", "16", "--num_epoch", "2",
+            "--lr_steps", "1"]
+    run_script("train_everything.py", *args, torchrun=2)
+    cfg = parse_config([str(a) for a in args])
+    hist = np.load(paths.original_dir(cfg) / "prob_history.npy")
+    n = hist.shape[1]
+    assert ((np.isfinite(hist)).sum(1) == (n // 32) * 32).all()  # each sample once, no padding duplicate
+    # scoring: 2 ranks give the arrays of 1 process
+    run_script("eval_trainset.py", *args, torchrun=2)
+    two = dict(np.load(paths.scores_path(cfg)))
+    run_script("eval_trainset.py", *args)
+    one = dict(np.load(paths.scores_path(cfg)))
+    assert np.array_equal(one["label"], two["label"]) and np.array_equal(one["pred"], two["pred"])
+    for k in ("gt_prob_with_margin", "gt_prob", "pred_prob"):
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-4, atol=1e-6)
+
+
+def test_retrain_on_kept_list_uses_label_map(tiny, tmp_path):
+    from utils.artifacts import save_kept_index, save_label_map
+    from utils.data import open_dataset
+    from utils.pruning import label_map_for
+    from utils.training import train
+
+    ds = open_dataset(tiny)
+    keep_ids = np.unique(ds.all_labels)[::2]
+    kept = np.flatnonzero(np.isin(ds.all_labels, keep_ids))
+    cfg = _cfg(tiny, tmp_path, "--is_original_train", "false", "--coreset_method", "rand", "--fraction", "0.5",
+               "--num_epoch", "1", "--lr_steps", "1")
+    save_kept_index(paths.kept_index_path(cfg), kept, "test", ds.fingerprint)
+    save_label_map(paths.label_map_path(cfg), label_map_for(kept, ds.all_labels), "test", ds.fingerprint)
+    summary = train(cfg, _ctx())
+    assert summary["num_classes"] == len(keep_ids) and summary["num_images"] == len(kept)
+    ckpt = torch.load(paths.train_dir(cfg) / "epoch_001.pt", weights_only=False)
+    assert ckpt["head"]["weight"].shape[0] == len(keep_ids)
+
+
+def test_bad_inputs_fail_before_work(tiny, tmp_path):
+    from utils.artifacts import Fingerprint, save_kept_index
+
+    base = ["--rec", tiny, "--output", tmp_path, *TINY_TRAIN]
+    r = run_script("train_everything.py", "--rec", tmp_path / "nowhere", "--output", tmp_path, check=False)
+    assert r.returncode == 1 and "not found" in r.stderr
+    cfg = parse_config([str(a) for a in base + ["--is_original_train", "false", "--coreset_method", "rand"]])
+    foreign = Fingerprint(10, 2, 3)
+    save_kept_index(paths.kept_index_path(cfg), [0, 1, 2], "test", foreign)
+    r = run_script("train_everything.py", *base, "--is_original_train", "false", "--coreset_method", "rand",
+                   check=False)
+    assert r.returncode == 1 and "another dataset" in r.stderr
+    r = run_script("train_everything.py", *base, "--is_original_train", "false", "--coreset_method", "dynunc",
+                   check=False)
+    assert r.returncode == 1 and "missing kept list" in r.stderr
+    r = run_script("eval_trainset.py", *base, check=False)
+    assert r.returncode == 1 and "train the original model first" in r.stderr

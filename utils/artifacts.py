@@ -1,0 +1,276 @@
+"""Files that flow between stages: written atomically, each beside a manifest with the dataset fingerprint.
+
+Every artifact `X.ext` gets `X.manifest.json`:
+    {"stage": ..., "created": ..., "fingerprint": {"num_images", "num_classes", "idx_size"},
+     "config": {...resolved config...}, "inputs": [paths read], "info": {...}}
+A stage that reads an artifact passes its own dataset's fingerprint; a mismatch is an error that
+names both, so a kept list of CASIA-WebFace is never applied to MS1MV2.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class ArtifactError(Exception):
+    """An input file is missing, malformed, or belongs to another dataset."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    num_images: int
+    num_classes: int
+    idx_size: int
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        try:
+            return cls(int(d["num_images"]), int(d["num_classes"]), int(d["idx_size"]))
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"malformed fingerprint {d!r}") from None
+
+    def __str__(self):
+        return f"{self.num_images} images, {self.num_classes} classes, train.idx of {self.idx_size} bytes"
+
+
+# ---------------------------------------------------------------------------------------- atomic I/O
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_save_npy(path, array):
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npz(path, arrays: dict):
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ manifests
+def manifest_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.split(".")[0] + ".manifest.json") if "." in path.name else \
+        path.with_name(path.name + ".manifest.json")
+
+
+def write_manifest(path, stage: str, fingerprint: Fingerprint, config=None, inputs=(), info=None):
+    from config.config import to_dict
+
+    cfg = to_dict(config) if config is not None and not isinstance(config, dict) else config
+    atomic_write_json(manifest_path(path), {
+        "stage": stage,
+        "artifact": Path(path).name,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "fingerprint": fingerprint.to_dict(),
+        "config": cfg,
+        "inputs": [str(p) for p in inputs],
+        "info": info or {},
+    })
+
+
+def read_manifest(path) -> dict:
+    mpath = manifest_path(path)
+    if not mpath.exists():
+        raise ArtifactError(f"{path}: no manifest {mpath.name} beside it; was it written by this toolkit's stages?")
+    try:
+        return json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath}: malformed JSON ({e})") from None
+
+
+def check_fingerprint(path, expected: Fingerprint) -> dict:
+    """Read the manifest of `path` and refuse it if it was made from another dataset."""
+    if not Path(path).exists():
+        raise ArtifactError(f"missing input {path}: run the stage that writes it first")
+    manifest = read_manifest(path)
+    found = Fingerprint.from_dict(manifest.get("fingerprint", {}))
+    if found != expected:
+        raise ArtifactError(
+            f"{path} was made from another dataset: its fingerprint is ({found}), "
+            f"this dataset's is ({expected}). Re-run stage '{manifest.get('stage', '?')}' on this dataset.")
+    return manifest
+
+
+def is_complete(path, expected: Fingerprint = None) -> bool:
+    """True when `path` and its manifest exist (and match `expected`): a stage output that need not be redone."""
+    try:
+        if expected is None:
+            read_manifest(path)
+            return Path(path).exists()
+        check_fingerprint(path, expected)
+        return True
+    except ArtifactError:
+        return False
+
+
+# ----------------------------------------------------------------------------------- typed artifacts
+def save_array(path, array, stage, fingerprint, config=None, inputs=(), info=None):
+    """A per-sample `.npy` (or `.npz` when `array` is a dict), then its manifest (written last: complete = both)."""
+    if isinstance(array, dict):
+        atomic_save_npz(path, array)
+    else:
+        atomic_save_npy(path, array)
+    write_manifest(path, stage, fingerprint, config, inputs, info)
+
+
+def load_array(path, fingerprint: Fingerprint, length: int = None):
+    """Load a `.npy`/`.npz` artifact after checking its fingerprint (and the per-sample length)."""
+    check_fingerprint(path, fingerprint)
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            data = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e})") from None
+    if length is not None:
+        arrays = data.values() if isinstance(data, dict) else [data]
+        for a in arrays:
+            if a.ndim >= 1 and a.shape[-1] != length and a.shape[0] != length:
+                raise ArtifactError(f"{path}: per-sample array of length {a.shape}, expected {length} (num_images)")
+    return data
+
+
+# -------------------------------------------------------------------------------------- kept indices
+_TEXT_RE = re.compile(r"^\s*kept_index\s*=\s*\[(.*)\]\s*$", re.S)
+
+
+def validate_kept_index(kept, num_images: int, source="kept index") -> np.ndarray:
+    kept = np.asarray(kept)
+    if kept.ndim != 1:
+        raise ArtifactError(f"{source}: expected a 1-D list of sample indices, got shape {kept.shape}")
+    if kept.size == 0:
+        raise ArtifactError(f"{source}: the kept list is empty; nothing would be trained on")
+    if not np.issubdtype(kept.dtype, np.integer):
+        raise ArtifactError(f"{source}: sample indices must be integers, got {kept.dtype}")
+    kept = kept.astype(np.int64)
+    if kept.min() < 0 or kept.max() >= num_images:
+        raise ArtifactError(f"{source}: indices must be in [0, {num_images}); found {kept.min()}..{kept.max()}")
+    if np.any(np.diff(kept) <= 0):
+        kept = np.unique(kept)
+    return kept
+
+
+def save_kept_index(path, kept, stage, fingerprint, config=None, inputs=(), info=None, text=False):
+    """Kept sample indices as sorted unique int64 `.npy`; with `text=True` also the paper's text form."""
+    kept = validate_kept_index(kept, fingerprint.num_images, str(path))
+    atomic_save_npy(path, kept)
+    if text:
+        write_kept_index_text(Path(path).with_suffix(".txt"), kept)
+    write_manifest(path, stage, fingerprint, config, inputs, info)
+    return kept
+
+
+def write_kept_index_text(path, kept):
+    """The paper repository's released form: one line `kept_index = [i, j, ...]`."""
+    body = ", ".join(map(str, np.asarray(kept, dtype=np.int64).tolist()))
+    atomic_write_text(path, f"kept_index = [{body}]\n")
+
+
+def read_kept_index_text(path) -> np.ndarray:
+    """Parse `kept_index = [ ... ]` without `ast` (millions of entries parse in well under a second)."""
+    text = Path(path).read_text()
+    m = _TEXT_RE.match(text)
+    if not m:
+        raise ArtifactError(f"{path}: expected the text form 'kept_index = [i, j, ...]'")
+    body = m.group(1).replace(",", " ").split()
+    try:
+        return np.array(body, dtype=np.int64) if body else np.zeros(0, np.int64)
+    except ValueError:
+        bad = next(t for t in body if not t.lstrip("-").isdigit())
+        raise ArtifactError(f"{path}: {bad!r} is not a sample index") from None
+
+
+def load_kept_index(path, fingerprint: Fingerprint) -> np.ndarray:
+    """A kept list from this toolkit (`.npy` + manifest, fingerprint checked) or the paper's text form."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing kept list {path}: run the pruning stage that writes it first")
+    if path.suffix == ".npy":
+        kept = load_array(path, fingerprint)
+    else:
+        kept = read_kept_index_text(path)  # released lists carry no manifest: the range check is all we have
+    return validate_kept_index(kept, fingerprint.num_images, str(path))
+
+
+# ---------------------------------------------------------------------------------------- label maps
+def save_label_map(path, label_map: dict, stage, fingerprint, config=None, inputs=(), info=None):
+    """old identity label -> new contiguous label, as JSON {"num_classes": K, "map": {"old": new}}."""
+    new = sorted(label_map.values())
+    if new != list(range(len(new))):
+        raise ValueError("label map values must be the contiguous labels 0..K-1")
+    atomic_write_json(path, {"num_classes": len(new), "map": {str(int(k)): int(v) for k, v in sorted(label_map.items())}})
+    write_manifest(path, stage, fingerprint, config, inputs, info)
+
+
+def load_label_map(path, fingerprint: Fingerprint) -> dict:
+    check_fingerprint(path, fingerprint)
+    try:
+        data = json.loads(Path(path).read_text())
+        mapping = {int(k): int(v) for k, v in data["map"].items()}
+    except (json.JSONDecodeError, KeyError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path}: malformed label map ({e})") from None
+    if sorted(mapping.values()) != list(range(len(mapping))):
+        raise ArtifactError(f"{path}: new labels are not contiguous 0..{len(mapping) - 1}")
+    return mapping
+
+
+def label_map_array(label_map: dict, num_classes: int) -> np.ndarray:
+    """Dense lookup table: old label -> new label, -1 for identities that vanished."""
+    table = np.full(num_classes, -1, dtype=np.int64)
+    for old, new in label_map.items():
+        if not 0 <= old < num_classes:
+            raise ArtifactError(f"label map names identity {old}, outside 0..{num_classes - 1}")
+        table[old] = new
+    return table

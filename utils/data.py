@@ -1,0 +1,185 @@
+"""Training datasets: a RecordIO folder (InsightFace layout or plain keys) or an image-folder tree.
+
+Items are `(image uint8 (3, H, W) RGB, label, sample_index)`. Flip and scaling to [-1, 1] are done
+on the whole batch on the training device (`utils.transforms`), so workers only decode JPEGs.
+A kept-index list selects samples; a label map renumbers the identities that survive.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from utils.artifacts import ArtifactError, Fingerprint, label_map_array
+
+cv2.setNumThreads(1)  # one decoder thread per worker; the workers are the parallelism
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class FaceDataset(Dataset):
+    """Common part: per-sample labels, the kept selection, the label map, the fingerprint."""
+
+    def __init__(self, labels: np.ndarray, num_classes: int, fingerprint: Fingerprint,
+                 kept_index=None, label_map: dict = None):
+        self.all_labels = np.asarray(labels, dtype=np.int64)
+        self.num_images = len(self.all_labels)
+        self.source_num_classes = int(num_classes)
+        self.fingerprint = fingerprint
+        if kept_index is None:
+            self.sample_index = np.arange(self.num_images, dtype=np.int64)
+        else:
+            self.sample_index = np.asarray(kept_index, dtype=np.int64)
+            if self.sample_index.size == 0:
+                raise ArtifactError("the kept list is empty; nothing to train on")
+            if self.sample_index.min() < 0 or self.sample_index.max() >= self.num_images:
+                raise ArtifactError(f"kept list indices outside [0, {self.num_images})")
+        labels = self.all_labels[self.sample_index]
+        if label_map is not None:
+            table = label_map_array(label_map, self.source_num_classes)
+            labels = table[labels]
+            if (labels < 0).any():
+                bad = self.sample_index[labels < 0][:5].tolist()
+                raise ArtifactError(f"kept samples {bad} have identities that the label map drops")
+            self.num_classes = len(label_map)
+        else:
+            self.num_classes = self.source_num_classes
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.sample_index)
+
+    def load_image(self, sample_index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        # Indices >= len(self) are the padding duplicates of PaddedDistributedSampler: the image is
+        # real (so every rank runs the same number of steps) but it reports sample index -1.
+        pad = i >= len(self)
+        i = i % len(self)
+        sample = int(self.sample_index[i])
+        img = self.load_image(sample)
+        tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        return tensor, int(self.labels[i]), -1 if pad else sample
+
+
+class RecordDataset(FaceDataset):
+    """Images of an MXNet indexed RecordIO folder (train.rec, train.idx, property)."""
+
+    def __init__(self, rec_dir, kept_index=None, label_map=None, layout=None):
+        from utils.recordio import read_layout
+
+        self.rec_dir = Path(rec_dir)
+        for name in ("train.rec", "train.idx"):
+            if not (self.rec_dir / name).exists():
+                hint = " (rebuild it with: python tools/rebuild_idx.py --rec DIR)" if name == "train.idx" else ""
+                raise ArtifactError(f"{self.rec_dir / name} not found{hint}")
+        self.layout = layout if layout is not None else read_layout(self.rec_dir)
+        fp = dataset_fingerprint(self.rec_dir, self.layout)
+        super().__init__(self.layout.labels, self.layout.num_classes, fp, kept_index, label_map)
+        self.image_keys = np.asarray(self.layout.image_keys, dtype=np.int64)
+        self._reader = None
+        self._pid = None
+
+    def _open(self):
+        from utils.recordio import MXIndexedRecordIO
+
+        if self._reader is None or self._pid != os.getpid():  # one file handle per worker process
+            self._reader = MXIndexedRecordIO(str(self.rec_dir / "train.idx"), str(self.rec_dir / "train.rec"), "r")
+            self._pid = os.getpid()
+        return self._reader
+
+    def load_image(self, sample_index):
+        from utils.recordio import unpack_img
+
+        _, img = unpack_img(self._open().read_idx(int(self.image_keys[sample_index])))
+        return img
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+
+class ImageFolderDataset(FaceDataset):
+    """root/<identity>/<image>: identities in sorted folder order get labels 0..K-1."""
+
+    def __init__(self, root, kept_index=None, label_map=None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ArtifactError(f"image folder {self.root} not found")
+        identities = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        files, labels = [], []
+        for label, ident in enumerate(identities):
+            names = sorted(f for f in os.listdir(self.root / ident) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files += [f"{ident}/{n}" for n in names]
+            labels += [label] * len(names)
+        if not files:
+            raise ArtifactError(f"{self.root}: no images in identity sub-folders")
+        self.files = files
+        listing = "\n".join(files).encode()
+        fp = Fingerprint(len(files), len(identities), len(listing))
+        super().__init__(np.array(labels), len(identities), fp, kept_index, label_map)
+
+    def load_image(self, sample_index):
+        path = self.root / self.files[sample_index]
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ArtifactError(f"{path}: not a readable image")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def dataset_fingerprint(rec_dir, layout=None) -> Fingerprint:
+    """(number of images, number of classes, size of train.idx) of a RecordIO folder."""
+    from utils.recordio import read_layout
+
+    layout = layout if layout is not None else read_layout(rec_dir)
+    return Fingerprint(len(layout.labels), int(layout.num_classes), int(layout.idx_size))
+
+
+def open_dataset(rec, kept_index=None, label_map=None) -> FaceDataset:
+    """RecordIO folder when it has train.rec, else an image-folder tree."""
+    rec = Path(rec)
+    if (rec / "train.rec").exists() or not rec.is_dir():
+        return RecordDataset(rec, kept_index, label_map)
+    return ImageFolderDataset(rec, kept_index, label_map)
+
+
+class PaddedDistributedSampler(Sampler):
+    """Shuffled shards of equal length; padding duplicates are returned as `index + len(dataset)`.
+
+    Like DistributedSampler it pads so that every rank runs the same number of steps, but the
+    dataset can tell a padding duplicate from a real sample (it reports sample index -1), so
+    per-sample records never count a sample twice.
+    """
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0):
+        self.n, self.rank, self.world_size, self.shuffle, self.seed = dataset_len, rank, world_size, shuffle, seed
+        self.epoch = 0
+        self.per_rank = math.ceil(self.n / world_size)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).numpy()
+        else:
+            order = np.arange(self.n)
+        total = self.per_rank * self.world_size
+        if total > self.n:
+            order = np.concatenate([order, order[: total - self.n] + self.n])
+        return order
+
+    def __iter__(self):
+        return iter(self.order()[self.rank::self.world_size].tolist())
+
+    def __len__(self):
+        return self.per_rank

@@ -1,0 +1,123 @@
+"""Evaluation commands: `.bin` verification (eval_verification.py) and IJB-B/IJB-C (eval_ijbc.py).
+
+Models are named on the command line as `--models name=path,name=path`; a path is a checkpoint
+(`epoch_XXX.pt`), a plain InsightFace `backbone.pth` (then --network / --embedding_size say what it
+is), or a training folder (its newest epoch checkpoint). Without --models: the model this config trains.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from config.config import Config
+from utils import paths
+from utils.artifacts import ArtifactError, atomic_write_json, atomic_write_text
+from utils.runtime import Context, UserError
+
+log = logging.getLogger("diffprob")
+
+
+def add_model_args(parser):
+    parser.add_argument("--models", default=None, metavar="NAME=PATH,...",
+                        help="models to evaluate (checkpoint, backbone.pth or training folder); "
+                             "default: the model this config trains")
+    parser.add_argument("--out", default=None, help="folder for the result files (default: <model>/eval or <output>/eval)")
+
+
+def resolve_checkpoint(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        saved = sorted(path.glob("epoch_*.pt"))
+        if saved:
+            return saved[-1]
+        if (path / "backbone.pth").exists():
+            return path / "backbone.pth"
+        raise ArtifactError(f"{path}: no epoch_XXX.pt or backbone.pth in this folder")
+    if not path.exists():
+        raise ArtifactError(f"model {path} not found")
+    return path
+
+
+def parse_models(cfg: Config, spec: str) -> dict:
+    if not spec:
+        model_dir = paths.train_dir(cfg)
+        return {model_dir.name: resolve_checkpoint(Path(cfg.checkpoint) if cfg.checkpoint else model_dir)}
+    models = {}
+    for item in spec.split(","):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        if name in models:
+            raise UserError(f"--models: the name {name!r} is given twice")
+        models[name] = resolve_checkpoint(path)
+    return models
+
+
+def _image_size(cfg: Config) -> int:
+    prop = Path(cfg.rec) / "property"
+    if prop.exists():
+        try:
+            return int(prop.read_text().strip().split(",")[1])
+        except (IndexError, ValueError):
+            raise ArtifactError(f"{prop}: expected 'num_classes,height,width'") from None
+    return 112
+
+
+def load_model(cfg: Config, ctx: Context, path: Path):
+    from utils.checkpoint import build_backbone, load_checkpoint
+    from utils.training import model_kwargs
+
+    kwargs = model_kwargs(cfg, _image_size(cfg))
+    kwargs.pop("num_features")
+    return build_backbone(load_checkpoint(path), cfg.network, cfg.embedding_size, **kwargs).to(ctx.device).eval()
+
+
+def _out_dir(cfg: Config, args, models: dict) -> Path:
+    if args.out:
+        return Path(args.out)
+    if len(models) == 1:
+        return next(iter(models.values())).parent / "eval"
+    return Path(cfg.output) / "eval"
+
+
+def _csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def run_verification(cfg: Config, ctx: Context, args) -> dict:
+    from utils.verification import VerificationSet, format_table
+
+    models = parse_models(cfg, args.models)
+    bins = paths.bin_paths(cfg)
+    missing = [str(p) for p in bins.values() if not p.exists()]
+    if missing:
+        raise ArtifactError(f"verification sets not found: {', '.join(missing)} (--val_targets names .bin files in --rec)")
+    if not bins:
+        raise UserError("no verification targets: give --val_targets lfw,cfp_fp,...")
+    size = _image_size(cfg)
+    sets = [VerificationSet(name, path, image_size=(size, size)) for name, path in bins.items()]
+    results = {}
+    for name, path in models.items():
+        model = load_model(cfg, ctx, path)
+        res = {vs.name: vs.run(model, batch_size=cfg.eval_batch_size, device=ctx.device, dtype=ctx.amp_dtype,
+                               progress=ctx.is_main) for vs in sets}
+        results[name] = {"checkpoint": str(path), "targets": res}
+        print(f"\n{name} ({path}):\n{format_table(res)}")
+    out = _out_dir(cfg, args, models)
+    if ctx.is_main:
+        atomic_write_json(out / "verification.json", results)
+        header = ["model"] + [f"{t} acc" for t in bins] + [f"{t} std" for t in bins] + ["mean"]
+        rows = []
+        for name, r in results.items():
+            accs = [r["targets"][t]["accuracy_mean"] for t in bins]
+            rows.append([name] + [f"{a:.5f}" for a in accs] + [f"{r['targets'][t]['accuracy_std']:.5f}" for t in bins]
+                        + [f"{sum(accs) / len(accs):.5f}"])
+        atomic_write_text(out / "verification.csv", _csv(header, rows))
+        log.info("wrote %s", out / "verification.json")
+    return results

@@ -1,0 +1,400 @@
+"""The paper's whole experiment, stage script after stage script, as a user would run them.
+
+Every step is a subprocess of a stage script with explicit config keys, so the files and logs are
+exactly those of a manual run. A step whose outputs are complete and valid is skipped: an
+interrupted pipeline resumes where it stopped (training itself resumes from its last epoch).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+METHOD_LABELS = {"full": "full data", "rand": "Rand", "dynunc": "DynUnc", "diffprob": "DiffProb",
+                 "diffprob_clean": "cleaning + DiffProb", "entropy": "soft-label entropy"}
+PRUNE_SCRIPTS = {"rand": ["coreset_rand.py"], "dynunc": ["coreset_dynunc.py"], "diffprob": ["eval_simprobs.py"],
+                 "diffprob_clean": ["eval_simprobs.py", "--coreset_method", "diffprob_clean"],
+                 "entropy": ["coreset_entropy.py"]}
+
+
+@dataclass
+class Profile:
+    """One scale of the experiment: synthetic data arguments and training config keys."""
+    description: str
+    data: list
+    train: dict
+    fractions: tuple = (0.75, 0.5, 0.25)
+    methods: tuple = ("rand", "dynunc", "diffprob", "diffprob_clean")
+    extra_seeds: int = 1  # retrain the full-data model with this many other seeds: the seed spread
+    ijb: bool = True
+
+
+PROFILES = {
+    # CI's end-to-end test: seconds per stage.
+    "tiny": Profile(
+        "a few seconds per stage (tests)",
+        data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--num-val-pairs", "200"],
+        train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
+                   num_workers=0, record_topk=4, window=2, frequent=20),
+        fractions=(0.5,), extra_seeds=0),
+    # The default demo: 2 CPU cores, under 10 minutes.
+    "cpu": Profile(
+        "the default: 2 CPU cores, under 10 minutes",
+        data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
+        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=8, lr_steps=[5, 7], lr=0.4,
+                   num_workers=1, record_topk=10, window=4, frequent=20)),
+    # One GPU: the paper's backbone at 112x112 on a larger synthetic set (or the real data with --rec).
+    "gpu": Profile(
+        "one GPU: iresnet50 at 112x112",
+        data=["--num-ids", "2000", "--image-size", "112", "--seed", "0", "--workers", "8"],
+        train=dict(network="iresnet50", embedding_size=512, batch_size=256, num_epoch=20, lr_steps=[12, 16, 18],
+                   lr=0.1, num_workers=8, record_topk=10, window=10, frequent=50)),
+}
+
+
+def _flag(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass
+class Pipeline:
+    out: Path
+    profile: Profile
+    rec: Path = None
+    dataset: str = "synthetic"
+    nproc: int = 1
+    overrides: dict = field(default_factory=dict)
+    log_file: Path = None
+    steps_run: list = field(default_factory=list)
+    steps_skipped: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.synthetic = self.rec is None
+        self.rec = Path(self.rec) if self.rec else self.out / "data"
+        self.runs = self.out / "runs"
+        self.log_file = self.out / "pipeline.log"
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def keys(self, **extra) -> list:
+        values = {"rec": self.rec, "output": self.runs, "dataset": self.dataset, **self.profile.train,
+                  **self.overrides, **extra}
+        return [x for k, v in values.items() for x in (f"--{k}", _flag(v))]
+
+    def cfg(self, **extra):
+        from config.config import parse_config
+
+        return parse_config(self.keys(**extra))
+
+    def step(self, title: str, script: list, done, *args):
+        """Run one stage script unless `done()` says its outputs are complete."""
+        n = len(self.steps_run) + len(self.steps_skipped) + 1
+        if done():
+            self.steps_skipped.append(title)
+            print(f"[{n:2d}] {title}: complete, skipped", flush=True)
+            return
+        cmd = [sys.executable]
+        if self.nproc > 1 and script[0] in ("train_everything.py", "eval_trainset.py"):
+            cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
+        cmd += [str(REPO / script[0]), *script[1:], *map(str, args)]
+        print(f"[{n:2d}] {title} ...", end="", flush=True)
+        t0 = time.time()
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.log_file, "a") as logf:
+            logf.write(f"\n===== {title}\n$ {' '.join(cmd)}\n")
+            logf.flush()
+            r = subprocess.run(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            print(" FAILED", flush=True)
+            tail = self.log_file.read_text().splitlines()[-25:]
+            raise SystemExit(f"run_pipeline: step '{title}' failed (exit {r.returncode}); last lines of "
+                             f"{self.log_file}:\n" + "\n".join(tail))
+        self.steps_run.append(title)
+        print(f" {time.time() - t0:.0f} s", flush=True)
+
+    # --------------------------------------------------------------------------------------- steps
+    def run(self) -> dict:
+        from utils import paths
+        from utils.artifacts import is_complete
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if self.synthetic:
+            self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
+                      lambda: (self.rec / "train.idx").exists() and (self.rec / "dataset.json").exists(),
+                      "--out", self.rec, *self.profile.data)
+        elif not (self.rec / "train.rec").exists():
+            raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
+        from utils.data import dataset_fingerprint
+
+        fp = dataset_fingerprint(self.rec)
+        base = self.cfg()
+        original = paths.original_dir(base, base.loss)
+        self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
+                  lambda: (original / "train_summary.json").exists(),
+                  *self.keys(is_original_train=True, resume=True))
+        self.step("score the training set", ["eval_trainset.py"], lambda: is_complete(paths.scores_path(base), fp),
+                  *self.keys())
+        self.step("clean the training set", ["clean_trainset.py"],
+                  lambda: is_complete(paths.clean_dir(base) / "kept_index.npy", fp), *self.keys())
+        self.step("label dictionary", ["generate_label_dict.py"],
+                  lambda: is_complete(paths.label_dict_path(base), fp), *self.keys())
+        models = {("full", 1.0, 0): original}
+        for fraction in self.profile.fractions:
+            for method in self.profile.methods:
+                cfg = self.cfg(coreset_method=method, fraction=fraction)
+                self.step(f"prune: {METHOD_LABELS[method]} {fraction:.0%}", PRUNE_SCRIPTS[method],
+                          lambda: is_complete(paths.kept_index_path(cfg, method), fp),
+                          *self.keys(fraction=fraction))
+        for fraction in self.profile.fractions:
+            for method in self.profile.methods:
+                models[(method, fraction, 0)] = self.retrain(method, fraction)
+        for extra in range(1, self.profile.extra_seeds + 1):
+            models[("full", 1.0, extra)] = self.retrain("full", 1.0, seed_offset=extra)
+        ijb = {}
+        if self.profile.ijb and (self.rec / "ijb").is_dir():
+            ijb = self.evaluate_ijb(models)
+        results = self.collect(models, ijb, fp)
+        results["pipeline_seconds"] = time.time() - t0
+        write_results(self.out, results)
+        print(f"pipeline finished in {time.time() - t0:.0f} s ({len(self.steps_run)} steps run, "
+              f"{len(self.steps_skipped)} skipped); results in {self.out}")
+        return results
+
+    def retrain(self, method, fraction, seed_offset=0) -> Path:
+        from utils import paths
+
+        seed = int(self.overrides.get("seed", 0)) + seed_offset
+        extra = dict(is_original_train=False, coreset_method=method, fraction=fraction, resume=True, seed=seed)
+        if seed_offset:  # another seed of the same model trains in a folder of its own
+            extra["output"] = self.runs / f"seed{seed}"
+        out = paths.train_dir(self.cfg(**extra))
+        label = f"retrain: {METHOD_LABELS[method]} {fraction:.0%}" + (f" (seed {seed})" if seed_offset else "")
+        self.step(label, ["train_everything.py"], lambda: (out / "train_summary.json").exists(), *self.keys(**extra))
+        return out
+
+    def evaluate_ijb(self, models: dict) -> dict:
+        out = self.out / "ijb"
+        spec = ",".join(f"{_model_name(k)}={v / 'backbone.pth'}" for k, v in models.items())
+        done = out / "ijb_results.json"
+
+        def complete():
+            if not done.exists():
+                return False
+            have = json.loads(done.read_text()).get("models", {})
+            return all(_model_name(k) in have for k in models)
+
+        self.step(f"evaluate {len(models)} models on IJB-C (1:1 and 1:N)", ["eval_ijbc.py"], complete,
+                  *self.keys(), "--models", spec, "--out", out)
+        return json.loads(done.read_text())["models"]
+
+    def collect(self, models: dict, ijb: dict, fp) -> dict:
+        from utils.selection import load_noise
+
+        runs = []
+        for key, model_dir in models.items():
+            method, fraction, seed = key
+            summary = json.loads((model_dir / "train_summary.json").read_text())
+            runs.append({
+                "method": method, "kept_fraction": summary["num_images"] / fp.num_images,
+                "requested_fraction": fraction, "seed_offset": seed,
+                "num_images": summary["num_images"], "num_classes": summary["num_classes"],
+                "verification": summary["verification"],
+                "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
+                "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
+                "train_seconds": summary["train_seconds"],
+                "model_dir": str(model_dir)})
+        dataset = {"rec": str(self.rec), "synthetic": self.synthetic, "num_images": fp.num_images,
+                   "num_classes": fp.num_classes, "profile": self.profile.description}
+        if self.synthetic and (self.rec / "dataset.json").exists():
+            dataset["generator"] = json.loads((self.rec / "dataset.json").read_text()).get("args")
+        results = {"dataset": dataset, "runs": runs}
+        clean_summary = self.runs / "clean" / "summary.json"
+        if load_noise(self.rec) is not None and clean_summary.exists():
+            q = json.loads(clean_summary.read_text()).get("quality", {})
+            results["cleaning"] = {k: q.get(k) for k in ("removed", "precision", "recall", "noisy",
+                                                         "recall_flipped", "recall_open_set")}
+        seeds = [r for r in runs if r["method"] == "full"]
+        if len(seeds) > 1:
+            means = [_mean_acc(r) for r in seeds]
+            results["seed_spread"] = {"full_mean_accuracy": means, "spread": max(means) - min(means)}
+        return results
+
+
+def _model_name(key) -> str:
+    method, fraction, seed = key
+    return f"{method}_{fraction:.2f}" + (f"_seed{seed}" if seed else "")
+
+
+def _mean_acc(run) -> float:
+    v = list(run["verification"].values())
+    return float(np.mean(v)) if v else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ results
+TAR_KEY = "TAR@FAR=1e-4"
+
+
+def results_table(results: dict) -> tuple:
+    """(header, rows) shaped like the paper's table: method x kept fraction."""
+    runs = sorted(results["runs"], key=lambda r: (-r["requested_fraction"], list(METHOD_LABELS).index(r["method"]),
+                                                   r["seed_offset"]))
+    targets = sorted({t for r in runs for t in r["verification"]})
+    header = ["method", "kept", *targets, "mean", TAR_KEY, "images", "classes", "train s"]
+    rows = []
+    for r in runs:
+        name = METHOD_LABELS[r["method"]] + (f" (seed +{r['seed_offset']})" if r["seed_offset"] else "")
+        tar = r["ijb"].get(TAR_KEY)
+        rows.append([name, f"{r['kept_fraction']:.1%}", *[f"{100 * r['verification'].get(t, float('nan')):.2f}"
+                                                           for t in targets],
+                     f"{100 * _mean_acc(r):.2f}", "-" if tar is None else f"{100 * tar:.2f}", str(r["num_images"]),
+                     str(r["num_classes"]), f"{r['train_seconds']:.0f}"])
+    return header, rows
+
+
+def markdown(results: dict) -> str:
+    header, rows = results_table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    ds = results["dataset"]
+    text = (f"Dataset: {ds['rec']} ({ds['num_images']} images, {ds['num_classes']} identities; "
+            f"{ds['profile']}). Accuracy in %, verification 10-fold; IJB-C TAR at FAR 1e-4 in %.\n\n") + text
+    if "cleaning" in results:
+        c = results["cleaning"]
+        text += (f"\nCleaning removed {c['removed']} samples; against the injected noise ({c['noisy']} samples): "
+                 f"precision {c['precision']:.3f}, recall {c['recall']:.3f}.\n")
+    if "seed_spread" in results:
+        s = results["seed_spread"]
+        text += (f"\nSeed spread of the full-data model (mean accuracy over targets): {100 * s['spread']:.2f} points "
+                 f"({', '.join(f'{100 * m:.2f}' for m in s['full_mean_accuracy'])}).\n")
+    return text
+
+
+def plot_results(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.artifacts import atomic_path
+
+    has_tar = any(TAR_KEY in r["ijb"] for r in results["runs"])
+    fig, axes = plt.subplots(1, 2 if has_tar else 1, figsize=(11 if has_tar else 6, 4.2), squeeze=False)
+    panels = [("mean verification accuracy (%)", lambda r: 100 * _mean_acc(r))]
+    if has_tar:
+        panels.append((f"IJB-C {TAR_KEY} (%)", lambda r: 100 * r["ijb"].get(TAR_KEY, float("nan"))))
+    runs = results["runs"]
+    full = [r for r in runs if r["method"] == "full"]
+    for ax, (label, value) in zip(axes[0], panels):
+        for method in METHOD_LABELS:
+            rs = sorted((r for r in runs if r["method"] == method and method != "full"),
+                        key=lambda r: r["kept_fraction"])
+            if rs:
+                ax.plot([100 * r["kept_fraction"] for r in rs], [value(r) for r in rs], "o-", label=METHOD_LABELS[method])
+        if full:
+            vals = [value(r) for r in full]
+            ax.axhline(vals[0], color="k", ls="--", lw=1, label="full data")
+            if len(vals) > 1:
+                ax.axhspan(min(vals), max(vals), color="k", alpha=0.08, label="full data, seed spread")
+        ax.set_xlabel("kept fraction of the training images (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Pruning on {Path(results['dataset']['rec']).name}: accuracy against kept fraction")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_results(out: Path, results: dict):
+    from utils.artifacts import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "results.json", results)
+    header, rows = results_table(results)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    text = markdown(results)
+    atomic_write_text(out / "results.md", text)
+    plot_results(results, out / "results.png")
+    print(text)
+
+
+def parse_set(items) -> dict:
+    """`--set key=value` overrides of config keys, checked against config/config.py."""
+    from config.config import ConfigError, parse_value
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"run_pipeline: --set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            parse_value(k, v)
+        except KeyError:
+            raise SystemExit(f"run_pipeline: --set {k}: not a key of config/config.py") from None
+        except ConfigError as e:
+            raise SystemExit(f"run_pipeline: {e}") from None
+        out[k] = v
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description="Run the DiffProb paper's experiment end to end: data, original model, "
+                                "scoring, cleaning, pruning (Rand, DynUnc, DiffProb, cleaning + DiffProb), "
+                                "retraining, evaluation and the results table and plot.")
+    p.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
+    p.add_argument("--rec", default=None, help="a real RecordIO dataset folder (default: make a synthetic one)")
+    p.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                   help="scale: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
+                   + " (default: gpu when a GPU is visible, else cpu)")
+    p.add_argument("--dataset", default=None, help="config preset for --rec (webface, ms1mv2, glint360k)")
+    p.add_argument("--fractions", default=None, help="kept fractions, comma-separated (default: the profile's)")
+    p.add_argument("--methods", default=None, help=f"pruning methods, comma-separated, from {', '.join(PRUNE_SCRIPTS)}")
+    p.add_argument("--nproc", type=int, default=None, help="processes per node for torchrun (default: visible GPUs)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config keys for every stage, e.g. --set seed=1")
+    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    args = p.parse_args(argv)
+    gpus = torch.cuda.device_count()
+    profile = PROFILES[args.profile or ("gpu" if gpus else "cpu")]
+    if args.fractions:
+        try:
+            fr = tuple(float(x) for x in args.fractions.split(","))
+        except ValueError:
+            p.error(f"--fractions: expected numbers, got {args.fractions!r}")
+        if not all(0 < f <= 1 for f in fr):
+            p.error("--fractions must be in (0, 1]")
+        profile = Profile(**{**profile.__dict__, "fractions": fr})
+    if args.methods:
+        ms = tuple(args.methods.split(","))
+        bad = [m for m in ms if m not in PRUNE_SCRIPTS]
+        if bad:
+            p.error(f"--methods: unknown {bad}; valid: {', '.join(PRUNE_SCRIPTS)}")
+        profile = Profile(**{**profile.__dict__, "methods": ms})
+    if args.fresh and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
+    pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
+                    overrides=parse_set(args.set))
+    return pipe.run()

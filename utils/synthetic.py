@@ -1,0 +1,1180 @@
+"""A learnable stand-in for a face-recognition dataset, written in the real formats (CONTRACT.md).
+
+Each identity is a parametric face: landmark geometry around the ArcFace template, face oval, eyes,
+brows, nose, mouth, skin/hair/eye colouring, a skin texture and accessories. It is painted once into
+a canonical frame (the 112 x 112 ArcFace frame, extended so that loose crops show hair and neck);
+each image warps that painting with a pose (similarity jitter, yaw/pitch displacement, expression)
+and adds background, occlusion, illumination, blur and noise. Identities are drawn in families that
+share colouring and face shape, so some impostor pairs are hard.
+
+Every random draw comes from a generator seeded by (seed, stream, which thing) alone, so the files
+are byte-identical for a seed whatever the generation order or the number of worker processes.
+
+Folder written by `generate_dataset` (see `make_synthetic_dataset.py --help`):
+
+    train.rec, train.idx, property    InsightFace RecordIO layout, images contiguous per label
+    syn_frontal.bin, syn_pose.bin     verification pairs of held-out identities
+    ijb/loose_crop/<n>.jpg, ijb/meta/ijbc_*   IJB-C release layout, held-out identities
+    noise.json                        injected label flips and open-set outliers (sample indices)
+    dataset.json                      generator arguments, per-identity counts, held-out identities
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+from utils.alignment import ARCFACE_TEMPLATE_112
+from utils import recordio
+
+JPEG_QUALITY = 95
+# The painted canonical frame, in units of the 112 x 112 ArcFace frame: wider than 0..112 so that
+# a loose crop (face smaller than its crop) still shows hair, ears and neck instead of an edge.
+CANVAS_MIN, CANVAS_MAX = -40.0, 152.0
+# Centre of the pose displacement fields (between the eyes and the mouth).
+FACE_CENTRE = np.array([56.0, 64.0])
+# Canonical units the inner features move at |yaw| = 1 (outline moves less: a turned head).
+YAW_SHIFT = 12.0
+PITCH_SHIFT = 5.0
+# Verification sets of held-out identities and the variation profile each one is rendered with.
+BIN_PROFILES = {"syn_frontal": "frontal", "syn_pose": "pose"}
+VERIFICATION_BINS = tuple(BIN_PROFILES)
+IJB_TARGET = "ijbc"
+
+# One number per random stream; a generator is seeded by (seed, stream, keys...).
+_STREAM = {
+    "plan": 1, "identity": 2, "family": 3, "train": 4, "train_dup": 5, "pairs": 6, "pair_image": 7,
+    "ijb_plan": 8, "ijb_image": 9, "ijb_frame": 10, "ijb_detector": 11,
+}
+
+
+def _rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[stream], *map(int, keys)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Everything the generated files depend on (recorded in dataset.json)."""
+    num_ids: int = 500
+    image_size: int = 112
+    seed: int = 0
+    flip_rate: float = 0.05
+    open_rate: float = 0.02
+    dup_rate: float = 0.05
+    min_images: int = 5
+    max_images: int = 200
+    median_images: float = 20.0
+    num_val_ids: int = 100
+    val_pairs: int = 600
+    ijb_ids: int = 50
+    ijb_templates: int = 200
+    ijb_crop_scale: float = 1.6
+    family_size: float = 4.0
+
+    def validate(self):
+        checks = [
+            (self.num_ids >= 2, "num_ids must be >= 2"),
+            (self.image_size >= 16, "image_size must be >= 16"),
+            (self.seed >= 0, "seed must be >= 0"),
+            (0 <= self.flip_rate < 0.5 and 0 <= self.open_rate < 0.5, "flip_rate and open_rate must lie in [0, 0.5)"),
+            (self.flip_rate + self.open_rate < 0.5, "flip_rate + open_rate must be < 0.5"),
+            (0 <= self.dup_rate < 0.5, "dup_rate must lie in [0, 0.5)"),
+            (1 <= self.min_images <= self.max_images, "need 1 <= min_images <= max_images"),
+            (self.median_images > 0, "median_images must be > 0"),
+            (self.num_val_ids >= 2 or self.val_pairs == 0, "num_val_ids must be >= 2 (or val_pairs 0)"),
+            (self.val_pairs >= 0, "val_pairs must be >= 0"),
+            (self.ijb_ids >= 2 or self.ijb_templates == 0, "ijb_ids must be >= 2 (or ijb_templates 0)"),
+            (self.ijb_templates == 0 or self.ijb_templates >= 2 * self.ijb_ids,
+             "ijb_templates must be >= 2 * ijb_ids (two templates per subject make genuine pairs)"),
+            (self.ijb_crop_scale >= 1.2, "ijb_crop_scale must be >= 1.2 (loose crops hold background)"),
+            (self.family_size >= 1, "family_size must be >= 1"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError("invalid synthetic dataset config: " + "; ".join(bad))
+        return self
+
+    # Identity numbers (uids) of the disjoint populations; appearance is a function of the uid.
+    @property
+    def num_open_ids(self) -> int:
+        return max(1, math.ceil(self.num_ids / 10))
+
+    @property
+    def val_uid0(self) -> int:
+        return self.num_ids
+
+    @property
+    def ijb_uid0(self) -> int:
+        return self.num_ids + self.num_val_ids
+
+    @property
+    def open_uid0(self) -> int:
+        return self.num_ids + self.num_val_ids + self.ijb_ids
+
+    @property
+    def num_families(self) -> int:
+        total = self.open_uid0 + self.num_open_ids
+        return max(1, round(total / self.family_size))
+
+
+@dataclass(frozen=True)
+class VariationProfile:
+    """Ranges of the per-image variation. Angles in degrees, lengths in 112-frame pixels."""
+    rotation: float        # sd of in-plane rotation
+    log_scale: float       # sd of log scale
+    shift: float           # sd of translation
+    yaw: tuple             # range of |yaw| (1: strongly turned), sign random
+    pitch: float           # max |pitch|
+    expression: float      # max |smile|
+    gain: tuple            # brightness gain range
+    cast: float            # sd of per-channel gain
+    gradient: float        # max strength of a linear lighting gradient
+    gamma: float           # sd of log gamma
+    blur: tuple            # Gaussian sigma range
+    lowres: float          # probability of down- and up-sampling by 1.5-3x
+    noise: tuple           # sd range of pixel noise, grey levels
+    occlusion: float       # probability of an occluder (sunglasses, mask, hat, object)
+
+
+PROFILES = {
+    "train": VariationProfile(rotation=6, log_scale=0.05, shift=2.5, yaw=(0.0, 0.7), pitch=0.4, expression=0.8,
+                              gain=(0.55, 1.35), cast=0.08, gradient=0.6, gamma=0.15, blur=(0.0, 1.6),
+                              lowres=0.2, noise=(0.0, 10.0), occlusion=0.2),
+    "frontal": VariationProfile(rotation=3, log_scale=0.03, shift=1.5, yaw=(0.0, 0.25), pitch=0.15, expression=0.4,
+                                gain=(0.8, 1.2), cast=0.04, gradient=0.25, gamma=0.08, blur=(0.0, 0.8),
+                                lowres=0.0, noise=(0.0, 5.0), occlusion=0.0),
+    "pose": VariationProfile(rotation=10, log_scale=0.07, shift=3.0, yaw=(0.45, 1.0), pitch=0.5, expression=1.0,
+                             gain=(0.5, 1.4), cast=0.1, gradient=0.8, gamma=0.2, blur=(0.0, 2.0),
+                             lowres=0.3, noise=(0.0, 12.0), occlusion=0.4),
+    "ijb": VariationProfile(rotation=8, log_scale=0.0, shift=0.0, yaw=(0.0, 0.9), pitch=0.4, expression=0.8,
+                            gain=(0.55, 1.35), cast=0.08, gradient=0.6, gamma=0.15, blur=(0.0, 1.6),
+                            lowres=0.2, noise=(0.0, 10.0), occlusion=0.25),
+}
+OCCLUDERS = ("sunglasses", "mask", "hat", "object")
+
+
+# ----------------------------------------------------------------------------------------------
+# Identities
+# ----------------------------------------------------------------------------------------------
+
+SKIN_DARK = np.array([70.0, 45.0, 32.0])
+SKIN_LIGHT = np.array([245.0, 208.0, 182.0])
+HAIR_PALETTE = np.array([[22, 18, 16], [55, 38, 26], [105, 70, 42], [190, 155, 95], [150, 68, 34],
+                         [150, 148, 145], [230, 225, 215]], np.float64)
+HAIR_STYLES = ("short", "long", "bald", "fringe", "volume")
+EYE_PALETTE = np.array([[60, 38, 22], [95, 62, 35], [70, 110, 150], [80, 120, 70], [40, 30, 25]], np.float64)
+
+
+@dataclass
+class FaceParams:
+    """The stable appearance of one identity (canonical 112-frame units, RGB colours 0..255)."""
+    uid: int
+    family: int
+    landmarks: np.ndarray          # (5, 2): eyes, nose tip, mouth corners
+    face: np.ndarray               # cx, cy, a, b, chin exponent, top exponent
+    skin: np.ndarray               # (3,)
+    skin_texture: np.ndarray       # (5, 5) relative brightness field
+    hair_colour: np.ndarray
+    hair_style: int
+    hair: np.ndarray               # forehead height, hairline curve, volume, strand frequency, strand angle, parting
+    ears: float
+    eye: np.ndarray                # half width, half height, tilt (deg), iris fraction
+    iris_colour: np.ndarray
+    brow: np.ndarray               # height above eye, half length, thickness, angle (deg), arch, inner offset
+    brow_colour: np.ndarray
+    nose: np.ndarray               # nostril offset, nostril size, bridge side, tip size
+    mouth: np.ndarray              # upper lip, lower lip, curve
+    lip_colour: np.ndarray
+    beard: np.ndarray              # density (0: none), kind (0 moustache, 1 chin, 2 full)
+    glasses: np.ndarray            # on (0/1), frame grey, thickness
+    moles: np.ndarray              # (k, 3): u, v, radius
+
+
+def _procrustes_normalise(points, template):
+    """Remove the similarity part of `points` relative to `template`.
+
+    Alignment maps the landmarks to the template by the best similarity; what is left of an
+    identity's geometry after that is its non-similar shape, which is what an aligned face shows.
+    """
+    p = points - points.mean(0)
+    t = template - template.mean(0)
+    # complex least squares: t ~ z * p
+    pc = p[:, 0] + 1j * p[:, 1]
+    tc = t[:, 0] + 1j * t[:, 1]
+    z = np.vdot(pc, tc) / np.vdot(pc, pc)
+    q = z * pc
+    return np.stack([q.real, q.imag], 1) + template.mean(0)
+
+
+@lru_cache(maxsize=None)
+def _family_traits(seed: int, family: int) -> dict:
+    rng = _rng(seed, "family", family)
+    return {
+        "skin_t": rng.beta(1.6, 1.6),
+        "skin_tint": rng.normal(0, 6, 3),
+        "hair_colour": HAIR_PALETTE[rng.integers(len(HAIR_PALETTE))] * rng.uniform(0.85, 1.15),
+        "hair_style": int(rng.integers(len(HAIR_STYLES))),
+        "face_ab": np.array([rng.uniform(35, 42), rng.uniform(47, 55)]),
+        "chin": rng.uniform(1.6, 2.6),
+        "iris_colour": EYE_PALETTE[rng.integers(len(EYE_PALETTE))],
+        "shape": rng.normal(0, 1, 6),
+    }
+
+
+def sample_identity(cfg: SyntheticConfig, uid: int) -> FaceParams:
+    """The appearance of identity `uid`: a family (colouring, face shape) plus individual traits."""
+    rng = _rng(cfg.seed, "identity", uid)
+    family = int(rng.integers(cfg.num_families))
+    fam = _family_traits(cfg.seed, family)
+    template = ARCFACE_TEMPLATE_112
+
+    # Landmark geometry: half family, half individual; mirrored components keep faces near-symmetric.
+    g = 0.5 * fam["shape"] + 0.75 * rng.normal(0, 1, 6)
+    eye_dx, eye_dy, nose_dy, nose_dx, mouth_dy, mouth_w = g * np.array([2.2, 1.5, 2.5, 0.8, 2.5, 2.8])
+    offsets = np.array([[-eye_dx, eye_dy], [eye_dx, eye_dy], [nose_dx, nose_dy],
+                        [-mouth_w, mouth_dy], [mouth_w, mouth_dy]]) + rng.normal(0, 0.5, (5, 2))
+    landmarks = _procrustes_normalise(template + offsets, template)
+
+    eye_c = landmarks[:2].mean(0)
+    mouth_c = landmarks[3:].mean(0)
+    a, b = fam["face_ab"] + rng.normal(0, [1.5, 1.8])
+    face = np.array([eye_c[0] + rng.normal(0, 0.6), (eye_c[1] + mouth_c[1]) / 2 - 11 + rng.normal(0, 1.5),
+                     a, b, fam["chin"] + rng.normal(0, 0.2), rng.uniform(2.1, 2.7)])
+    skin_t = np.clip(fam["skin_t"] + rng.normal(0, 0.07), 0, 1)
+    skin = SKIN_DARK + (SKIN_LIGHT - SKIN_DARK) * skin_t + fam["skin_tint"] + rng.normal(0, 4, 3)
+
+    style = fam["hair_style"] if rng.random() < 0.7 else int(rng.integers(len(HAIR_STYLES)))
+    hair_colour = np.clip(fam["hair_colour"] * rng.uniform(0.9, 1.1, 3), 5, 250)
+    hair = np.array([rng.uniform(22, 34), rng.uniform(-4, 10), rng.uniform(0, 6), rng.uniform(0.6, 1.6),
+                     rng.uniform(0, np.pi), rng.normal(0, 5)])
+    brow_colour = np.clip(hair_colour * 0.7 + rng.normal(0, 8, 3), 5, 200)
+    beard_on = rng.random() < 0.3
+    moles = np.stack([rng.uniform(-0.75, 0.75, 8), rng.uniform(-0.7, 0.75, 8), rng.uniform(0.8, 1.8, 8)], 1)
+    moles = moles[: rng.poisson(1.3)] * np.array([a, b, 1.0]) + np.array([face[0], face[1], 0.0])
+    return FaceParams(
+        uid=int(uid), family=family, landmarks=landmarks, face=face, skin=np.clip(skin, 20, 250),
+        skin_texture=rng.normal(0, rng.uniform(0.03, 0.09), (5, 5)),
+        hair_colour=hair_colour, hair_style=style, hair=hair, ears=rng.uniform(0.8, 1.2),
+        eye=np.array([rng.uniform(5.5, 8.0), rng.uniform(2.3, 3.8), rng.normal(0, 5), rng.uniform(0.75, 1.0)]),
+        iris_colour=np.clip(fam["iris_colour"] + rng.normal(0, 10, 3), 5, 200),
+        brow=np.array([rng.uniform(7, 11.5), rng.uniform(6.5, 9.5), rng.uniform(1.0, 2.4), rng.normal(0, 8),
+                       rng.uniform(-0.5, 2.0), rng.normal(0, 1.2)]),
+        brow_colour=brow_colour,
+        nose=np.array([rng.uniform(3.5, 6.0), rng.uniform(0.8, 1.3), rng.choice([-1.0, 1.0]), rng.uniform(2.0, 4.0)]),
+        mouth=np.array([rng.uniform(1.2, 3.0), rng.uniform(1.8, 4.2), rng.uniform(-1.5, 2.5)]),
+        lip_colour=np.clip(skin * rng.uniform(0.6, 0.85) + np.array([rng.uniform(10, 45), 0, 0]), 10, 250),
+        beard=np.array([rng.uniform(0.45, 0.9) if beard_on else 0.0, rng.integers(3)]),
+        glasses=np.array([float(rng.random() < 0.1), rng.uniform(15, 120), rng.uniform(0.9, 1.6)]),
+        moles=moles,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Painting an identity into the canonical frame
+# ----------------------------------------------------------------------------------------------
+
+class _Canvas:
+    """Premultiplied RGBA painting in canonical units; pixel (i, j) is centred on unit CANVAS_MIN + (j, i) / scale."""
+
+    def __init__(self, scale: float):
+        n = int(math.ceil((CANVAS_MAX - CANVAS_MIN) * scale)) + 1
+        self.scale = scale
+        self.axis = (CANVAS_MIN + np.arange(n) / scale).astype(np.float32)
+        self.rgba = np.zeros((n, n, 4), np.float32)
+        self.rgb, self.alpha = self.rgba[..., :3], self.rgba[..., 3]
+
+    def window(self, u0, u1, v0, v1):
+        """Slices of the pixels covering units [u0, u1] x [v0, v1], with broadcastable unit grids U (1, w), V (h, 1)."""
+        n = self.axis.size
+        j0, j1 = (int(np.clip(math.floor((x - CANVAS_MIN) * self.scale) + d, 0, n)) for x, d in ((u0, -1), (u1, 2)))
+        i0, i1 = (int(np.clip(math.floor((y - CANVAS_MIN) * self.scale) + d, 0, n)) for y, d in ((v0, -1), (v1, 2)))
+        return (slice(i0, i1), slice(j0, j1)), self.axis[None, j0:j1], self.axis[i0:i1, None]
+
+    def coverage(self, signed_distance):
+        """Anti-aliased coverage of a shape from its (approximate) signed distance in units."""
+        return np.clip(0.5 - signed_distance * self.scale, 0.0, 1.0)
+
+    def paint(self, sl, coverage, colour):
+        coverage = coverage.astype(np.float32, copy=False)
+        rgb, alpha = self.rgb[sl], self.alpha[sl]
+        rgb += (np.asarray(colour, np.float32) - rgb) * coverage[..., None]
+        alpha += (1 - alpha) * coverage
+
+    def ellipse(self, cx, cy, a, b, colour, angle=0.0, opacity=1.0):
+        r = max(a, b) + 1
+        sl, U, V = self.window(cx - r, cx + r, cy - r, cy + r)
+        self.paint(sl, opacity * self.coverage(_ellipse_sd(U, V, cx, cy, a, b, angle)), colour)
+
+
+def _ellipse_sd(U, V, cx, cy, a, b, angle=0.0):
+    """Approximate signed distance (units) to an ellipse with semi-axes a, b rotated by `angle` degrees."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    x = (U - cx) * c + (V - cy) * s
+    y = (V - cy) * c - (U - cx) * s
+    return (np.sqrt((x / a) ** 2 + (y / b) ** 2) - 1.0) * min(a, b)
+
+
+def _smooth_field(values, h, w):
+    return cv2.resize(np.asarray(values, np.float32), (max(w, 1), max(h, 1)), interpolation=cv2.INTER_CUBIC)
+
+
+def paint_identity(p: FaceParams, scale: float) -> np.ndarray:
+    """Premultiplied RGBA float32 painting of identity `p`, `scale` pixels per canonical unit."""
+    cv = _Canvas(scale)
+    lm = p.landmarks
+    cx, cy, a, b, chin, top = p.face
+    eye_y = lm[:2, 1].mean()
+    forehead, hair_curve, volume, strand_freq, strand_angle, parting = p.hair
+    style = HAIR_STYLES[p.hair_style]
+
+    def hair_colour(U, V):
+        # strands sin(f (U cos t + V sin t)), expanded so that only 1-D sines are computed
+        fu, fv = strand_freq * math.cos(strand_angle), strand_freq * math.sin(strand_angle)
+        strands = np.sin(fu * U) * np.cos(fv * V) + np.cos(fu * U) * np.sin(fv * V)
+        if style == "volume":  # crossed strands: curls
+            strands *= np.sin(fu * V) * np.cos(fv * U) - np.cos(fu * V) * np.sin(fv * U)
+        return p.hair_colour.astype(np.float32) * (1 + 0.14 * strands)[..., None]
+
+    # Long hair falls behind the head and down to the shoulders.
+    if style == "long":
+        sl, U, V = cv.window(cx - 1.4 * a, cx + 1.4 * a, cy - b - 10, CANVAS_MAX)
+        sd = _ellipse_sd(U, V, cx, cy + 12, 1.3 * a + volume, 1.2 * b + volume)
+        cv.paint(sl, cv.coverage(sd) * np.clip((CANVAS_MAX - 8 - V) / 12, 0, 1), hair_colour(U, V))
+    # Neck, then ears, behind the face.
+    sl, U, V = cv.window(cx - 0.6 * a, cx + 0.6 * a, cy + 0.3 * b, CANVAS_MAX)
+    sd = np.maximum(np.abs(U - cx) - 0.5 * a, cy + 0.4 * b - V)
+    cv.paint(sl, cv.coverage(sd), p.skin * 0.78)
+    for side in (-1, 1):
+        cv.ellipse(cx + side * 0.97 * a, eye_y + 9, 4.5 * p.ears, 9 * p.ears, p.skin * 0.86, angle=side * 8)
+
+    # Face oval: a superellipse, pointier at the chin, with skin texture and edge shading.
+    sl, U, V = cv.window(cx - a - 1, cx + a + 1, cy - b - 1, cy + b + 1)
+    x, y = np.abs(U - cx) / a, (V - cy) / b
+    q = np.where(y > 0, chin, top)
+    sd = (np.power(x ** q + np.abs(y) ** q, 1.0 / q) - 1.0) * min(a, b)
+    h, w = sd.shape
+    shade = (1 + _smooth_field(p.skin_texture, h, w)) * (1 - 0.22 * np.minimum(x, 1) ** 4)
+    cv.paint(sl, cv.coverage(sd), p.skin * shade[..., None])
+
+    # Hair on the head: inside a head outline slightly larger than the face, above the hairline.
+    head_a, head_b = 1.07 * a + volume, 1.06 * b + volume
+    # below eye_y + 23 there is no hair on the head in any style (long side locks end at eye_y + 22)
+    sl, U, V = cv.window(cx - head_a, cx + head_a, cy - 3 - head_b, eye_y + 23)
+    head = cv.coverage(_ellipse_sd(U, V, cx, cy - 3, head_a, head_b))
+    t = (U - cx - parting) / a
+    hairline = eye_y - forehead + hair_curve * t ** 2
+    if style == "fringe":
+        hairline = hairline + 0.45 * forehead * np.clip(1 - t ** 2, 0, 1)
+    below = V - hairline
+    if style == "long":  # side locks in front of the ears
+        below = np.minimum(below, np.where(np.abs(U - cx) > 0.78 * a, V - (eye_y + 22), 1e3))
+    cover = head * cv.coverage(below)
+    if style == "bald":  # a fringe of hair over the ears only
+        cover = cover * np.clip((np.abs(U - cx) - 0.72 * a) * cv.scale, 0, 1) * np.clip((V - eye_y + 28) * cv.scale, 0, 1)
+    cv.paint(sl, cover, hair_colour(U, V))
+
+    # Beard (under the lips): moustache, chin or full.
+    density, kind = p.beard
+    if density > 0:
+        nose_y, mouth_y = lm[2, 1], lm[3:, 1].mean()
+        sl, U, V = cv.window(cx - a, cx + a, nose_y, cy + b + 2)
+        x, y = np.abs(U - cx) / a, (V - cy) / b
+        inside = cv.coverage((np.power(x ** chin + np.abs(y) ** chin, 1.0 / chin) - 1.0) * min(a, b))
+        moustache = cv.coverage(np.maximum(np.abs(U - cx) - (lm[4, 0] - lm[3, 0]) / 2 - 2.5,
+                                           np.abs(V - (nose_y + mouth_y) / 2 - 0.5) - 3.0))
+        chin_part = cv.coverage(mouth_y + 4 - V) * cv.coverage(np.abs(U - cx) - 0.55 * a)
+        full = cv.coverage(nose_y + 9 - V)
+        region = (moustache, np.maximum(moustache, chin_part), np.maximum(moustache, full))[int(kind)]
+        grain = 0.8 + 0.2 * np.sin(3.1 * U) * np.sin(2.3 * V)
+        cv.paint(sl, density * inside * region * grain, p.hair_colour * 0.9)
+
+    # Eyes: shadow, sclera, iris, pupil, upper lid.
+    half_w, half_h, tilt, iris_f = p.eye
+    for side, (ex, ey) in zip((-1, 1), lm[:2]):
+        ang = side * tilt
+        cv.ellipse(ex, ey, half_w * 1.5, half_h * 2.2, p.skin * 0.85, angle=ang, opacity=0.5)
+        sl, U, V = cv.window(ex - half_w - 1, ex + half_w + 1, ey - half_h - 1, ey + half_h + 1)
+        sclera_sd = _ellipse_sd(U, V, ex, ey, half_w, half_h, ang)
+        sclera = cv.coverage(sclera_sd)
+        cv.paint(sl, sclera, (232, 228, 222))
+        iris_sd = np.sqrt((U - ex) ** 2 + (V - ey) ** 2) - iris_f * half_h * 1.25
+        cv.paint(sl, sclera * cv.coverage(iris_sd), p.iris_colour)
+        cv.paint(sl, sclera * cv.coverage(iris_sd + 0.55 * iris_f * half_h * 1.25), (12, 10, 10))
+        lid = cv.coverage(np.abs(sclera_sd) - 0.45) * (V < ey + 0.3 * half_h)
+        cv.paint(sl, lid, p.brow_colour * 0.5)
+
+    # Brows: arched, tilted bars above the eyes.
+    height, length, thick, angle, arch, inner = p.brow
+    for side, (ex, ey) in zip((-1, 1), lm[:2]):
+        bx, by = ex + side * inner, ey - height
+        sl, U, V = cv.window(bx - length - 2, bx + length + 2, by - length, by + length)
+        c, s = math.cos(math.radians(side * angle)), math.sin(math.radians(side * angle))
+        x = (U - bx) * c + (V - by) * s
+        y = (V - by) * c - (U - bx) * s + arch * (1 - (x / length) ** 2)
+        cv.paint(sl, cv.coverage((np.sqrt((x / length) ** 2 + (y / thick) ** 2) - 1) * thick), p.brow_colour)
+
+    # Nose: bridge shadow, tip highlight, nostrils.
+    nx, ny = lm[2]
+    nostril, nostril_size, bridge_side, tip = p.nose
+    cv.ellipse(nx + bridge_side * (nostril * 0.8), ny - 8, 1.4, 9, p.skin * 0.8, opacity=0.55)
+    cv.ellipse(nx, ny - 1, tip, tip * 0.8, np.minimum(p.skin * 1.12, 255), opacity=0.5)
+    cv.ellipse(nx, ny + 2.5, nostril + 2, 1.8, p.skin * 0.82, opacity=0.5)
+    for side in (-1, 1):
+        cv.ellipse(nx + side * nostril, ny + 1.8, 1.9 * nostril_size, 1.1 * nostril_size, p.skin * 0.4,
+                   angle=side * 15, opacity=0.9)
+
+    # Mouth: lips between the mouth corners, with a dark line between them.
+    (lx, ly), (rx, ry) = lm[3], lm[4]
+    upper, lower, curve = p.mouth
+    mx, my = (lx + rx) / 2, (ly + ry) / 2
+    half = max(np.hypot(rx - lx, ry - ly) / 2, 1.0)
+    c, s = (rx - lx) / (2 * half), (ry - ly) / (2 * half)
+    sl, U, V = cv.window(mx - half - 2, mx + half + 2, my - upper - 4, my + lower + abs(curve) + 4)
+    x = ((U - mx) * c + (V - my) * s) / half
+    y = (V - my) * c - (U - mx) * s
+    span = np.sqrt(np.clip(1 - x ** 2, 0, 1))
+    line = curve * (1 - x ** 2)
+    lips = np.maximum(np.abs(x) - 1, np.maximum(line - upper * span - y, y - line - lower * span)) * half / 4
+    cv.paint(sl, cv.coverage(lips), p.lip_colour)
+    cv.paint(sl, cv.coverage(np.maximum(np.abs(y - line) - 0.45, (np.abs(x) - 1) * half)), p.lip_colour * 0.45)
+
+    # Glasses: rings around the eyes and a bridge.
+    on, grey, frame = p.glasses
+    if on:
+        for ex, ey in lm[:2]:
+            sl, U, V = cv.window(ex - 12, ex + 12, ey - 10, ey + 10)
+            cv.paint(sl, cv.coverage(np.abs(_ellipse_sd(U, V, ex, ey, half_w + 4.5, half_h + 4.5)) - frame / 2), (grey,) * 3)
+        (ax, ay), (bx2, by2) = lm[0], lm[1]
+        sl, U, V = cv.window(ax, bx2, min(ay, by2) - 3, max(ay, by2) + 3)
+        cv.paint(sl, cv.coverage(np.maximum(np.abs(V - (ay + by2) / 2 + 1) - frame / 2,
+                                            np.abs(U - (ax + bx2) / 2) - (bx2 - ax) / 2 + half_w + 4)), (grey,) * 3)
+
+    for mu, mv, mr in p.moles:
+        cv.ellipse(mu, mv, mr, mr, p.skin * 0.5, opacity=0.85)
+
+    return cv.rgba
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image variation and rendering
+# ----------------------------------------------------------------------------------------------
+
+def sample_variation(rng: np.random.Generator, profile: VariationProfile) -> dict:
+    """One image's pose, expression, photometry and occluder, as plain numbers."""
+    pr = profile
+    return {
+        "rotation": rng.normal(0, pr.rotation),
+        "scale": math.exp(rng.normal(0, pr.log_scale)),
+        "shift": rng.normal(0, pr.shift, 2),
+        "yaw": rng.choice([-1.0, 1.0]) * rng.uniform(*pr.yaw),
+        "pitch": rng.uniform(-pr.pitch, pr.pitch),
+        "smile": rng.uniform(-pr.expression, pr.expression),
+        "gain": rng.uniform(*pr.gain),
+        "cast": 1 + rng.normal(0, pr.cast, 3),
+        "gradient": rng.uniform(0, pr.gradient),
+        "gradient_angle": rng.uniform(0, 2 * np.pi),
+        "gamma": math.exp(rng.normal(0, pr.gamma)),
+        "blur": rng.uniform(*pr.blur),
+        "lowres": rng.uniform(1.5, 3.0) if rng.random() < pr.lowres else 1.0,
+        "noise": rng.uniform(*pr.noise),
+        "occluder": int(rng.integers(len(OCCLUDERS))) if rng.random() < pr.occlusion else -1,
+        "background_seed": int(rng.integers(2 ** 63)),
+        "occluder_seed": int(rng.integers(2 ** 63)),
+        "noise_seed": int(rng.integers(2 ** 63)),
+    }
+
+
+def jitter_variation(var: dict, rng: np.random.Generator, amount: float = 1.0) -> dict:
+    """A near-copy of `var`: the same scene re-shot (tiny pose/light change, new sensor noise)."""
+    out = dict(var)
+    out["rotation"] = var["rotation"] + rng.normal(0, 0.4 * amount)
+    out["shift"] = var["shift"] + rng.normal(0, 0.4 * amount, 2)
+    out["yaw"] = float(np.clip(var["yaw"] + rng.normal(0, 0.03 * amount), -1, 1))
+    out["smile"] = var["smile"] + rng.normal(0, 0.05 * amount)
+    out["gain"] = var["gain"] * (1 + rng.normal(0, 0.015 * amount))
+    out["noise_seed"] = int(rng.integers(2 ** 63))
+    return out
+
+
+def _displacement(u, v, var, p: FaceParams):
+    """Forward pose/expression displacement (units) at canonical points (u, v)."""
+    g = np.exp(-(((u - FACE_CENTRE[0]) / 22.0) ** 2 + ((v - FACE_CENTRE[1]) / 28.0) ** 2) / 2)
+    mx, my = p.landmarks[3:].mean(0)
+    half = (p.landmarks[4, 0] - p.landmarks[3, 0]) / 2
+    gm = np.exp(-(((u - mx) / 12.0) ** 2 + ((v - my) / 8.0) ** 2) / 2)
+    du = var["yaw"] * YAW_SHIFT * g
+    dv = var["pitch"] * PITCH_SHIFT * g - var["smile"] * 2.2 * gm * np.minimum(((u - mx) / half) ** 2, 1.5)
+    return du, dv
+
+
+def pose_matrix(var: dict, px_per_unit: float, centre_px) -> np.ndarray:
+    """2x3 affine from canonical units to output pixels: similarity jitter and a yaw squeeze about the face centre."""
+    r = math.radians(var["rotation"])
+    rot = np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]])
+    squeeze = np.diag([1 - 0.18 * abs(var["yaw"]), 1.0])
+    lin = px_per_unit * var["scale"] * rot @ squeeze
+    t = np.asarray(centre_px, np.float64) + px_per_unit * np.asarray(var["shift"]) - lin @ FACE_CENTRE
+    return np.hstack([lin, t[:, None]])
+
+
+def aligned_matrix(var: dict, size: int) -> np.ndarray:
+    """Pose matrix of an aligned (ArcFace-frame) image of `size` pixels."""
+    k = size / 112.0
+    return pose_matrix(var, k, FACE_CENTRE * k)
+
+
+def image_landmarks(p: FaceParams, var: dict, M: np.ndarray) -> np.ndarray:
+    """Where the five landmarks of `p` land in an image rendered with `var` and `M` (5, 2) pixels."""
+    du, dv = _displacement(p.landmarks[:, 0], p.landmarks[:, 1], var, p)
+    pts = p.landmarks + np.stack([du, dv], 1)
+    return pts @ M[:, :2].T + M[:, 2]
+
+
+@lru_cache(maxsize=1)
+def _noise_bank() -> np.ndarray:
+    return np.random.default_rng(20250515).standard_normal(1 << 21, dtype=np.float32)
+
+
+def _sensor_noise(seed: int, shape) -> np.ndarray:
+    """Unit Gaussian noise of `shape`: a window of a fixed bank at a seeded offset (drawing fresh noise
+    for every image costs more than the rest of its rendering)."""
+    bank = _noise_bank()
+    n = int(np.prod(shape))
+    if n > bank.size // 2:
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    offset = seed % (bank.size - n)
+    return bank[offset:offset + n].reshape(shape)
+
+
+def _background(seed: int, h: int, w: int) -> np.ndarray:
+    """A muted, smooth, random scene with a few out-of-focus boxes, drawn at 1/4 size and upscaled."""
+    rng = np.random.default_rng(seed)
+    sh, sw = max(4, h // 4), max(4, w // 4)
+    grey = rng.uniform(25, 230)
+    base = grey + rng.uniform(0.1, 0.5) * (rng.uniform(25, 230, 3) - grey)  # mostly muted colours
+    img = _smooth_field(base + rng.normal(0, 25, (3, 3, 3)), sh, sw)
+    for _ in range(rng.integers(0, 4)):
+        y0, x0 = rng.integers(0, sh), rng.integers(0, sw)
+        y1, x1 = y0 + rng.integers(sh // 8 + 1, sh // 2 + 2), x0 + rng.integers(sw // 8 + 1, sw // 2 + 2)
+        img[y0:y1, x0:x1] = rng.uniform(20, 235, 3)
+    return cv2.resize(np.clip(img, 0, 255), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _draw_occluder(img, var, p: FaceParams, M):
+    """Paint the image's occluder (in place) where the face is, using a uint8 anti-aliased mask."""
+    rng = np.random.default_rng(var["occluder_seed"])
+    h, w = img.shape[:2]
+    kind = OCCLUDERS[var["occluder"]]
+    lm = p.landmarks
+    cx, cy, a, b = p.face[:4]
+    k = math.sqrt(abs(np.linalg.det(M[:, :2])))
+    mask = np.zeros((h, w), np.uint8)
+
+    def to_px(points):
+        du, dv = _displacement(points[:, 0], points[:, 1], var, p)
+        pts = (points + np.stack([du, dv], 1)) @ M[:, :2].T + M[:, 2]
+        return np.round(pts * 16).astype(np.int32)  # 4 fractional bits for cv2's shift=4
+
+    angle = math.degrees(math.atan2(M[1, 0], M[0, 0]))
+    if kind == "sunglasses":
+        colour = rng.uniform(10, 60, 3)
+        for c in to_px(lm[:2]):
+            cv2.ellipse(mask, tuple(int(x) for x in c), (int(9.5 * k * 16), int(6.5 * k * 16)), angle, 0, 360, 255,
+                        -1, cv2.LINE_AA, 4)
+        ends = to_px(lm[:2])
+        cv2.line(mask, tuple(int(x) for x in ends[0]), tuple(int(x) for x in ends[1]), 255,
+                 max(1, int(2 * k)), cv2.LINE_AA, 4)
+    elif kind == "mask":
+        colour = rng.choice([[225, 230, 235], [120, 160, 210], [40, 40, 45]]) + rng.normal(0, 8, 3)
+        ny = lm[2, 1] - 3
+        poly = np.array([[cx - 0.95 * a, ny], [cx + 0.95 * a, ny], [cx + 0.8 * a, cy + 0.75 * b], [cx, cy + 1.03 * b],
+                         [cx - 0.8 * a, cy + 0.75 * b]])
+        cv2.fillPoly(mask, [to_px(poly)], 255, cv2.LINE_AA, 4)
+    elif kind == "hat":
+        colour = rng.uniform(15, 240, 3)
+        brim = lm[:2, 1].mean() - rng.uniform(14, 24)
+        poly = np.array([[cx - 1.5 * a, brim], [cx + 1.5 * a, brim], [cx + 1.2 * a, CANVAS_MIN], [cx - 1.2 * a, CANVAS_MIN]])
+        cv2.fillPoly(mask, [to_px(poly)], 255, cv2.LINE_AA, 4)
+    else:  # an object (hand, cup, microphone) in front of part of the face
+        colour = rng.uniform(20, 235, 3)
+        centre = np.array([[cx + rng.uniform(-0.8, 0.8) * a, cy + rng.uniform(-0.6, 0.9) * b]])
+        axes = (int(rng.uniform(10, 24) * k * 16), int(rng.uniform(8, 20) * k * 16))
+        cv2.ellipse(mask, tuple(int(x) for x in to_px(centre)[0]), axes, rng.uniform(0, 180), 0, 360, 255,
+                    -1, cv2.LINE_AA, 4)
+    m = mask.astype(np.float32)[..., None] / 255.0
+    shade = 1 + 0.08 * _smooth_field(rng.normal(0, 1, (4, 4)), h, w)[..., None]
+    img *= 1 - m
+    img += m * np.asarray(colour, np.float32) * shade
+
+
+def render_image(base: np.ndarray, scale: float, p: FaceParams, var: dict, M: np.ndarray, out_hw) -> np.ndarray:
+    """Render identity `p` (painted as `base` at `scale` px/unit) with variation `var` through pose matrix `M`.
+
+    Returns an RGB uint8 image of shape out_hw + (3,).
+    """
+    h, w = out_hw
+    Minv = cv2.invertAffineTransform(M).astype(np.float32)  # float32 scalars keep the maps float32
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    # Where each output pixel comes from in canonical units: the inverse affine, then the inverse of the
+    # smooth pose displacement, solved on a grid 4x coarser (where cv2.resize puts its samples) and upsampled.
+    cw, ch = max(2, -(-w // 4)), max(2, -(-h // 4))
+    cx = ((np.arange(cw, dtype=np.float32) + 0.5) * w / cw - 0.5)[None, :]
+    cy = ((np.arange(ch, dtype=np.float32) + 0.5) * h / ch - 0.5)[:, None]
+    qu = Minv[0, 0] * cx + Minv[0, 1] * cy + Minv[0, 2]
+    qv = Minv[1, 0] * cx + Minv[1, 1] * cy + Minv[1, 2]
+    du = dv = 0.0
+    for _ in range(3):  # p + D(p) = q by fixed-point iteration (D is a gentle field)
+        du, dv = _displacement(qu - du, qv - dv, var, p)
+    du = cv2.resize(np.broadcast_to(du, (ch, cw)).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    dv = cv2.resize(np.broadcast_to(dv, (ch, cw)).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    map_u = (Minv[0, 0] * xs + Minv[0, 1] * ys + (Minv[0, 2] - CANVAS_MIN) - du) * scale
+    map_v = (Minv[1, 0] * xs + Minv[1, 1] * ys + (Minv[1, 2] - CANVAS_MIN) - dv) * scale
+    face = cv2.remap(base, map_u.astype(np.float32), map_v.astype(np.float32), cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
+    img = face[..., :3] + _background(var["background_seed"], h, w) * (1 - face[..., 3:])
+    if var["occluder"] >= 0:
+        _draw_occluder(img, var, p, M)
+
+    # Illumination: gain, colour cast, a linear gradient (side light), then gamma (a lookup table).
+    d = (xs - w / 2) * math.cos(var["gradient_angle"]) + (ys - h / 2) * math.sin(var["gradient_angle"])
+    light = np.maximum(1 + var["gradient"] * d / (max(h, w) / 2), 0.2) * var["gain"]
+    img *= light[..., None]
+    img *= np.asarray(var["cast"], np.float32)
+    gamma = np.clip(255.0 * (np.arange(256) / 255.0) ** var["gamma"] + 0.5, 0, 255).astype(np.uint8)
+    img = cv2.LUT(np.clip(img + 0.5, 0, 255).astype(np.uint8), gamma)
+
+    k = math.sqrt(abs(np.linalg.det(M[:, :2])))  # output pixels per canonical unit
+    if var["lowres"] > 1:
+        small = (max(4, round(w / var["lowres"])), max(4, round(h / var["lowres"])))
+        img = cv2.resize(cv2.resize(img, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
+    if var["blur"] * k > 0.25:
+        img = cv2.GaussianBlur(img, (0, 0), var["blur"] * k)
+    if var["noise"] > 0:
+        img = np.clip(img + _sensor_noise(var["noise_seed"], img.shape) * var["noise"] + 0.5, 0, 255).astype(np.uint8)
+    return img
+
+
+def paint_scale(image_size: int) -> float:
+    """Painting resolution (px per canonical unit) for images of `image_size`: 1.5x oversampled."""
+    return 1.5 * image_size / 112.0
+
+
+@lru_cache(maxsize=256)
+def identity_render(cfg: SyntheticConfig, uid: int):
+    """(FaceParams, painted RGBA, scale) of identity `uid`, cached per process."""
+    p = sample_identity(cfg, uid)
+    scale = paint_scale(cfg.image_size)
+    return p, paint_identity(p, scale), scale
+
+
+def render_aligned(cfg: SyntheticConfig, uid: int, var: dict) -> np.ndarray:
+    """An aligned (ArcFace-frame) image of identity `uid`, cfg.image_size square, RGB uint8."""
+    p, base, scale = identity_render(cfg, uid)
+    M = aligned_matrix(var, cfg.image_size)
+    return render_image(base, scale, p, var, M, (cfg.image_size, cfg.image_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: who is in which image (vectorised, in the main process)
+# ----------------------------------------------------------------------------------------------
+
+# Share of identities that hold near-duplicate groups (the redundancy DiffProb removes).
+DUP_IDENTITY_SHARE = 0.3
+# Within such an identity, at most this share of images re-shoot an earlier image.
+MAX_DUP_SHARE = 0.7
+
+
+@dataclass
+class TrainingPlan:
+    """The training set before rendering; every array is indexed by sample index (key - 1)."""
+    counts: np.ndarray       # (num_ids,) images per label
+    labels: np.ndarray       # (N,) given label
+    source_uid: np.ndarray   # (N,) identity the image is rendered from (== label when clean)
+    flipped: np.ndarray      # sorted sample indices rendered from another in-set identity
+    open_set: np.ndarray     # sorted sample indices rendered from an identity outside the label set
+    dup_source: np.ndarray   # (N,) sample index whose scene the image re-shoots, -1 if none
+
+    @property
+    def num_images(self) -> int:
+        return int(self.labels.size)
+
+
+def _rank_within_groups(groups: np.ndarray, group_starts: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group (groups hold contiguous-label counts)."""
+    order = np.argsort(groups, kind="stable")
+    rank = np.empty(groups.size, np.int64)
+    rank[order] = np.arange(groups.size) - group_starts[groups[order]]
+    return rank
+
+
+def plan_training_set(cfg: SyntheticConfig) -> TrainingPlan:
+    """Identity sizes (log-normal, clipped), label noise and near-duplicate groups."""
+    rng = _rng(cfg.seed, "plan")
+    sizes = rng.lognormal(math.log(cfg.median_images), 0.9, cfg.num_ids)
+    counts = np.clip(np.rint(sizes), cfg.min_images, cfg.max_images).astype(np.int64)
+    labels = np.repeat(np.arange(cfg.num_ids, dtype=np.int64), counts)
+    n = labels.size
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    # Noise: random images, at most (count - 1) // 2 per identity so the labelled identity stays the majority.
+    n_flip, n_open = round(cfg.flip_rate * n), round(cfg.open_rate * n)
+    perm = rng.permutation(n)
+    eligible = perm[_rank_within_groups(labels[perm], starts) < (counts[labels[perm]] - 1) // 2]
+    if eligible.size < n_flip + n_open:
+        raise ValueError(f"cannot place {n_flip + n_open} noisy images among {n} (at most (count-1)//2 per identity); "
+                         f"lower flip_rate/open_rate or raise min_images")
+    flipped = np.sort(eligible[:n_flip])
+    open_set = np.sort(eligible[n_flip:n_flip + n_open])
+    source_uid = labels.copy()
+    source_uid[flipped] = (labels[flipped] + rng.integers(1, cfg.num_ids, flipped.size)) % cfg.num_ids
+    source_uid[open_set] = cfg.open_uid0 + rng.integers(0, cfg.num_open_ids, open_set.size)
+
+    # Near-duplicates: in a share of identities, an image re-shoots the nearest earlier clean original.
+    clean = source_uid == labels
+    dup_ids = rng.random(cfg.num_ids) < DUP_IDENTITY_SHARE
+    share = counts[dup_ids].sum() / n
+    p_dup = min(MAX_DUP_SHARE, cfg.dup_rate / share) if share > 0 else 0.0
+    is_dup = clean & dup_ids[labels] & (rng.random(n) < p_dup)
+    original = np.maximum.accumulate(np.where(clean & ~is_dup, np.arange(n), -1))
+    is_dup &= (original >= 0) & (labels[np.maximum(original, 0)] == labels)
+    dup_source = np.where(is_dup, original, -1)
+    return TrainingPlan(counts, labels, source_uid, flipped, open_set, dup_source)
+
+
+def plan_pairs(cfg: SyntheticConfig, bin_no: int):
+    """(uid per image (2P*2,), issame (2P,)) of verification set `bin_no`: P genuine and P impostor pairs.
+
+    Half of the impostor pairs join two identities of the same family (shared colouring and face
+    shape) when the held-out identities hold such pairs: the hard negatives.
+    """
+    rng = _rng(cfg.seed, "pairs", bin_no)
+    P = cfg.val_pairs
+    uids = np.arange(cfg.val_uid0, cfg.val_uid0 + cfg.num_val_ids)
+    family = np.array([sample_identity(cfg, u).family for u in uids])
+    a, b = np.triu_indices(uids.size, 1)
+    kin = np.flatnonzero(family[a] == family[b])
+    genuine = np.repeat(rng.choice(uids, P), 2).reshape(P, 2)
+    first = rng.integers(0, uids.size, P)
+    second = (first + rng.integers(1, uids.size, P)) % uids.size
+    impostor = np.stack([uids[first], uids[second]], 1)
+    if kin.size:
+        hard = rng.choice(kin, P // 2)
+        impostor[: P // 2] = np.stack([uids[a[hard]], uids[b[hard]]], 1)
+    pairs = np.concatenate([genuine, impostor])
+    issame = np.concatenate([np.ones(P, bool), np.zeros(P, bool)])
+    order = rng.permutation(2 * P)
+    return pairs[order].reshape(-1), issame[order]
+
+
+@dataclass
+class IJBPlan:
+    """Images of the IJB-style set; one row per image unless stated."""
+    uid: np.ndarray          # identity rendered
+    template: np.ndarray     # template id (1-based)
+    media: np.ndarray        # media id (1-based); frames of a video share it
+    frame: np.ndarray        # frame number within its media (0: the media's first image)
+    template_subject: np.ndarray  # (T,) subject id (1-based) of template t+1
+
+
+def plan_ijb(cfg: SyntheticConfig) -> IJBPlan:
+    """Templates of 1-3 media, a media being a still image or 2-4 frames of a video."""
+    rng = _rng(cfg.seed, "ijb_plan")
+    n, T = cfg.ijb_ids, cfg.ijb_templates
+    per_subject = 2 + rng.multinomial(T - 2 * n, np.full(n, 1.0 / n)) if n else np.zeros(0, np.int64)
+    template_subject = np.repeat(np.arange(1, n + 1), per_subject)
+    media_per_template = 1 + rng.binomial(2, 0.35, T)
+    media_template = np.repeat(np.arange(1, T + 1), media_per_template)
+    is_video = rng.random(media_template.size) < 0.4
+    frames = np.where(is_video, rng.integers(2, 5, media_template.size), 1)
+    media = np.repeat(np.arange(1, media_template.size + 1), frames)
+    first = np.concatenate([[0], np.cumsum(frames)[:-1]])
+    frame = np.arange(media.size) - np.repeat(first, frames)
+    template = media_template[media - 1]
+    uid = cfg.ijb_uid0 + template_subject[template - 1] - 1
+    return IJBPlan(uid=uid, template=template, media=media, frame=frame, template_subject=template_subject)
+
+
+def ijb_template_pairs(cfg: SyntheticConfig, template_subject: np.ndarray, max_impostors: int = 50000):
+    """(pairs (K, 2) of template ids, labels (K,)): every genuine pair and up to `max_impostors` impostor pairs."""
+    a, b = np.triu_indices(template_subject.size, 1)
+    same = template_subject[a] == template_subject[b]
+    impostor = np.flatnonzero(~same)
+    if impostor.size > max_impostors:
+        impostor = np.sort(_rng(cfg.seed, "ijb_plan", 1).choice(impostor, max_impostors, replace=False))
+    keep = np.concatenate([np.flatnonzero(same), impostor])
+    keep.sort()
+    return np.stack([a[keep], b[keep]], 1) + 1, same[keep].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering jobs (run in worker processes; each image depends only on its own keys)
+# ----------------------------------------------------------------------------------------------
+
+def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {rgb.shape} image as JPEG")
+    return buf.tobytes()
+
+
+def training_variation(cfg: SyntheticConfig, index: int, dup_source: int) -> dict:
+    """Variation of training sample `index`; a near-duplicate re-shoots its original's scene."""
+    if dup_source < 0:
+        return sample_variation(_rng(cfg.seed, "train", index), PROFILES["train"])
+    var = sample_variation(_rng(cfg.seed, "train", dup_source), PROFILES["train"])
+    return jitter_variation(var, _rng(cfg.seed, "train_dup", index))
+
+
+def _render_training(cfg, indices, source_uid, dup_source):
+    return [encode_jpeg(render_aligned(cfg, int(u), training_variation(cfg, int(i), int(d))))
+            for i, u, d in zip(indices, source_uid, dup_source)]
+
+
+def _render_pairs(cfg, positions, uids, bin_no, profile):
+    return [encode_jpeg(render_aligned(cfg, int(u), sample_variation(_rng(cfg.seed, "pair_image", bin_no, int(j)),
+                                                                      PROFILES[profile])))
+            for j, u in zip(positions, uids)]
+
+
+def ijb_image(cfg: SyntheticConfig, number: int, uid: int, media: int, frame: int):
+    """(RGB crop, (5, 2) true landmarks, (5, 2) detected landmarks, detector score) of IJB image `number`.
+
+    The frames of a video share the media's scene and placement, re-shot with a small jitter.
+    """
+    rng = _rng(cfg.seed, "ijb_image", media)
+    var = sample_variation(rng, PROFILES["ijb"])
+    k = cfg.image_size / 112.0 * rng.uniform(0.8, 1.15)
+    crop = int(round(cfg.ijb_crop_scale * cfg.image_size))
+    centre = crop / 2 + rng.uniform(-0.1, 0.1, 2) * crop
+    if frame > 0:
+        var = jitter_variation(var, _rng(cfg.seed, "ijb_frame", number), amount=3.0)
+    M = pose_matrix(var, k, centre)
+    img, landmarks = render_loose_crop(cfg, uid, var, M, crop)
+    det = _rng(cfg.seed, "ijb_detector", number)
+    detected = landmarks + det.normal(0, 0.4 * cfg.image_size / 112.0, landmarks.shape)
+    score = 0.98 - 0.2 * abs(var["yaw"]) - 0.12 * (var["occluder"] >= 0) - 0.05 * var["blur"] + det.normal(0, 0.03)
+    return img, landmarks, detected, float(np.clip(score, 0.6, 1.0))
+
+
+def render_loose_crop(cfg: SyntheticConfig, uid: int, var: dict, M: np.ndarray, crop: int):
+    """(RGB uint8 crop, (5, 2) landmarks in crop pixels) of identity `uid` rendered through `M`."""
+    p, base, scale = identity_render(cfg, uid)
+    return render_image(base, scale, p, var, M, (crop, crop)), image_landmarks(p, var, M)
+
+
+def _render_ijb(cfg, numbers, uids, media, frames):
+    out = []
+    for number, u, m, f in zip(numbers, uids, media, frames):
+        img, _, detected, score = ijb_image(cfg, int(number), int(u), int(m), int(f))
+        out.append((encode_jpeg(img), detected, score))
+    return out
+
+
+def _run_job(job):
+    fn, args = job
+    return fn(*args)
+
+
+def _worker_init():
+    cv2.setNumThreads(1)  # processes, not threads, share the cores
+
+
+def _chunks(n: int, size: int):
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _identity_chunks(counts: np.ndarray, size: int):
+    """(start, end) sample ranges of about `size` images that never split an identity, so that a
+    worker paints each identity once."""
+    ends = np.cumsum(counts)
+    block = (ends - 1) // size
+    bounds = np.r_[0, ends[np.r_[block[1:] != block[:-1], True]]]
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the dataset folder
+# ----------------------------------------------------------------------------------------------
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def _write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def _write_training_set(out, cfg, plan, results):
+    """train.rec/.idx/property in the InsightFace layout from the JPEGs in `results` (sample order)."""
+    n = plan.num_images
+    first_id_key = n + 1
+    ends = np.cumsum(plan.counts) + 1
+    ranges = np.stack([ends - plan.counts, ends], 1)
+    with recordio.MXIndexedRecordIO(os.path.join(out, "train.idx"), os.path.join(out, "train.rec"), "w") as rec:
+        rec.write_idx(0, recordio.pack(recordio.IRHeader(2, [first_id_key, first_id_key + cfg.num_ids], 0, 0), b""))
+        key = 1
+        for jpegs in results:
+            for jpeg in jpegs:
+                header = recordio.IRHeader(0, float(plan.labels[key - 1]), key, 0)
+                rec.write_idx(key, recordio.pack(header, jpeg))
+                key += 1
+        for label, (start, end) in enumerate(ranges):
+            rec.write_idx(first_id_key + label, recordio.pack(recordio.IRHeader(2, [start, end], 0, 0), b""))
+    with open(os.path.join(out, "property"), "w") as f:
+        f.write(f"{cfg.num_ids},{cfg.image_size},{cfg.image_size}\n")
+
+
+def _noise_record(cfg, plan):
+    return {
+        "flipped": [{"index": int(i), "label": int(plan.labels[i]), "true_label": int(plan.source_uid[i])}
+                    for i in plan.flipped],
+        "open_set": [{"index": int(i), "label": int(plan.labels[i])} for i in plan.open_set],
+        "flip_rate": cfg.flip_rate, "open_rate": cfg.open_rate, "seed": cfg.seed,
+        "num_images": plan.num_images, "num_classes": cfg.num_ids,
+    }
+
+
+def _write_ijb(out, cfg, ijb, results):
+    """ijb/loose_crop/<n>.jpg and the IJB-C meta files; returns a summary."""
+    crops = os.path.join(out, "ijb", "loose_crop")
+    meta = os.path.join(out, "ijb", "meta")
+    os.makedirs(crops)
+    os.makedirs(meta)
+    names = [f"{n}.jpg" for n in range(1, ijb.uid.size + 1)]
+    five = []
+    number = 0
+    for batch in results:
+        for jpeg, landmarks, score in batch:
+            with open(os.path.join(crops, names[number]), "wb") as f:
+                f.write(jpeg)
+            five.append(f"{names[number]} " + " ".join(f"{x:.3f}" for x in landmarks.reshape(-1)) + f" {score:.4f}")
+            number += 1
+    t = IJB_TARGET
+    _write_lines(os.path.join(meta, f"{t}_name_5pts_score.txt"), five)
+    _write_lines(os.path.join(meta, f"{t}_face_tid_mid.txt"),
+                 [f"{nm} {tid} {mid}" for nm, tid, mid in zip(names, ijb.template, ijb.media)])
+    pairs, labels = ijb_template_pairs(cfg, ijb.template_subject)
+    _write_lines(os.path.join(meta, f"{t}_template_pair_label.txt"),
+                 [f"{a} {b} {lab}" for (a, b), lab in zip(pairs, labels)])
+
+    # 1:N: each subject's first template is its gallery template, in G1 or G2 (disjoint halves);
+    # every other template is a probe.
+    subjects = np.unique(ijb.template_subject)
+    in_g1 = np.zeros(subjects.max() + 1 if subjects.size else 1, bool)
+    in_g1[_rng(cfg.seed, "ijb_plan", 2).permutation(subjects)[: subjects.size // 2]] = True
+    tids = np.arange(1, ijb.template_subject.size + 1)
+    first_of_subject = np.r_[True, ijb.template_subject[1:] != ijb.template_subject[:-1]]
+    sets = {
+        f"{t}_1N_gallery_G1.csv": first_of_subject & in_g1[ijb.template_subject],
+        f"{t}_1N_gallery_G2.csv": first_of_subject & ~in_g1[ijb.template_subject],
+        f"{t}_1N_probe_mixed.csv": ~first_of_subject,
+    }
+    for filename, chosen in sets.items():
+        rows = [f"{tid},{ijb.template_subject[tid - 1]},{names[i]}"
+                for tid in tids[chosen] for i in np.flatnonzero(ijb.template == tid)]
+        _write_lines(os.path.join(meta, filename), ["TEMPLATE_ID,SUBJECT_ID,FILENAME"] + rows)
+    return {"subjects": int(subjects.size), "templates": int(tids.size), "media": int(ijb.media.max(initial=0)),
+            "images": int(ijb.uid.size), "genuine_pairs": int(labels.sum()),
+            "impostor_pairs": int(labels.size - labels.sum()), "crop_size": int(round(cfg.ijb_crop_scale * cfg.image_size))}
+
+
+def _prepare_out_dir(out: str, overwrite: bool) -> str:
+    """A fresh hidden folder beside `out` to write into; refuses a non-empty `out` unless `overwrite`."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise FileExistsError(f"{out} exists and is not a folder")
+        if os.listdir(out) and not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}-{time.time_ns()}")
+    os.mkdir(tmp)
+    return tmp
+
+
+def _move_into_place(tmp: str, out: str):
+    # Some writers create files with mkstemp (mode 0600); give every file the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    out = os.path.abspath(out)
+    old = None
+    if os.path.exists(out):
+        old = f"{tmp}.old"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite: bool = False,
+                     progress: bool = True) -> dict:
+    """Write the synthetic dataset folder `out_dir` (atomically: all of it or nothing); returns a summary.
+
+    The files depend on `cfg` only: `workers` changes the speed, not a byte.
+    """
+    cfg.validate()
+    t0 = time.time()
+    tmp = _prepare_out_dir(out_dir, overwrite)
+    # Imported here: they pull in torch, which a refused or invalid command line need not wait for.
+    from tqdm import tqdm
+    from utils.verification import save_bin
+    try:
+        plan = plan_training_set(cfg)
+        pair_plans = [plan_pairs(cfg, b) for b in range(len(VERIFICATION_BINS))] if cfg.val_pairs else []
+        ijb = plan_ijb(cfg) if cfg.ijb_templates else None
+        # Jobs of a few dozen images, grouped by the file they end in; every job's second argument
+        # lists its images, so its size is known before it runs.
+        groups = {"train": [(_render_training, (cfg, np.arange(s, e), plan.source_uid[s:e], plan.dup_source[s:e]))
+                            for s, e in _identity_chunks(plan.counts, 64)]}
+        for b, (uids, _) in enumerate(pair_plans):
+            name = VERIFICATION_BINS[b]
+            groups[name] = [(_render_pairs, (cfg, np.arange(s, e), uids[s:e], b, BIN_PROFILES[name]))
+                            for s, e in _chunks(uids.size, 64)]
+        if ijb is not None:
+            numbers = np.arange(1, ijb.uid.size + 1)
+            groups["ijb"] = [(_render_ijb, (cfg, numbers[s:e], ijb.uid[s:e], ijb.media[s:e], ijb.frame[s:e]))
+                             for s, e in _chunks(ijb.uid.size, 16)]
+        jobs = [job for group in groups.values() for job in group]
+
+        with tqdm(total=sum(len(args[1]) for _, args in jobs), unit="img", disable=not progress,
+                  desc="synthetic") as bar:
+            pool = None
+            if workers > 1:
+                import multiprocessing
+                pool = multiprocessing.get_context().Pool(workers, initializer=_worker_init)
+            try:
+                results = pool.imap(_run_job, jobs) if pool else map(_run_job, jobs)
+
+                def rendered(group):
+                    """The results of `group`'s jobs, in order (results arrive in job order)."""
+                    for _ in groups.get(group, ()):
+                        batch = next(results)
+                        bar.update(len(batch))
+                        yield batch
+
+                _write_training_set(tmp, cfg, plan, rendered("train"))
+                bins = {}
+                for b, (uids, issame) in enumerate(pair_plans):
+                    name = VERIFICATION_BINS[b]
+                    save_bin(os.path.join(tmp, f"{name}.bin"), [j for batch in rendered(name) for j in batch], issame)
+                    bins[name] = {"profile": BIN_PROFILES[name], "pairs": int(issame.size), "genuine": int(issame.sum())}
+                ijb_summary = _write_ijb(tmp, cfg, ijb, rendered("ijb")) if ijb is not None else None
+            finally:
+                if pool:
+                    pool.terminate()
+                    pool.join()
+
+        noise = _noise_record(cfg, plan)
+        _write_json(os.path.join(tmp, "noise.json"), noise)
+        dup = np.flatnonzero(plan.dup_source >= 0)
+        description = {
+            "generator": "utils/synthetic.py",
+            "config": dataclasses.asdict(cfg),
+            "num_images": plan.num_images,
+            "num_classes": cfg.num_ids,
+            "image_size": [cfg.image_size, cfg.image_size],
+            "identity_counts": plan.counts.tolist(),
+            "near_duplicates": {"index": dup.tolist(), "original": plan.dup_source[dup].tolist()},
+            "held_out_uids": {
+                "verification": [cfg.val_uid0, cfg.val_uid0 + cfg.num_val_ids],
+                "ijb": [cfg.ijb_uid0, cfg.ijb_uid0 + cfg.ijb_ids],
+                "open_set": [cfg.open_uid0, cfg.open_uid0 + cfg.num_open_ids],
+            },
+            "verification": bins,
+            "ijb": ijb_summary,
+            "profiles": {k: dataclasses.asdict(v) for k, v in PROFILES.items()},
+        }
+        _write_json(os.path.join(tmp, "dataset.json"), description)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "out": os.path.abspath(out_dir), "images": plan.num_images, "identities": cfg.num_ids,
+        "flipped": int(plan.flipped.size), "open_set": int(plan.open_set.size), "near_duplicates": int(dup.size),
+        "verification_pairs": {k: v["pairs"] for k, v in bins.items()},
+        "ijb_images": ijb_summary["images"] if ijb_summary else 0, "seconds": round(time.time() - t0, 2),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (make_synthetic_dataset.py)
+# ----------------------------------------------------------------------------------------------
+
+CONFIG_HELP = {
+    "num_ids": "identities in the label set (classes of train.rec)",
+    "image_size": "side of the aligned square images in pixels (112 as InsightFace; 32-48 for fast CPU runs)",
+    "seed": "random seed: the same seed and arguments give byte-identical files",
+    "flip_rate": "share of training images rendered from another in-set identity (closed-set label flips)",
+    "open_rate": "share of training images rendered from identities outside the label set (open-set outliers)",
+    "dup_rate": "share of training images that re-shoot an earlier image of the identity (near-duplicates)",
+    "min_images": "fewest images of an identity (identity sizes are log-normal, clipped)",
+    "max_images": "most images of an identity",
+    "median_images": "median images per identity before clipping",
+    "num_val_ids": "held-out identities of the verification .bin files",
+    "val_pairs": "genuine pairs, and as many impostor pairs, in each verification .bin (0: no .bin)",
+    "ijb_ids": "held-out subjects of the ijb/ set",
+    "ijb_templates": "templates in ijb/ (>= 2 per subject; 0: no ijb/)",
+    "ijb_crop_scale": "side of an ijb loose crop relative to --image-size (face placed by a random similarity)",
+    "family_size": "mean identities per family (families share colouring and face shape: hard impostors)",
+}
+
+
+def build_arg_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write a synthetic face-recognition dataset in the real formats: train.rec/.idx/property "
+                    "(InsightFace layout), syn_frontal.bin and syn_pose.bin (held-out pairs), ijb/ (IJB-C release "
+                    "layout, held-out subjects), noise.json (injected label noise) and dataset.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="dataset folder to create (must be empty or absent)")
+    for f in dataclasses.fields(SyntheticConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=CONFIG_HELP[f.name])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="rendering processes (does not change the files)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticConfig)}).validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        summary = generate_dataset(args.out, cfg, workers=args.workers, overwrite=args.overwrite,
+                                   progress=not args.quiet)
+    except FileExistsError as exc:
+        print(f"make_synthetic_dataset.py: {exc}", file=__import__("sys").stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {summary['out']}: {summary['images']} images of {summary['identities']} identities "
+              f"({summary['flipped']} label flips, {summary['open_set']} open-set, {summary['near_duplicates']} "
+              f"near-duplicates), verification pairs {summary['verification_pairs']}, "
+              f"{summary['ijb_images']} ijb images, in {summary['seconds']:.1f} s")
+    return 0
