@@ -47,11 +47,14 @@ class Fingerprint:
 
 # ---------------------------------------------------------------------------------------- atomic I/O
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+def atomic_path(path, suffix=".tmp"):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
+
+    `suffix` keeps writers that append an extension of their own (np.savez, savefig) on the temp name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

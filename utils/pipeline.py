@@ -44,7 +44,7 @@ PROFILES = {
     # CI's end-to-end test: seconds per stage.
     "tiny": Profile(
         "a few seconds per stage (tests)",
-        data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--num-val-pairs", "200"],
+        data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--val-pairs", "200"],
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, record_topk=4, window=2, frequent=20),
         fractions=(0.5,), extra_seeds=0),

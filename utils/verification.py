@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.artifacts import atomic_path
 from utils.transforms import normalize_batch
 
 logger = logging.getLogger(__name__)
@@ -42,19 +42,9 @@ ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)  # squared distances, as InsightFace
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # finer grid, as InsightFace's calculate_val
 
 
-@contextlib.contextmanager
 def atomic_output(path, suffix=""):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Yield a temporary path beside `path` (parents created); renamed onto `path` on success, removed on error."""
+    return atomic_path(path, suffix=suffix or ".tmp")
 
 
 def save_bin(path, encoded_images, issame):
