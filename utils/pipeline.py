@@ -28,6 +28,10 @@ PRUNE_SCRIPTS = {"rand": ["coreset_rand.py"], "dynunc": ["coreset_dynunc.py"], "
                  "entropy": ["coreset_entropy.py"]}
 
 
+class StopPipeline(Exception):
+    """Raised at --stop-after: the steps so far are complete, a re-run continues from there."""
+
+
 @dataclass
 class Profile:
     """One scale of the experiment: synthetic data arguments and training config keys."""
@@ -78,6 +82,7 @@ class Pipeline:
     nproc: int = 1
     overrides: dict = field(default_factory=dict)
     log_file: Path = None
+    stop_after: int = 0  # stop after this many steps (0: run all); an interruption on purpose
     steps_run: list = field(default_factory=list)
     steps_skipped: list = field(default_factory=list)
 
@@ -102,6 +107,8 @@ class Pipeline:
     def step(self, title: str, script: list, done, *args):
         """Run one stage script unless `done()` says its outputs are complete."""
         n = len(self.steps_run) + len(self.steps_skipped) + 1
+        if self.stop_after and n > self.stop_after:
+            raise StopPipeline(n - 1)
         if done():
             self.steps_skipped.append(title)
             print(f"[{n:2d}] {title}: complete, skipped", flush=True)
@@ -375,6 +382,8 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=None, help="processes per node for torchrun (default: visible GPUs)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config keys for every stage, e.g. --set seed=1")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="stop after the first N steps (a re-run resumes from step N+1)")
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count()
     profile = PROFILES[args.profile or ("gpu" if gpus else "cpu")]
@@ -396,5 +405,9 @@ def main(argv=None):
         shutil.rmtree(args.out)
     dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
-                    overrides=parse_set(args.set))
-    return pipe.run()
+                    overrides=parse_set(args.set), stop_after=args.stop_after)
+    try:
+        return pipe.run()
+    except StopPipeline as e:
+        print(f"stopped after step {e.args[0]} (--stop-after); run again without it to continue")
+        return None

@@ -160,7 +160,8 @@ def run_stage(name: str, main, description: str = "", extra_args=None, argv=None
         result = main(cfg, ctx, args) if extra_args is not None else main(cfg, ctx)
         log.info("%s finished in %.1f s", name, time.time() - t0)
         code = 0
-    except (UserError, ArtifactError, FileNotFoundError) as e:
+    except (UserError, ArtifactError, FileNotFoundError, ValueError) as e:
+        # ValueError: the libraries' input checks (pruning, RecordIO, IJB meta), all worded for users
         msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"missing file {e.filename}"
         print(f"{name}: error: {msg}", file=sys.stderr)
         code, result = 1, None

@@ -1,0 +1,52 @@
+"""run_pipeline.py end to end at the tiny size: an interrupted run resumes, results follow CONTRACT.md."""
+import csv
+import json
+
+import pytest
+
+from tests.helpers import run_script
+
+METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "demo"
+    first = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "4")
+    second = run_script("run_pipeline.py", "--profile", "tiny", "--out", out)
+    return out, first.stdout, second.stdout
+
+
+def test_interrupted_pipeline_resumes_without_redoing_stages(pipeline):
+    out, first, second = pipeline
+    assert "stopped after step 4" in first
+    for n in (1, 2, 3, 4):
+        line = next(x for x in second.splitlines() if x.startswith(f"[{n:2d}]"))
+        assert "complete, skipped" in line, line
+    assert "[ 5] label dictionary ..." in second  # step 5 onwards did run in the second call
+
+
+def test_results_follow_the_contract(pipeline):
+    out, _, second = pipeline
+    for name in ("results.json", "results.csv", "results.md", "results.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert {"num_images", "num_classes"} <= set(res["dataset"])
+    assert {r["method"] for r in res["runs"]} == METHODS
+    for r in res["runs"]:
+        assert {"method", "kept_fraction", "num_images", "num_classes", "verification", "ijb", "train_seconds"} <= set(r)
+        assert 0 < r["kept_fraction"] <= 1 and r["num_images"] > 0 and r["train_seconds"] > 0
+        assert set(r["verification"]) == {"syn_frontal", "syn_pose"}
+        assert all(0.4 <= v <= 1.0 for v in r["verification"].values())  # accuracies, not garbage
+        assert 0 <= r["ijb"]["TAR@FAR=1e-4"] <= 1
+        if r["method"] == "full":
+            assert r["kept_fraction"] == 1.0 and r["num_images"] == res["dataset"]["num_images"]
+        else:
+            assert 0.3 < r["kept_fraction"] < 0.7
+    clean = res["cleaning"]
+    assert clean["removed"] > 0 and 0 <= clean["precision"] <= 1 and 0 <= clean["recall"] <= 1
+    rows = list(csv.reader(open(out / "results.csv")))
+    assert rows[0][0] == "method" and len(rows) == 1 + len(res["runs"])
+    assert "| method | kept |" in (out / "results.md").read_text()
+    assert "| DiffProb |" in second  # the table is printed
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"

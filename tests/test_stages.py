@@ -1,0 +1,151 @@
+"""Scoring-consumer stages (clean, DiffProb, DynUnc, Rand, entropy, label dict/map) on a tiny real dataset
+with crafted score files: outputs, rules, and the errors users cause."""
+import json
+
+import numpy as np
+import pytest
+
+from config.config import parse_config
+from tests.helpers import make_tiny_dataset, run_script
+from utils import paths, pruning
+from utils.artifacts import load_array, load_kept_index, load_label_map, save_array
+from utils.data import open_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture
+def setup(tiny, tmp_path):
+    """Score, history and top-k files as the training/scoring stages would write them."""
+    ds = open_dataset(tiny)
+    labels, fp, n = ds.all_labels, ds.fingerprint, ds.num_images
+    rng = np.random.default_rng(0)
+    args = ["--rec", str(tiny), "--output", str(tmp_path), "--window", "3"]
+    cfg = parse_config(args)
+    noise = json.loads((tiny / "noise.json").read_text())
+    noisy = np.array([e["index"] for e in noise["flipped"] + noise["open_set"]], dtype=np.int64)
+    pred = labels.copy()
+    pred[noisy] = (labels[noisy] + 1) % fp.num_classes  # the model disagrees with every noisy label ...
+    pred[:3] = (labels[:3] + 1) % fp.num_classes  # ... and with 3 clean ones
+    last_id = labels.max()
+    pred[labels == last_id] = 0  # one identity loses every sample: it vanishes
+    prob = rng.random(n).astype(np.float32)
+    save_array(paths.scores_path(cfg), {"gt_prob_with_margin": prob, "gt_prob": prob, "pred": pred,
+                                        "pred_prob": np.ones(n, np.float32), "label": labels}, "eval_trainset", fp)
+    hist = rng.random((6, n)).astype(np.float32)
+    hist[2, ::7] = np.nan
+    save_array(paths.prob_history_path(cfg), hist, "train_everything", fp)
+    k = 4
+    save_array(paths.topk_history_path(cfg), {
+        "topk_logits": rng.normal(size=(6, n, k)).astype(np.float16),
+        "topk_index": np.stack([rng.permutation(fp.num_classes)[:k] for _ in range(6 * n)]).reshape(6, n, k),
+        "rest_mean_logit": np.zeros((6, n), np.float16)}, "train_everything", fp)
+    return dict(args=args, cfg=cfg, labels=labels, fp=fp, prob=prob, hist=hist, noisy=noisy, pred=pred,
+                vanished=int(last_id))
+
+
+def test_clean_removes_disagreeing_samples_and_renumbers(setup):
+    r = run_script("clean_trainset.py", *setup["args"], "--relabel", "true")
+    cfg, fp, labels = setup["cfg"], setup["fp"], setup["labels"]
+    d = paths.clean_dir(cfg)
+    kept = load_kept_index(d / "kept_index.npy", fp)
+    assert np.array_equal(kept, np.flatnonzero(setup["pred"] == labels))
+    label_map = load_label_map(d / "label_map.json", fp)
+    assert setup["vanished"] not in label_map and sorted(label_map.values()) == list(range(len(label_map)))
+    assert "1 of" in r.stdout and "identities vanish" in r.stdout and "precision" in r.stdout
+    q = json.loads((d / "summary.json").read_text())["quality"]
+    assert q["recall"] == 1.0 and q["precision"] < 1.0
+    relabel = load_array(d / "relabel.npz", fp)
+    assert np.array_equal(relabel["suggested_label"], setup["pred"][relabel["index"]])
+
+
+@pytest.mark.parametrize("extra", [["--threshold", "0.05"], ["--fraction", "0.6"]])
+def test_diffprob_stage_matches_library(setup, extra):
+    r = run_script("eval_simprobs.py", *setup["args"], *extra)
+    cfg = parse_config(setup["args"] + extra)
+    out = paths.coreset_dir(cfg, "diffprob")
+    kept = load_kept_index(out / "kept_index.npy", setup["fp"])
+    t = 0.05 if "--threshold" in extra else pruning.diffprob_threshold_for_fraction(setup["prob"], setup["labels"], 0.6)
+    assert np.array_equal(kept, pruning.diffprob(setup["prob"], setup["labels"], t))
+    for name in ("label_map.json", "plot.png", "summary.json", "kept_index.manifest.json"):
+        assert (out / name).exists(), name
+    assert "keeps" in r.stdout and "identities" in r.stdout
+
+
+def test_diffprob_on_cleaned_set_excludes_flagged(setup):
+    run_script("clean_trainset.py", *setup["args"])
+    run_script("eval_simprobs.py", *setup["args"], "--coreset_method", "diffprob_clean", "--fraction", "0.5")
+    cfg = parse_config(setup["args"] + ["--fraction", "0.5"])
+    kept = load_kept_index(paths.kept_index_path(cfg, "diffprob_clean"), setup["fp"])
+    assert not np.isin(kept, np.flatnonzero(setup["pred"] != setup["labels"])).any()
+    label_map = load_label_map(paths.label_map_path(cfg, "diffprob_clean"), setup["fp"])
+    assert setup["vanished"] not in label_map
+
+
+def test_dynunc_rand_entropy_stages(setup):
+    fp, labels = setup["fp"], setup["labels"]
+    cfg = setup["cfg"]
+    run_script("coreset_dynunc.py", *setup["args"])
+    kept = load_kept_index(paths.kept_index_path(cfg, "dynunc"), fp)
+    expect = pruning.keep_top_per_identity(pruning.dynunc_scores(setup["hist"], 3), labels, 0.5)
+    assert np.array_equal(kept, expect)
+    run_script("coreset_rand.py", *setup["args"], "--seed", "4")
+    kept = load_kept_index(paths.kept_index_path(cfg, "rand"), fp)
+    assert np.array_equal(kept, pruning.random_keep(labels, 0.5, seed=4))
+    run_script("coreset_entropy.py", *setup["args"])
+    assert load_kept_index(paths.kept_index_path(cfg, "entropy"), fp).size > 0
+
+
+def test_label_dict_and_label_mapping(setup):
+    r = run_script("generate_label_dict.py", *setup["args"])
+    d = load_array(paths.label_dict_path(setup["cfg"]), setup["fp"])
+    labels = setup["labels"]
+    for i, ident in enumerate(d["identities"]):
+        end = d["starts"][i + 1] if i + 1 < len(d["starts"]) else len(d["order"])
+        assert np.array_equal(d["order"][d["starts"][i]:end], np.flatnonzero(labels == ident))
+    assert "identities" in r.stdout
+    run_script("coreset_rand.py", *setup["args"])
+    kept_path = paths.kept_index_path(setup["cfg"], "rand")
+    r = run_script("label_mapping.py", *setup["args"], "--kept_index", kept_path)
+    assert "keep" in r.stdout and (kept_path.parent / "label_map.json").exists()
+
+
+def test_paper_text_kept_list_is_accepted(setup, tmp_path):
+    text = tmp_path / "kept_index.txt"
+    ids = np.unique(setup["labels"])[:3]
+    kept = np.flatnonzero(np.isin(setup["labels"], ids))
+    text.write_text("kept_index = [" + ", ".join(map(str, kept)) + "]\n")
+    r = run_script("label_mapping.py", *setup["args"], "--kept_index", text)
+    assert "keep 3 of" in r.stdout
+
+
+def test_bad_inputs_exit_nonzero_and_write_nothing(setup, tmp_path):
+    args, cfg, fp = setup["args"], setup["cfg"], setup["fp"]
+    r = run_script("eval_simprobs.py", *args, "--fraction", "1.5", check=False)
+    assert r.returncode == 2 and "fraction" in r.stderr
+    r = run_script("eval_simprobs.py", *args, "--threshold", "-1", check=False)
+    assert r.returncode == 2 and "threshold" in r.stderr
+    other = ["--rec", args[1], "--output", str(tmp_path / "empty")]
+    r = run_script("eval_simprobs.py", *other, check=False)
+    assert r.returncode == 1 and "missing scores" in r.stderr
+    r = run_script("coreset_dynunc.py", *other, check=False)
+    assert r.returncode == 1 and "is_original_train" in r.stderr
+    # NaN probabilities and a file from another dataset are refused; no kept list appears
+    bad = parse_config(other)
+    prob = setup["prob"].copy()
+    prob[5] = np.nan
+    save_array(paths.scores_path(bad), {"gt_prob_with_margin": prob, "gt_prob": prob, "pred": setup["labels"],
+                                        "pred_prob": prob, "label": setup["labels"]}, "eval_trainset", fp)
+    r = run_script("eval_simprobs.py", *other, check=False)
+    assert r.returncode == 1 and "nan" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not paths.coreset_dir(bad, "diffprob").exists()
+    from utils.artifacts import Fingerprint
+
+    save_array(paths.scores_path(bad), {"gt_prob_with_margin": setup["prob"]}, "eval_trainset",
+               Fingerprint(fp.num_images, fp.num_classes + 1, fp.idx_size))
+    r = run_script("clean_trainset.py", *other, check=False)
+    assert r.returncode == 1 and "another dataset" in r.stderr
+    assert not paths.clean_dir(bad).exists()
