@@ -614,6 +614,19 @@ def _search_threshold(seg: _Segments, target: float, min_k: int) -> float:
         c, r, _ = _evaluate(seg, ids, t, min_k)
         return _Bracket(t, c, r)
 
+    def below_top(ids, tgt, top, rel_tol):
+        # The top of the range still keeps >= tgt. Near the top, K(t) is not monotone: relaxed identities
+        # land on rounds 0.01 t apart, so the overshoot grows with t. Scan a geometric grid for a smaller
+        # selection, and bisect on the first crossing if there is one.
+        grid = [at(ids, t) for t in t_max * np.geomspace(1e-3, 1.0, 25)[:-1]] + [top]
+        for i, here in enumerate(grid):
+            if here.kept <= tgt:
+                if here.kept == tgt:
+                    return here
+                lo = grid[i - 1] if i else at(ids, 0.0)
+                return _bisect(seg, ids, tgt, lo, here, min_k, rel_tol) if lo.kept > tgt else lo
+        return min(grid, key=lambda e: (e.kept, e.t))  # every selection is larger than asked: the smallest
+
     def solve(ids, tgt, t_est, step, rel_tol):
         if t_est is None:  # no estimate yet: the whole range
             lo = at(ids, 0.0)
@@ -621,7 +634,7 @@ def _search_threshold(seg: _Segments, target: float, min_k: int) -> float:
                 return lo
             hi = at(ids, t_max)
             if hi.kept >= tgt:
-                return hi
+                return below_top(ids, tgt, hi, rel_tol)
             return _bisect(seg, ids, tgt, lo, hi, min_k, rel_tol)
         est = at(ids, t_est)
         if est.kept == tgt:
@@ -631,7 +644,7 @@ def _search_threshold(seg: _Segments, target: float, min_k: int) -> float:
             while hi.kept > tgt:
                 lo = hi
                 if hi.t >= t_max:
-                    return hi
+                    return below_top(ids, tgt, hi, rel_tol)
                 hi = at(ids, min(t_max, t_est * (1 + step) if t_est > 0 else t_max * step))
                 step *= 4
         else:

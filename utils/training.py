@@ -234,12 +234,13 @@ class Recorder:
         self.index, self.prob, self.tk_logit, self.tk_index, self.rest = [], [], [], [], []
 
     def add(self, sample_index, gt_prob, scores=None):
-        self.index.append(sample_index.cpu())
-        self.prob.append(gt_prob.float().cpu())
+        # Values stay on the device until the epoch ends: a .cpu() per step would sync the GPU every step.
+        self.index.append(sample_index)
+        self.prob.append(gt_prob.detach().float())
         if scores is not None:
-            self.tk_logit.append(scores["topk_logits"].float().cpu())
-            self.tk_index.append(scores["topk_index"].cpu())
-            self.rest.append(scores["rest_mean_logit"].float().cpu())
+            self.tk_logit.append(scores["topk_logits"].float())
+            self.tk_index.append(scores["topk_index"])
+            self.rest.append(scores["rest_mean_logit"].float())
 
     def write(self, run: Run, epoch: int):
         n = run.dataset.num_images
@@ -256,39 +257,55 @@ class Recorder:
                        run.dataset.fingerprint, run.cfg, info={"epoch": epoch, "seen": int(np.isfinite(prob).sum())})
 
 
+def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp_dtype=None,
+               channels_last=False, grad_clip=0.0, clip_params=None, flip_gen=None):
+    """One optimisation step on a uint8 batch: flip + scale on the device, autocast forward, margin
+    head in fp32, (scaled) backward, gradient-norm clip of the backbone, SGD step.
+
+    Returns (loss, gt_prob, embeddings), all still on the device (no host sync here).
+    """
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    images = normalize_batch(random_hflip(images, flip_gen))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        embeddings = backbone(images)
+    loss, gt_prob = head(embeddings.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(clip_params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, gt_prob, embeddings
+
+
 def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None):
     cfg, ctx = run.cfg, run.ctx
     run.train_backbone.train()
     run.head.train()
     run.sampler.set_epoch(epoch)
     flip_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 131 + ctx.rank)
-    amp = ctx.amp_dtype is not None
     loss_sum = torch.zeros((), device=ctx.device)
+    channels_last = ctx.device.type == "cuda" and cfg.channels_last
+    clip_params = list(run.backbone.parameters())
+    step = 0
     for step, (images, labels, sample_index) in enumerate(run.loader):
         if step >= run.steps_per_epoch:
             break
-        images = images.to(ctx.device, non_blocking=True)
-        labels = labels.to(ctx.device, non_blocking=True)
-        images = normalize_batch(random_hflip(images, flip_gen))
-        if ctx.device.type == "cuda" and cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32, enabled=amp):
-            embeddings = run.train_backbone(images)
-        loss, gt_prob = run.head(embeddings.float(), labels)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.backbone.parameters(), cfg.grad_clip)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        loss, gt_prob, embeddings = train_step(
+            run.train_backbone, run.head, run.optimizer, run.scaler, images, labels, device=ctx.device,
+            amp_dtype=ctx.amp_dtype, channels_last=channels_last, grad_clip=cfg.grad_clip, clip_params=clip_params,
+            flip_gen=flip_gen)
         run.scheduler.step()
         run.global_step += 1
         if record is not None:
             scores = None
             if record.topk > 0:
                 with torch.no_grad():
-                    scores = run.head.score(embeddings.detach().float(), labels, topk=record.topk)
+                    scores = run.head.score(embeddings.detach().float(), labels.to(ctx.device), topk=record.topk)
             record.add(sample_index, gt_prob, scores)
         loss_sum += loss.detach()
         if on_step is not None:

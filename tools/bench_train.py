@@ -1,0 +1,172 @@
+"""Training-step throughput: images/s and model FLOPs utilisation, for the README's speed table.
+
+Two inputs:
+  synthetic  uint8 batches already on the device: the step alone (backbone + head + optimizer)
+  recordio   the real loader (RecordDataset + DataLoader workers) feeding the same step: end to end
+
+and two loops:
+  ours       utils.training.train_step: flip/scale on the device, autocast (bf16 on GPUs that have it),
+             channels_last, optional torch.compile
+  plain      the paper repository's recipe: fp32, NCHW, images scaled on the host
+
+    python tools/bench_train.py --network iresnet50 --batch-size 256 --num-classes 10572        # on a GPU
+    python tools/bench_train.py --network smallnet --image-size 32 --batch-size 64 --device cpu
+    python tools/bench_train.py --rec data/synthetic --loader recordio --workers 8
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from backbones import get_model  # noqa: E402
+from losses import ShardedClassifier  # noqa: E402
+from utils.training import train_step  # noqa: E402
+
+# Dense bf16 tensor-core peaks (FLOP/s) used for MFU; fp32 runs are still reported against bf16 peak.
+PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device, override: float | None):
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_image(model, image_size: int, device) -> float:
+    """Forward FLOPs of one image, counted by torch's FlopCounterMode (x3 for forward + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(2, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def synthetic_batches(args, device, num_classes):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                           generator=g).to(device)
+    labels = torch.randint(0, num_classes, (args.batch_size,), generator=g).to(device)
+    while True:
+        yield images, labels
+
+
+def recordio_batches(args):
+    from torch.utils.data import DataLoader
+
+    from utils.data import open_dataset
+
+    ds = open_dataset(args.rec)
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers else None)
+    while True:
+        for images, labels, _ in loader:
+            yield images, labels
+
+
+def plain_step(backbone, head, optimizer, images, labels, device):
+    """The paper repository's step: host-side scaling, fp32, NCHW, backbone-only grad clip."""
+    x = images.float().sub_(127.5).div_(127.5)
+    flip = torch.rand(x.shape[0]) < 0.5
+    x[flip] = x[flip].flip(-1)
+    x, labels = x.to(device), labels.to(device)
+    loss, _ = head(backbone(x), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+    optimizer.step()
+    return loss
+
+
+def bench(args, loop: str) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    backbone = get_model(args.network, num_features=args.embedding_size, input_size=args.image_size).to(device)
+    head = ShardedClassifier(args.loss, args.embedding_size, args.num_classes).to(device)
+    optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=0.01,
+                                momentum=0.9, weight_decay=5e-4)
+    fpi = flops_per_image(backbone, args.image_size, device)
+    ours = loop == "ours"
+    amp = None
+    if ours and device.type == "cuda":
+        amp = {"auto": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, "bf16": torch.bfloat16,
+               "fp16": torch.float16, "fp32": None}[args.dtype]
+    channels_last = ours and device.type == "cuda"
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    model = torch.compile(backbone) if ours and args.compile else backbone
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
+    batches = recordio_batches(args) if args.loader == "recordio" else \
+        synthetic_batches(args, device if ours else torch.device("cpu"), args.num_classes)
+    clip = list(backbone.parameters())
+    backbone.train()
+
+    def step():
+        images, labels = next(batches)
+        if ours:
+            return train_step(model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp,
+                              channels_last=channels_last, grad_clip=5.0, clip_params=clip)[0]
+        return plain_step(model, head, optimizer, images, labels, device)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    float(loss.detach())  # waits for the device
+    seconds = time.perf_counter() - t0
+    ips = args.steps * args.batch_size / seconds
+    peak = peak_flops(device, args.peak_tflops)
+    return {"loop": loop, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "images_per_s": ips, "gflops_per_image": fpi / 1e9,
+            "mfu": (3 * fpi * ips / peak) if peak else None,
+            "dtype": str(amp).replace("torch.", "") if amp else "fp32", "compile": bool(ours and args.compile)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--network", default="iresnet50")
+    p.add_argument("--loss", default="CosFace")
+    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--num-classes", type=int, default=10572, help="head classes (CASIA-WebFace: 10572)")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (ours)")
+    p.add_argument("--loader", default="synthetic", choices=["synthetic", "recordio"])
+    p.add_argument("--rec", default=None, help="RecordIO folder for --loader recordio")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--loops", default="plain,ours", help="which loops to time: plain, ours")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs' bf16 peak)")
+    args = p.parse_args(argv)
+    if args.loader == "recordio" and not args.rec:
+        p.error("--loader recordio needs --rec DIR")
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"{args.network} + {args.loss}, batch {args.batch_size}, {args.image_size}px, {args.num_classes} classes, "
+          f"{args.loader} input, {args.steps} timed steps")
+    print(f"{'loop':<6} {'device':<24} {'dtype':<9} {'compile':<8} {'images/s':>10} {'GFLOP/img':>10} {'MFU':>7}")
+    for loop in args.loops.split(","):
+        r = bench(args, loop)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['loop']:<6} {r['device']:<24} {r['dtype']:<9} {str(r['compile']):<8} {r['images_per_s']:>10.1f} "
+              f"{r['gflops_per_image']:>10.2f} {mfu:>7}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
