@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from backbones import get_model  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
 from utils.training import train_step  # noqa: E402
+from utils.transforms import normalize_batch  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; fp32 runs are still reported against bf16 peak.
 PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12}
@@ -96,7 +97,7 @@ def bench(args, loop: str) -> dict:
     optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=0.01,
                                 momentum=0.9, weight_decay=5e-4)
     fpi = flops_per_image(backbone, args.image_size, device)
-    ours = loop == "ours"
+    ours = loop in ("ours", "score")
     amp = None
     if ours and device.type == "cuda":
         amp = {"auto": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, "bf16": torch.bfloat16,
@@ -111,13 +112,30 @@ def bench(args, loop: str) -> dict:
     clip = list(backbone.parameters())
     backbone.train()
 
-    def step():
+    if loop == "score":  # eval_trainset.py's inner loop: forward + head.score under no_grad
+        backbone.eval()
+
+        @torch.no_grad()
+        def step():
+            images, labels = next(batches)
+            x = normalize_batch(images.to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                emb = model(x)
+            return head.score(emb.float(), labels.to(device))["gt_prob"]
+
+    def train_or_score():
+        if loop == "score":
+            return step()
         images, labels = next(batches)
         if ours:
             return train_step(model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp,
                               channels_last=channels_last, grad_clip=5.0, clip_params=clip)[0]
         return plain_step(model, head, optimizer, images, labels, device)
 
+    if loop != "score":
+        step = train_or_score
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -125,13 +143,13 @@ def bench(args, loop: str) -> dict:
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    float(loss.detach())  # waits for the device
+    loss.detach().sum().item()  # waits for the device
     seconds = time.perf_counter() - t0
     ips = args.steps * args.batch_size / seconds
     peak = peak_flops(device, args.peak_tflops)
     return {"loop": loop, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "images_per_s": ips, "gflops_per_image": fpi / 1e9,
-            "mfu": (3 * fpi * ips / peak) if peak else None,
+            "mfu": ((1 if loop == "score" else 3) * fpi * ips / peak) if peak else None,
             "dtype": str(amp).replace("torch.", "") if amp else "fp32", "compile": bool(ours and args.compile)}
 
 
@@ -150,7 +168,8 @@ def main(argv=None):
     p.add_argument("--loader", default="synthetic", choices=["synthetic", "recordio"])
     p.add_argument("--rec", default=None, help="RecordIO folder for --loader recordio")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--loops", default="plain,ours", help="which loops to time: plain, ours")
+    p.add_argument("--loops", default="plain,ours,score",
+                   help="which loops to time: plain, ours (training steps), score (eval_trainset inference)")
     p.add_argument("--device", default="auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs' bf16 peak)")
     args = p.parse_args(argv)

@@ -46,6 +46,10 @@ class Fingerprint:
 
 
 # ---------------------------------------------------------------------------------------- atomic I/O
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=".tmp"):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
@@ -58,6 +62,7 @@ def atomic_path(path, suffix=".tmp"):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -56,8 +56,8 @@ PROFILES = {
     "cpu": Profile(
         "the default: 2 CPU cores, under 10 minutes",
         data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
-        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=8, lr_steps=[5, 7], lr=0.4,
-                   num_workers=1, record_topk=10, window=4, frequent=20)),
+        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
+                   num_workers=0, record_topk=10, window=4, frequent=20)),
     # One GPU: the paper's backbone at 112x112 on a larger synthetic set (or the real data with --rec).
     "gpu": Profile(
         "one GPU: iresnet50 at 112x112",

@@ -81,7 +81,10 @@ def _excluded_mask(excluded, n: int) -> np.ndarray | None:
 
 
 def _check_fraction(fraction, name: str = "fraction") -> float:
-    f = float(fraction)
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], found {fraction!r}") from None
     if not 0.0 < f <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in (0, 1], found {fraction}")
     return f
@@ -121,7 +124,7 @@ def _dense_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(identities ascending, dense label 0..K-1 of each sample) for int64 labels >= 0."""
     n = labels.size
     lmax = int(labels.max())
-    if lmax < 4 * n + (1 << 20):  # a lookup table beats a sort when labels are not too sparse
+    if lmax <= 2 * n + (1 << 20):  # a lookup table beats a sort when labels are not too sparse
         present = np.zeros(lmax + 1, dtype=bool)
         present[labels] = True
         identities = np.flatnonzero(present)
@@ -134,16 +137,24 @@ def _dense_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _stable_order(values: np.ndarray) -> np.ndarray:
     """Indices sorting ``values`` ascending (NaN last), with equal values in index order.
 
-    It runs one fast unstable argsort, then one sort of packed integer keys that puts the runs of
-    equal values back into index order. That is quicker than ``kind='stable'`` on millions of floats.
+    Fast path: float values that are exact in float32 (scores saved as float32 are), and integers
+    that fit in 32 bits, map to order-preserving 32-bit keys. A key packed with the index is unique,
+    so one plain (SIMD) value sort gives the stable order. Any other float64 input runs a general
+    argsort, then sorts packed (run of equal values, index) keys to put ties back into index order.
     """
     n = values.size
+    key32 = _sortable_u32(values) if n < 2 ** 32 else None
+    if key32 is not None:
+        key = (key32.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+        key.sort()
+        return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
     o = np.argsort(values)
     sv = values[o]
     same = sv[1:] == sv[:-1]
-    nan = np.isnan(sv)
-    if nan.any():
-        same |= nan[1:] & nan[:-1]
+    if sv.dtype.kind == "f":
+        nan = np.isnan(sv)
+        if nan.any():
+            same |= nan[1:] & nan[:-1]
     if not same.any():
         return o
     run = np.zeros(n, dtype=np.int64)
@@ -151,6 +162,23 @@ def _stable_order(values: np.ndarray) -> np.ndarray:
     key = run * n + o
     key.sort()
     return key % n
+
+
+def _sortable_u32(values: np.ndarray) -> np.ndarray | None:
+    """uint32 keys with the order of ``values`` (NaN last, -0.0 == 0.0), or None if 32 bits cannot hold them."""
+    if values.dtype.kind in "iu":
+        if values.size and (values.min() < -2 ** 31 or values.max() >= 2 ** 31):
+            return None
+        return (values.astype(np.int64) + 2 ** 31).astype(np.uint32)
+    f = values.astype(np.float32)
+    nan = np.isnan(values)
+    if not ((f == values) | nan).all():
+        return None
+    f += np.float32(0.0)  # -0.0 -> +0.0
+    f[nan] = np.float32(np.nan)  # one NaN pattern, positive: above +inf
+    bits = f.view(np.uint32)
+    # IEEE order as unsigned integers: flip every bit of negatives, set the sign bit of positives
+    return np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
 
 
 def _group_order(dense: np.ndarray, o: np.ndarray) -> np.ndarray:
@@ -262,7 +290,8 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
     min_k = _check_min(min_samples_per_id)
     mask = _excluded_mask(excluded, n)
     sel = None if mask is None else np.flatnonzero(~mask)
-    sc = scores.astype(np.float64)
+    # Integer scores (Rand's random order) stay integers: exact, and the fast 32-bit sort path applies.
+    sc = scores.astype(np.int64) if scores.dtype.kind in "iub" else scores.astype(np.float64)
     lab = labels
     if sel is not None:
         if sel.size == 0:
@@ -286,11 +315,11 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
 
 def random_keep(labels, fraction, min_samples_per_id=5, seed=0, excluded=None) -> np.ndarray:
     """Rand: per identity, the same number of samples as ``keep_top_per_identity`` keeps, drawn uniformly at
-    random. One uniform score is drawn per sample (all N, so excluding samples does not shift the draw) from
-    ``np.random.default_rng(seed)``, and the highest ones are kept. (The paper repository keeps the last
+    random. ``np.random.default_rng(seed)`` draws one random order of all N samples (excluding samples
+    does not change it), and the first ones of each identity in that order are kept. (The paper repository keeps the last
     samples of every identity instead. That is a defect, and this function does not copy it.)"""
     labels = _int_labels(labels)
-    scores = np.random.default_rng(seed).random(labels.size)
+    scores = np.random.default_rng(seed).permutation(labels.size)  # a uniformly random order of all N samples
     return keep_top_per_identity(scores, labels, fraction, min_samples_per_id, excluded=excluded)
 
 
@@ -679,17 +708,26 @@ def diffprob_threshold_for_fraction(prob, labels, keep_fraction, min_samples_per
 
     The fraction is of all N samples, excluded ones included. So ``0.5`` with cleaning keeps half of the
     original dataset, and cleaned and uncleaned selections are then of equal size (the paper's columns).
-    When two thresholds tie, the smaller threshold (larger selection) wins.
+    When two thresholds keep counts equally close to the target, the smaller threshold (the larger
+    selection) wins.
 
-    The kept count K(t) is piecewise constant in t and falls overall. It is not monotone in detail: an
-    identity that needs relaxation lands in rounds 0.01 * t apart, so its count can jump back up as t
-    grows. The search first estimates t by bisection on a random ~200k-sample subset of the identities.
-    It then brackets the full data around that estimate and bisects down to adjacent floats (or an exact
-    hit). Each step re-evaluates only the identities whose result can differ inside the bracket, which
-    is exact for the thresholds it visits. The result is the closer of the two sides of the crossing of
-    K(t) with the target, searched over ``[0, max probability range of an identity]``. At
-    ``t = 0`` the largest selection is reached. At the top of that range every identity keeps one sample
-    in round 0, and relaxation brings it to at least MIN.
+    Range. The search covers ``[0, R]``, where R is the largest probability range (max - min) of an
+    identity with more than MIN samples. At t = 0 the selection is largest. At ``t >= R`` every such
+    identity keeps one sample in round 0 and relaxes to at least MIN. Above R the relaxation makes
+    K(t) climb back: for a huge t the rounds only end at a negative threshold, and that round keeps
+    everything. So thresholds above R never serve a request.
+
+    Method. The kept count K(t) is piecewise constant and falls overall. Without relaxation (MIN <= 1)
+    it is monotone. With relaxation, an identity lands in rounds 0.01 * t apart, so its count can jump
+    back up as t grows. First, t is estimated by bisection on random subsets of the identities (about
+    20k, then 200k samples). Then the full data is bracketed around that estimate, and bisection runs
+    down to adjacent floats or an exact hit. Each step re-evaluates only the identities whose result
+    can still change inside the bracket: those with different counts or different relaxation rounds at
+    its two ends. That is exact for every threshold visited. The answer is the closer side of the
+    crossing of K(t) with the target. It is the global optimum whenever K is monotone, which the tests
+    check by brute force. A target below K(R), about MIN per identity, falls where K is not monotone.
+    There a geometric grid over the range looks for the first crossing, or else for the smallest
+    selection (best effort: a few isolated thresholds may keep slightly fewer).
     """
     keep_fraction = _check_fraction(keep_fraction, "keep_fraction")
     min_k = _check_min(min_samples_per_id)

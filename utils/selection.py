@@ -82,6 +82,14 @@ def run_diffprob(cfg: Config, ctx=None) -> dict:
     kept = pruning.diffprob(prob, labels, threshold, cfg.min_samples_per_id, excluded=excluded)
     info = {"threshold": threshold, "requested_fraction": None if cfg.threshold is not None else cfg.fraction,
             "seconds": time.time() - t0}
+    achieved = len(kept) / len(labels)
+    if cfg.threshold is None and abs(achieved - cfg.fraction) > 0.02:
+        # DiffProb's relaxation keeps at least min_samples_per_id per identity and, when an identity's
+        # probabilities are bunched (a model that has not fitted its training data), nearly all of them.
+        log.warning("DiffProb cannot keep %.3f of these images: the closest is %.3f. The scores leave no room "
+                    "(under-fitted original model, or min_samples_per_id=%d is large for these identities)",
+                    cfg.fraction, achieved, cfg.min_samples_per_id)
+        print(f"warning: asked for {cfg.fraction:.3f}, the closest DiffProb selection keeps {achieved:.3f}")
     print(f"{method}: threshold {threshold:.6g} keeps {len(kept) / len(labels):.4f} of the images"
           + ("" if cfg.threshold is not None else f" (asked {cfg.fraction:.4f})"))
     return write_selection(cfg, method, kept, labels, fp, inputs, prob, "p(label) with margin", info)

@@ -672,7 +672,7 @@ def paint_scale(image_size: int) -> float:
     return 1.5 * image_size / 112.0
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16)  # jobs are grouped by identity (see generate_dataset); a painting is ~1 MB at 112 px
 def identity_render(cfg: SyntheticConfig, uid: int):
     """(FaceParams, painted RGBA, scale) of identity `uid`, cached per process."""
     p = sample_identity(cfg, uid)
@@ -920,20 +920,16 @@ def _write_lines(path, lines):
         f.write("".join(line + "\n" for line in lines))
 
 
-def _write_training_set(out, cfg, plan, results):
-    """train.rec/.idx/property in the InsightFace layout from the JPEGs in `results` (sample order)."""
+def _write_training_set(out, cfg, plan, jpegs):
+    """train.rec/.idx/property in the InsightFace layout from the iterable `jpegs` (sample order)."""
     n = plan.num_images
     first_id_key = n + 1
     ends = np.cumsum(plan.counts) + 1
     ranges = np.stack([ends - plan.counts, ends], 1)
     with recordio.MXIndexedRecordIO(os.path.join(out, "train.idx"), os.path.join(out, "train.rec"), "w") as rec:
         rec.write_idx(0, recordio.pack(recordio.IRHeader(2, [first_id_key, first_id_key + cfg.num_ids], 0, 0), b""))
-        key = 1
-        for jpegs in results:
-            for jpeg in jpegs:
-                header = recordio.IRHeader(0, float(plan.labels[key - 1]), key, 0)
-                rec.write_idx(key, recordio.pack(header, jpeg))
-                key += 1
+        for key, jpeg in enumerate(jpegs, start=1):
+            rec.write_idx(key, recordio.pack(recordio.IRHeader(0, float(plan.labels[key - 1]), key, 0), jpeg))
         for label, (start, end) in enumerate(ranges):
             rec.write_idx(first_id_key + label, recordio.pack(recordio.IRHeader(2, [start, end], 0, 0), b""))
     with open(os.path.join(out, "property"), "w") as f:
@@ -1026,6 +1022,74 @@ def _move_into_place(tmp: str, out: str):
         shutil.rmtree(old)
 
 
+def _job_groups(cfg, plan, pair_plans, ijb) -> dict:
+    """Rendering jobs by the file they end in: {group: [(function, (cfg, indices, ...)), ...]}.
+
+    A job holds a few dozen images grouped by the identity they show, so that a worker paints an
+    identity about once. The noisy training images (rendered from an identity other than their
+    label) form their own group, sorted by that identity; the clean ones go in sample order.
+    """
+    noisy = np.r_[plan.flipped, plan.open_set]
+    noisy = noisy[np.argsort(plan.source_uid[noisy], kind="stable")]
+    is_clean = np.ones(plan.num_images, bool)
+    is_clean[noisy] = False
+
+    def train_job(idx):
+        return _render_training, (cfg, idx, plan.source_uid[idx], plan.dup_source[idx])
+
+    groups = {"train_noisy": [train_job(noisy[s:e]) for s, e in _chunks(noisy.size, 64)],
+              "train": [train_job(np.arange(s, e)[is_clean[s:e]]) for s, e in _identity_chunks(plan.counts, 64)]}
+    for b, (uids, _) in enumerate(pair_plans):
+        name = VERIFICATION_BINS[b]
+        by_uid = np.argsort(uids, kind="stable")
+        groups[name] = [(_render_pairs, (cfg, by_uid[s:e], uids[by_uid[s:e]], b, BIN_PROFILES[name]))
+                        for s, e in _chunks(uids.size, 64)]
+    if ijb is not None:  # templates, hence images, are already grouped by subject
+        numbers = np.arange(1, ijb.uid.size + 1)
+        groups["ijb"] = [(_render_ijb, (cfg, numbers[s:e], ijb.uid[s:e], ijb.media[s:e], ijb.frame[s:e]))
+                         for s, e in _chunks(ijb.uid.size, 16)]
+    return groups
+
+
+def _in_sample_order(noisy, clean, num_images):
+    """Every training JPEG in sample order from (indices, JPEGs) batches: all of `noisy` (held in
+    memory), then `clean` in increasing index order, the noisy ones slotted into their places."""
+    waiting = {int(i): jpeg for idx, batch in noisy for i, jpeg in zip(idx, batch)}
+    following = 0  # the sample index the record file needs next
+    for idx, batch in clean:
+        for i, jpeg in zip(idx.tolist(), batch):
+            while following < i:
+                yield waiting.pop(following)
+                following += 1
+            yield jpeg
+            following = i + 1
+    while following < num_images:
+        yield waiting.pop(following)
+        following += 1
+
+
+def _description(cfg, plan, bins, ijb_summary) -> dict:
+    """The content of dataset.json."""
+    dup = np.flatnonzero(plan.dup_source >= 0)
+    return {
+        "generator": "utils/synthetic.py",
+        "config": dataclasses.asdict(cfg),
+        "num_images": plan.num_images,
+        "num_classes": cfg.num_ids,
+        "image_size": [cfg.image_size, cfg.image_size],
+        "identity_counts": plan.counts.tolist(),
+        "near_duplicates": {"index": dup.tolist(), "original": plan.dup_source[dup].tolist()},
+        "held_out_uids": {
+            "verification": [cfg.val_uid0, cfg.val_uid0 + cfg.num_val_ids],
+            "ijb": [cfg.ijb_uid0, cfg.ijb_uid0 + cfg.ijb_ids],
+            "open_set": [cfg.open_uid0, cfg.open_uid0 + cfg.num_open_ids],
+        },
+        "verification": bins,
+        "ijb": ijb_summary,
+        "profiles": {k: dataclasses.asdict(v) for k, v in PROFILES.items()},
+    }
+
+
 def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite: bool = False,
                      progress: bool = True) -> dict:
     """Write the synthetic dataset folder `out_dir` (atomically: all of it or nothing); returns a summary.
@@ -1038,80 +1102,56 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
     # Imported here: they pull in torch, which a refused or invalid command line need not wait for.
     from tqdm import tqdm
     from utils.verification import save_bin
+    pool = None
     try:
         plan = plan_training_set(cfg)
         pair_plans = [plan_pairs(cfg, b) for b in range(len(VERIFICATION_BINS))] if cfg.val_pairs else []
         ijb = plan_ijb(cfg) if cfg.ijb_templates else None
-        # Jobs of a few dozen images, grouped by the file they end in; every job's second argument
-        # lists its images, so its size is known before it runs.
-        groups = {"train": [(_render_training, (cfg, np.arange(s, e), plan.source_uid[s:e], plan.dup_source[s:e]))
-                            for s, e in _identity_chunks(plan.counts, 64)]}
-        for b, (uids, _) in enumerate(pair_plans):
-            name = VERIFICATION_BINS[b]
-            groups[name] = [(_render_pairs, (cfg, np.arange(s, e), uids[s:e], b, BIN_PROFILES[name]))
-                            for s, e in _chunks(uids.size, 64)]
-        if ijb is not None:
-            numbers = np.arange(1, ijb.uid.size + 1)
-            groups["ijb"] = [(_render_ijb, (cfg, numbers[s:e], ijb.uid[s:e], ijb.media[s:e], ijb.frame[s:e]))
-                             for s, e in _chunks(ijb.uid.size, 16)]
+        groups = _job_groups(cfg, plan, pair_plans, ijb)
         jobs = [job for group in groups.values() for job in group]
+        if workers > 1:
+            import multiprocessing
+            # spawn, not fork: a forked child inherits OpenCV's (and torch's) thread pools in whatever
+            # state the parent left them, and can hang on its first cv2 call.
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        results = pool.imap(_run_job, jobs) if pool else map(_run_job, jobs)  # in job order
+        bar = tqdm(total=sum(len(args[1]) for _, args in jobs), unit="img", disable=not progress, desc="synthetic")
 
-        with tqdm(total=sum(len(args[1]) for _, args in jobs), unit="img", disable=not progress,
-                  desc="synthetic") as bar:
-            pool = None
-            if workers > 1:
-                import multiprocessing
-                pool = multiprocessing.get_context().Pool(workers, initializer=_worker_init)
-            try:
-                results = pool.imap(_run_job, jobs) if pool else map(_run_job, jobs)
+        def rendered(group):
+            """(indices, JPEGs or IJB tuples) of `group`'s jobs; groups must be consumed in `groups` order."""
+            for _, args in groups.get(group, ()):
+                batch = next(results)
+                bar.update(len(batch))
+                yield args[1], batch
 
-                def rendered(group):
-                    """The results of `group`'s jobs, in order (results arrive in job order)."""
-                    for _ in groups.get(group, ()):
-                        batch = next(results)
-                        bar.update(len(batch))
-                        yield batch
+        _write_training_set(tmp, cfg, plan, _in_sample_order(rendered("train_noisy"), rendered("train"),
+                                                             plan.num_images))
+        bins = {}
+        for b, (uids, issame) in enumerate(pair_plans):
+            name = VERIFICATION_BINS[b]
+            images = [b""] * uids.size
+            for idx, batch in rendered(name):
+                for i, jpeg in zip(idx.tolist(), batch):
+                    images[i] = jpeg
+            save_bin(os.path.join(tmp, f"{name}.bin"), images, issame)
+            bins[name] = {"profile": BIN_PROFILES[name], "pairs": int(issame.size), "genuine": int(issame.sum())}
+        ijb_summary = _write_ijb(tmp, cfg, ijb, (batch for _, batch in rendered("ijb"))) if ijb is not None else None
+        bar.close()
 
-                _write_training_set(tmp, cfg, plan, rendered("train"))
-                bins = {}
-                for b, (uids, issame) in enumerate(pair_plans):
-                    name = VERIFICATION_BINS[b]
-                    save_bin(os.path.join(tmp, f"{name}.bin"), [j for batch in rendered(name) for j in batch], issame)
-                    bins[name] = {"profile": BIN_PROFILES[name], "pairs": int(issame.size), "genuine": int(issame.sum())}
-                ijb_summary = _write_ijb(tmp, cfg, ijb, rendered("ijb")) if ijb is not None else None
-            finally:
-                if pool:
-                    pool.terminate()
-                    pool.join()
-
-        noise = _noise_record(cfg, plan)
-        _write_json(os.path.join(tmp, "noise.json"), noise)
-        dup = np.flatnonzero(plan.dup_source >= 0)
-        description = {
-            "generator": "utils/synthetic.py",
-            "config": dataclasses.asdict(cfg),
-            "num_images": plan.num_images,
-            "num_classes": cfg.num_ids,
-            "image_size": [cfg.image_size, cfg.image_size],
-            "identity_counts": plan.counts.tolist(),
-            "near_duplicates": {"index": dup.tolist(), "original": plan.dup_source[dup].tolist()},
-            "held_out_uids": {
-                "verification": [cfg.val_uid0, cfg.val_uid0 + cfg.num_val_ids],
-                "ijb": [cfg.ijb_uid0, cfg.ijb_uid0 + cfg.ijb_ids],
-                "open_set": [cfg.open_uid0, cfg.open_uid0 + cfg.num_open_ids],
-            },
-            "verification": bins,
-            "ijb": ijb_summary,
-            "profiles": {k: dataclasses.asdict(v) for k, v in PROFILES.items()},
-        }
-        _write_json(os.path.join(tmp, "dataset.json"), description)
+        _write_json(os.path.join(tmp, "noise.json"), _noise_record(cfg, plan))
+        _write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, bins, ijb_summary))
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
     return {
         "out": os.path.abspath(out_dir), "images": plan.num_images, "identities": cfg.num_ids,
-        "flipped": int(plan.flipped.size), "open_set": int(plan.open_set.size), "near_duplicates": int(dup.size),
+        "flipped": int(plan.flipped.size), "open_set": int(plan.open_set.size),
+        "near_duplicates": int((plan.dup_source >= 0).sum()),
         "verification_pairs": {k: v["pairs"] for k, v in bins.items()},
         "ijb_images": ijb_summary["images"] if ijb_summary else 0, "seconds": round(time.time() - t0, 2),
     }
