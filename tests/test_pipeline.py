@@ -50,3 +50,24 @@ def test_results_follow_the_contract(pipeline):
     assert "| method | kept |" in (out / "results.md").read_text()
     assert "| DiffProb |" in second  # the table is printed
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluation_commands_on_the_trained_models(pipeline, tmp_path):
+    out, _, _ = pipeline
+    rec, runs = out / "data", out / "runs"
+    full = next(runs.glob("original_*"))
+    pruned = next((runs / "retrain").glob("diffprob_0.50_*"))
+    keys = ["--rec", rec, "--output", runs, "--network", "smallnet", "--embedding_size", "64", "--num_workers", "0"]
+    r = run_script("eval_verification.py", *keys, "--models", f"full={full},diffprob={pruned}", "--out", tmp_path)
+    res = json.loads((tmp_path / "verification.json").read_text())
+    assert set(res) == {"full", "diffprob"}
+    assert 0.5 < res["full"]["targets"]["syn_frontal"]["accuracy_mean"] <= 1.0
+    assert "syn_pose" in r.stdout and "mean" in r.stdout
+    r = run_script("eval_ijbc.py", *keys, "--models", f"full={full},diffprob={pruned}", "--out", tmp_path)
+    ijb = json.loads((tmp_path / "ijb_results.json").read_text())
+    assert set(ijb["models"]) == {"full", "diffprob"}
+    assert 0 <= ijb["models"]["full"]["1:1"]["TAR@FAR=1e-2"] <= 1
+    assert (tmp_path / "ijbc_roc.png").exists() and (tmp_path / "ijbc_tar_far.csv").exists()
+    assert "TAR" in r.stdout
+    r = run_script("eval_ijbc.py", *keys, "--ijb_root", tmp_path / "nowhere", check=False)
+    assert r.returncode == 1 and "IJB release folder" in r.stderr

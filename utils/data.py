@@ -77,7 +77,8 @@ class RecordDataset(FaceDataset):
         self.rec_dir = Path(rec_dir)
         for name in ("train.rec", "train.idx"):
             if not (self.rec_dir / name).exists():
-                hint = " (rebuild it with: python tools/rebuild_idx.py --rec DIR)" if name == "train.idx" else ""
+                hint = f" (rebuild it from train.rec: python -m utils.recordio rebuild-index {self.rec_dir})" \
+                    if name == "train.idx" else ""
                 raise ArtifactError(f"{self.rec_dir / name} not found{hint}")
         self.layout = layout if layout is not None else read_layout(self.rec_dir)
         fp = dataset_fingerprint(self.rec_dir, self.layout)

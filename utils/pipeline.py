@@ -224,7 +224,8 @@ class Pipeline:
                 "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
                 "train_seconds": summary["train_seconds"],
                 "model_dir": str(model_dir)})
-        dataset = {"rec": str(self.rec), "synthetic": self.synthetic, "num_images": fp.num_images,
+        dataset = {"name": "synthetic faces" if self.synthetic else self.rec.name, "rec": str(self.rec),
+                   "synthetic": self.synthetic, "num_images": fp.num_images,
                    "num_classes": fp.num_classes, "profile": self.profile.description}
         if self.synthetic and (self.rec / "dataset.json").exists():
             dataset["generator"] = json.loads((self.rec / "dataset.json").read_text()).get("args")
@@ -321,7 +322,9 @@ def plot_results(results: dict, path: Path):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Pruning on {Path(results['dataset']['rec']).name}: accuracy against kept fraction")
+    ds = results["dataset"]
+    fig.suptitle(f"Pruning {ds.get('name', Path(ds['rec']).name)} ({ds['num_images']} images, "
+                 f"{ds['num_classes']} identities): accuracy against kept fraction")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -328,11 +328,25 @@ class ProgressLog:
         self.bar = tqdm(total=self.total, initial=run.global_step, disable=not run.ctx.is_main,
                         desc="train", unit="step", mininterval=2, dynamic_ncols=True)
         self.metrics = run.out / "metrics.jsonl"
+        self.tb = None
+        if run.ctx.is_main:
+            try:  # TensorBoard when it is installed; the JSONL file always
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run.out / "tensorboard"))
+            except ImportError:
+                pass
 
     def write(self, record: dict):
         if self.run.ctx.is_main:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                step = record.get("step", 0)
+                for k, v in record.items():
+                    if isinstance(v, float) and k not in ("step", "epoch"):
+                        self.tb.add_scalar(f"{record['type']}/{k}", v, step)
+                self.tb.flush()
 
     def __call__(self, run: Run, epoch: int, step: int, loss):
         self.bar.update(1)
