@@ -6,6 +6,7 @@ A kept-index list selects samples; a label map renumbers the identities that sur
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -53,6 +54,12 @@ class FaceDataset(Dataset):
 
     def __len__(self):
         return len(self.sample_index)
+
+    def select(self, kept_index=None, label_map=None) -> "FaceDataset":
+        """The same images restricted to a kept list and renumbered by a label map (no re-listing)."""
+        new = copy.copy(self)
+        FaceDataset.__init__(new, self.all_labels, self.source_num_classes, self.fingerprint, kept_index, label_map)
+        return new
 
     def load_image(self, sample_index: int) -> np.ndarray:
         raise NotImplementedError

@@ -112,7 +112,7 @@ def prepare_run(cfg: Config, ctx: Context) -> Run:
     out = paths.train_dir(cfg)
     probe = open_dataset(cfg.rec)  # full dataset: labels and fingerprint, no image decoded
     kept, label_map, inputs = load_selection(cfg, probe.fingerprint, probe.all_labels)
-    dataset = open_dataset(cfg.rec, kept, label_map) if kept is not None else probe
+    dataset = probe.select(kept, label_map) if kept is not None else probe
     if dataset.labels.size and int(dataset.labels.max()) >= dataset.num_classes:
         raise ArtifactError(f"label {int(dataset.labels.max())} is outside the head's {dataset.num_classes} classes")
     global_batch = cfg.batch_size * ctx.world_size
