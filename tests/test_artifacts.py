@@ -97,3 +97,10 @@ def test_is_complete(tmp_path):
     assert not A.is_complete(path, FP)
     A.save_array(path, np.zeros(100), "x", FP)
     assert A.is_complete(path, FP) and not A.is_complete(path, OTHER)
+
+
+def test_atomic_outputs_get_the_usual_file_mode(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    A.atomic_write_text(tmp_path / "x.txt", "hi")
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -27,7 +27,6 @@ import numbers
 import os
 import struct
 import sys
-import tempfile
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+
+from utils.artifacts import atomic_write_text
 
 __all__ = [
     "MAGIC", "IRHeader", "RecordIOError", "RecordLayout", "MXRecordIO", "MXIndexedRecordIO",
@@ -241,21 +242,6 @@ def unpack_img(record, *, where: Optional[str] = None) -> Tuple[IRHeader, np.nda
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-def _atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def _missing_index_message(idx_path, rec_path) -> str:
     return (f"index file {os.fspath(idx_path)!r} is missing; rebuild it from {os.fspath(rec_path)!r} with "
@@ -479,7 +465,7 @@ class MXIndexedRecordIO(MXRecordIO):
 
     def close(self) -> None:
         if self.is_open and self.writable and self._pid == os.getpid():
-            _atomic_write_text(self.idx_path, "".join(f"{k}\t{self.idx[k]}\n" for k in self.keys))
+            atomic_write_text(self.idx_path, "".join(f"{k}\t{self.idx[k]}\n" for k in self.keys))
         super().close()
 
     def _offset(self, key) -> int:
@@ -567,7 +553,7 @@ def rebuild_index(rec_path, idx_path=None) -> int:
     rec_path = Path(rec_path)
     idx_path = Path(idx_path) if idx_path is not None else rec_path.with_suffix(".idx")
     offsets = _scan_record_offsets(rec_path)
-    _atomic_write_text(idx_path, "".join(f"{k}\t{o}\n" for k, o in enumerate(offsets.tolist())))
+    atomic_write_text(idx_path, "".join(f"{k}\t{o}\n" for k, o in enumerate(offsets.tolist())))
     return int(offsets.size)
 
 

@@ -104,7 +104,7 @@ def score_dataset(cfg: Config, ctx: Context, backbone, head, dataset) -> dict:
             emb = backbone(images)
         out = head.score(emb.float(), labels)
         for k in SCORE_KEYS:
-            parts[k].append(out[k].cpu())
+            parts[k].append(out[k])  # stays on the device: a .cpu() per batch would sync every batch
         index.append(sample_index)
         n += images.shape[0]
     seconds = time.time() - t0

@@ -1006,12 +1006,6 @@ def _prepare_out_dir(out: str, overwrite: bool) -> str:
 
 
 def _move_into_place(tmp: str, out: str):
-    # Some writers create files with mkstemp (mode 0600); give every file the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, _, files in os.walk(tmp):
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
     out = os.path.abspath(out)
     old = None
     if os.path.exists(out):
