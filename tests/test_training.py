@@ -141,3 +141,31 @@ def test_bad_inputs_fail_before_work(tiny, tmp_path):
     assert r.returncode == 1 and "missing kept list" in r.stderr
     r = run_script("eval_trainset.py", *base, check=False)
     assert r.returncode == 1 and "train the original model first" in r.stderr
+
+
+def test_scoring_all_epochs_and_paper_format_weights(tiny, tmp_path):
+    """use_all_epochs averages the per-epoch scores; a plain backbone.pth + the paper's `kernel` head
+    (in_features x classes) scores exactly like this toolkit's checkpoint."""
+    args = ["--rec", tiny, "--output", tmp_path, *TINY_TRAIN, "--num_epoch", "2", "--lr_steps", "1",
+            "--record_topk", "0"]
+    run_script("train_everything.py", *args)
+    per_epoch = []
+    for e in ("1", "2"):
+        run_script("eval_trainset.py", *args, "--eval_epoch", e)
+        per_epoch.append(dict(np.load(paths.scores_path(parse_config([str(a) for a in args + ["--eval_epoch", e]])))))
+    run_script("eval_trainset.py", *args, "--use_all_epochs", "true")
+    avg = dict(np.load(paths.scores_path(parse_config([str(a) for a in args + ["--use_all_epochs", "true"]]))))
+    np.testing.assert_allclose(avg["gt_prob"], (per_epoch[0]["gt_prob"] + per_epoch[1]["gt_prob"]) / 2, rtol=1e-5)
+    assert np.array_equal(avg["pred"], per_epoch[1]["pred"])
+    # the paper's release format: backbone state dict + head with `kernel` of shape (in_features, classes)
+    ckpt = torch.load(paths.original_dir(parse_config([str(a) for a in args])) / "epoch_002.pt", weights_only=False)
+    torch.save(ckpt["backbone"], tmp_path / "backbone.pth")
+    torch.save({"kernel": ckpt["head"]["weight"].t().clone()}, tmp_path / "header.pth")
+    out = tmp_path / "paper"
+    paper_args = ["--rec", tiny, "--output", out, *TINY_TRAIN, "--checkpoint", tmp_path / "backbone.pth",
+                  "--head_checkpoint", tmp_path / "header.pth"]
+    run_script("eval_trainset.py", *paper_args)
+    paper = dict(np.load(paths.scores_path(parse_config([str(a) for a in paper_args]))))
+    np.testing.assert_allclose(paper["gt_prob_with_margin"], per_epoch[1]["gt_prob_with_margin"], rtol=1e-5, atol=1e-7)
+    r = run_script("eval_trainset.py", *paper_args[:-2], check=False)
+    assert r.returncode == 1 and "--head_checkpoint" in r.stderr

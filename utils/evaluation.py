@@ -65,13 +65,16 @@ def _image_size(cfg: Config) -> int:
     return 112
 
 
-def load_model(cfg: Config, ctx: Context, path: Path):
+def load_model(cfg: Config, ctx: Context, path_or_ckpt):
+    """The backbone of a checkpoint (path or loaded dict); plain state dicts are built from the config
+    (--network, --embedding_size, --SE) at the dataset's image size."""
     from utils.checkpoint import build_backbone, load_checkpoint
     from utils.training import model_kwargs
 
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
     kwargs = model_kwargs(cfg, _image_size(cfg))
     kwargs.pop("num_features")
-    return build_backbone(load_checkpoint(path), cfg.network, cfg.embedding_size, **kwargs).to(ctx.device).eval()
+    return build_backbone(ckpt, cfg.network, cfg.embedding_size, **kwargs).to(ctx.device).eval()
 
 
 def _out_dir(cfg: Config, args, models: dict) -> Path:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from config.config import Config
 from utils import paths
 from utils.artifacts import ArtifactError, Fingerprint, save_array
-from utils.checkpoint import build_backbone, load_checkpoint, load_head_state
+from utils.checkpoint import load_checkpoint, load_head_state
 from utils.data import PaddedDistributedSampler, open_dataset
 from utils.runtime import Context, gather_by_index
 from utils.training import build_head, head_kwargs
@@ -58,13 +58,15 @@ def _head_state_from_paper(state: dict) -> dict:
 
 
 def load_scoring_model(cfg: Config, ctx: Context, ckpt_path: Path, fingerprint: Fingerprint, num_classes: int):
+    from utils.evaluation import load_model
+
     ckpt = load_checkpoint(ckpt_path)
     if "fingerprint" in ckpt and Fingerprint.from_dict(ckpt["fingerprint"]) != fingerprint:
         raise ArtifactError(f"{ckpt_path} was trained on another dataset ({Fingerprint.from_dict(ckpt['fingerprint'])}) "
                             f"than {cfg.rec} ({fingerprint})")
     if ckpt.get("label_map"):
         raise ArtifactError(f"{ckpt_path} was trained on a pruned, relabelled subset; score with the original model")
-    backbone = build_backbone(ckpt, cfg.network, cfg.embedding_size).to(ctx.device).eval()
+    backbone = load_model(cfg, ctx, ckpt)
     info, head_state = load_head_state(ckpt) if "head" in ckpt else (None, None)
     if head_state is None:
         if not cfg.head_checkpoint:
