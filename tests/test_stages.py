@@ -95,6 +95,7 @@ def test_dynunc_rand_entropy_stages(setup):
     run_script("coreset_rand.py", *setup["args"], "--seed", "4")
     kept = load_kept_index(paths.kept_index_path(cfg, "rand"), fp)
     assert np.array_equal(kept, pruning.random_keep(labels, 0.5, seed=4))
+    assert (paths.coreset_dir(cfg, "rand") / "plot.png").exists()
     run_script("coreset_entropy.py", *setup["args"])
     assert load_kept_index(paths.kept_index_path(cfg, "entropy"), fp).size > 0
 

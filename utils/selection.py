@@ -44,9 +44,8 @@ def write_selection(cfg: Config, method: str, kept, labels, fingerprint: Fingerp
                            text=cfg.write_text_kept_index)
     save_label_map(out / "label_map.json", label_map, method, fingerprint, cfg, [out / "kept_index.npy"])
     atomic_write_json(out / "summary.json", summary)
-    if scores is not None:
-        plot_selection(out / "plot.png", scores, labels, kept, title=f"{method} ({paths.coreset_tag(cfg, method)})",
-                       score_name=score_name)
+    plot_selection(out / "plot.png", scores, labels, kept, title=f"{method} ({paths.coreset_tag(cfg, method)})",
+                   score_name=score_name)
     log.info("%s: %s -> %s", method, pruning.format_summary(summary), out)
     print(f"{method}: {pruning.format_summary(summary)}")
     return summary

@@ -398,7 +398,8 @@ class VerificationCallback:
             results[vs.name] = res
             best = run.best.get(vs.name, 0.0)
             run.best[vs.name] = max(best, res["accuracy_mean"])
-        log.info("verification at step %d:\n%s", run.global_step, format_table(results))
+        log.info("verification at step %d:\n%s\nbest so far: %s", run.global_step, format_table(results),
+                 ", ".join(f"{k} {100 * v:.3f}" for k, v in run.best.items()))
         return results
 
 
