@@ -82,6 +82,9 @@ class RecordDataset(FaceDataset):
         from utils.recordio import read_layout
 
         self.rec_dir = Path(rec_dir)
+        if not self.rec_dir.is_dir():
+            raise ArtifactError(f"dataset folder {self.rec_dir} not found: pass --rec DIR (an InsightFace RecordIO "
+                                f"folder), or make a synthetic one: python make_synthetic_dataset.py --out {self.rec_dir}")
         for name in ("train.rec", "train.idx"):
             if not (self.rec_dir / name).exists():
                 hint = f" (rebuild it from train.rec: python -m utils.recordio rebuild-index {self.rec_dir})" \
