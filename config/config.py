@@ -63,7 +63,8 @@ class Config:
     head_checkpoint: str = ""  # head state dict to pair with a plain backbone.pth
     score_batch_size: int = 512
     # ---- pruning and cleaning ------------------------------------------------------------------
-    coreset_method: str = "diffprob"  # kept list that retraining uses: full, rand, dynunc, diffprob, diffprob_clean, entropy
+    coreset_method: str = "diffprob"  # what retraining uses: full, rand, dynunc, diffprob, diffprob_clean, entropy,
+    #                                   relabel (every image; cleaning's flagged ones with their suggested label)
     fraction: float = 0.5  # kept fraction (per identity for rand/dynunc/entropy; overall for DiffProb)
     threshold: Optional[float] = None  # DiffProb threshold t (None: searched for `fraction`)
     window: int = 10  # DynUnc window J (epochs)
@@ -91,7 +92,7 @@ CHOICES = {
     "dtype": ("auto", "fp32", "fp16", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "coreset_order": ("descending", "ascending"),
-    "coreset_method": ("full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy"),
+    "coreset_method": ("full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy", "relabel"),
     "ijb_target": ("ijbc", "ijbb"),
     "dataset": tuple(DATASET_PRESETS),
 }

@@ -169,3 +169,25 @@ def test_scoring_all_epochs_and_paper_format_weights(tiny, tmp_path):
     np.testing.assert_allclose(paper["gt_prob_with_margin"], per_epoch[1]["gt_prob_with_margin"], rtol=1e-5, atol=1e-7)
     r = run_script("eval_trainset.py", *paper_args[:-2], check=False)
     assert r.returncode == 1 and "--head_checkpoint" in r.stderr
+
+
+def test_retrain_with_relabelled_samples(tiny, tmp_path):
+    from utils.artifacts import save_array
+    from utils.data import open_dataset
+    from utils.training import prepare_run
+
+    ds = open_dataset(tiny)
+    cfg = _cfg(tiny, tmp_path, "--is_original_train", "false", "--coreset_method", "relabel", "--num_epoch", "1",
+               "--lr_steps", "1")
+    with pytest.raises(Exception, match="clean_trainset.py --relabel true"):
+        prepare_run(cfg, _ctx())
+    flagged = np.array([0, 5, 9])
+    new = (ds.all_labels[flagged] + 1) % ds.num_classes
+    save_array(paths.clean_dir(cfg) / "relabel.npz", {"index": flagged, "label": ds.all_labels[flagged],
+                                                      "suggested_label": new}, "clean_trainset", ds.fingerprint)
+    run = prepare_run(cfg, _ctx())
+    assert len(run.dataset) == ds.num_images and run.dataset.num_classes == ds.num_classes
+    assert np.array_equal(run.dataset.labels[flagged], new)
+    others = np.setdiff1d(np.arange(ds.num_images), flagged)
+    assert np.array_equal(run.dataset.labels[others], ds.all_labels[others])
+    assert paths.train_dir(cfg).name.startswith("relabel_")

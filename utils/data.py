@@ -61,6 +61,16 @@ class FaceDataset(Dataset):
         FaceDataset.__init__(new, self.all_labels, self.source_num_classes, self.fingerprint, kept_index, label_map)
         return new
 
+    def with_labels(self, sample_index, new_labels) -> "FaceDataset":
+        """Every image, with the samples `sample_index` given `new_labels` (relabel instead of remove)."""
+        labels = self.all_labels.copy()
+        labels[np.asarray(sample_index, dtype=np.int64)] = np.asarray(new_labels, dtype=np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= self.source_num_classes):
+            raise ArtifactError(f"suggested labels must be in [0, {self.source_num_classes})")
+        new = copy.copy(self)
+        FaceDataset.__init__(new, labels, self.source_num_classes, self.fingerprint)
+        return new
+
     def load_image(self, sample_index: int) -> np.ndarray:
         raise NotImplementedError
 

@@ -47,8 +47,8 @@ def clean_dir(cfg: Config) -> Path:
 
 def coreset_tag(cfg: Config, method: str = None) -> str:
     method = method or cfg.coreset_method
-    if method == "full":
-        return "full"
+    if method in ("full", "relabel"):
+        return method
     if method in ("diffprob", "diffprob_clean") and cfg.threshold is not None:
         return f"{method}_t{cfg.threshold:g}"
     return f"{method}_{cfg.fraction:.2f}"

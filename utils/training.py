@@ -84,6 +84,18 @@ def load_selection(cfg: Config, fingerprint: Fingerprint, labels: np.ndarray):
     return kept, label_map_for(kept, labels), [kept_path]
 
 
+def relabelled(cfg: Config, dataset):
+    """The full dataset with cleaning's flagged samples moved to their suggested label."""
+    from utils.artifacts import load_array
+
+    path = paths.clean_dir(cfg) / "relabel.npz"
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: run clean_trainset.py --relabel true first")
+    rel = load_array(path, dataset.fingerprint)
+    log.info("relabel: %d flagged samples take their suggested label", len(rel["index"]))
+    return dataset.with_labels(rel["index"], rel["suggested_label"])
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -111,8 +123,11 @@ def prepare_run(cfg: Config, ctx: Context) -> Run:
 
     out = paths.train_dir(cfg)
     probe = open_dataset(cfg.rec)  # full dataset: labels and fingerprint, no image decoded
-    kept, label_map, inputs = load_selection(cfg, probe.fingerprint, probe.all_labels)
-    dataset = probe.select(kept, label_map) if kept is not None else probe
+    if not cfg.is_original_train and cfg.coreset_method == "relabel":
+        dataset, inputs, label_map = relabelled(cfg, probe), [paths.clean_dir(cfg) / "relabel.npz"], None
+    else:
+        kept, label_map, inputs = load_selection(cfg, probe.fingerprint, probe.all_labels)
+        dataset = probe.select(kept, label_map) if kept is not None else probe
     if dataset.labels.size and int(dataset.labels.max()) >= dataset.num_classes:
         raise ArtifactError(f"label {int(dataset.labels.max())} is outside the head's {dataset.num_classes} classes")
     global_batch = cfg.batch_size * ctx.world_size
