@@ -7,4 +7,4 @@ from utils.runtime import run_stage
 from utils.scoring import score_trainset
 
 if __name__ == "__main__":
-    run_stage("eval_trainset", score_trainset, description=__doc__)
+    run_stage("eval_trainset", score_trainset, description=__doc__, distributed=True)

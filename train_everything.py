@@ -10,4 +10,4 @@ from utils.runtime import run_stage
 from utils.training import train
 
 if __name__ == "__main__":
-    run_stage("train_everything", train, description=__doc__)
+    run_stage("train_everything", train, description=__doc__, distributed=True)

@@ -149,29 +149,41 @@ def gather_by_index(ctx: Context, sample_index: torch.Tensor, values: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------- the stage
-def run_stage(name: str, main, description: str = "", extra_args=None, argv=None):
-    """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error."""
+def _rank0_code(ctx: Context, code: int) -> int:
+    t = torch.tensor([code], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False):
+    """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error.
+
+    Under torchrun, a stage that is not `distributed` (pruning, cleaning, evaluation) runs on rank 0
+    while the other ranks wait, so files are written once.
+    """
     from utils.artifacts import ArtifactError
 
     parsed = parse_config(argv, description=description or name, extra=extra_args)
     cfg, args = parsed if extra_args is not None else (parsed, None)
-    ctx = None
+    ctx, result, code = None, None, 1  # 1 until main() returns: a crash is never reported as success
     try:
         ctx = init_context(cfg)
         init_logging(ctx.rank)
         log.info("%s: world_size=%d device=%s amp=%s", name, ctx.world_size, ctx.device, ctx.amp_dtype)
         log.info("resolved config:\n%s", to_json(cfg))
         t0 = time.time()
-        result = main(cfg, ctx, args) if extra_args is not None else main(cfg, ctx)
-        log.info("%s finished in %.1f s", name, time.time() - t0)
+        if distributed or ctx.is_main:
+            result = main(cfg, ctx, args) if extra_args is not None else main(cfg, ctx)
         code = 0
+        log.info("%s finished in %.1f s", name, time.time() - t0)
     except (UserError, ArtifactError, FileNotFoundError, ValueError) as e:
         # ValueError: the libraries' input checks (pruning, RecordIO, IJB meta), all worded for users
         msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"missing file {e.filename}"
         print(f"{name}: error: {msg}", file=sys.stderr)
-        code, result = 1, None
     finally:
         if dist.is_available() and dist.is_initialized():
+            if not distributed and ctx is not None:
+                code = _rank0_code(ctx, code)  # the waiting ranks exit as rank 0 did
             dist.destroy_process_group()
     if code:
         raise SystemExit(code)
