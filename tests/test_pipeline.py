@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import run_script
 
-METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean"}
+METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy"}
 
 
 @pytest.fixture(scope="module")

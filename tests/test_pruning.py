@@ -490,3 +490,24 @@ def test_plot_selection_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_selection(tmp_path / "rand.png", None, labels, random_keep(labels, 0.5), "rand", "none")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["plot.png", "rand.png", "sub"]  # no temp file left
+
+
+def test_entropy_averages_over_the_epochs_a_sample_was_seen_in():
+    from utils.pruning import soft_label_entropy
+
+    rng = np.random.default_rng(7)
+    E, N, k, C = 4, 6, 3, 9
+    lg = rng.normal(size=(E, N, k))
+    ix = np.stack([[rng.permutation(C)[:k] for _ in range(N)] for _ in range(E)])
+    rest = rng.normal(size=(E, N)) - 2
+    full = soft_label_entropy(lg, ix, rest, C)
+    lg2, ix2, rest2 = lg.copy(), ix.copy(), rest.copy()
+    lg2[1, 2], ix2[1, 2], rest2[1, 2] = np.nan, -1, np.nan  # sample 2 not seen in epoch 1
+    lg2[:, 4], ix2[:, 4], rest2[:, 4] = np.nan, -1, np.nan  # sample 4 never seen
+    got = soft_label_entropy(lg2, ix2, rest2, C)
+    keep = [0, 2, 3]
+    expect2 = soft_label_entropy(lg[keep][:, [2]], ix[keep][:, [2]], rest[keep][:, [2]], C)[0]
+    assert np.isclose(got[2], expect2) and not np.isclose(got[2], full[2])
+    assert np.isnan(got[4])
+    others = [0, 1, 3, 5]
+    np.testing.assert_allclose(got[others], full[others])

@@ -51,7 +51,7 @@ PROFILES = {
         data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--val-pairs", "200"],
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, record_topk=4, window=2, frequent=20),
-        fractions=(0.5,), extra_seeds=0),
+        fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
     # The default demo: 2 CPU cores, under 10 minutes.
     "cpu": Profile(
         "the default: 2 CPU cores, under 10 minutes",

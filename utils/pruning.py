@@ -845,6 +845,10 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
     ``k == num_classes`` there is no approximation: this is the entropy of softmax(mean logits), and
     ``rest_mean_logit`` is ignored. Returns float64 (N,). Keep the most uncertain samples by passing it
     to ``keep_top_per_identity``.
+
+    Epochs in which a sample was not seen (training drops the last partial batch) are recorded with
+    index -1 / NaN logits; the mean is then over the epochs the sample was seen in, and a sample never
+    seen gets NaN (ranked lowest).
     """
     lg = np.asarray(topk_logits)
     ix = np.asarray(topk_index)
@@ -862,6 +866,17 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
         raise ValueError(f"topk_index must be integers, found dtype {ix.dtype}")
     if C < k:
         raise ValueError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
+    seen = (ix >= 0).all(axis=2) & np.isfinite(lg).all(axis=2)  # (E, N)
+    if not seen.all():
+        # Group samples by how many epochs saw them; move each sample's seen epochs to the front.
+        counts = seen.sum(axis=0)
+        order = np.argsort(~seen, axis=0, kind="stable")
+        out = np.full(N, np.nan)
+        for e_s in np.unique(counts[counts > 0]):
+            cols = np.flatnonzero(counts == e_s)
+            o = order[:e_s, cols]
+            out[cols] = soft_label_entropy(lg[o, cols[None, :]], ix[o, cols[None, :]], rest[o, cols[None, :]], C)
+        return out
     out = np.empty(N, dtype=np.float64)
     chunk = max(1, (1 << 20) // (E * k))
     for a in range(0, N, chunk):
