@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 

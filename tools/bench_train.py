@@ -112,30 +112,26 @@ def bench(args, loop: str) -> dict:
     clip = list(backbone.parameters())
     backbone.train()
 
-    if loop == "score":  # eval_trainset.py's inner loop: forward + head.score under no_grad
-        backbone.eval()
+    @torch.no_grad()
+    def score_step():  # eval_trainset.py's inner loop: forward + head.score
+        images, labels = next(batches)
+        x = normalize_batch(images.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            emb = model(x)
+        return head.score(emb.float(), labels.to(device))["gt_prob"]
 
-        @torch.no_grad()
-        def step():
-            images, labels = next(batches)
-            x = normalize_batch(images.to(device, non_blocking=True))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                emb = model(x)
-            return head.score(emb.float(), labels.to(device))["gt_prob"]
-
-    def train_or_score():
-        if loop == "score":
-            return step()
+    def training_step():
         images, labels = next(batches)
         if ours:
             return train_step(model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp,
                               channels_last=channels_last, grad_clip=5.0, clip_params=clip)[0]
         return plain_step(model, head, optimizer, images, labels, device)
 
-    if loop != "score":
-        step = train_or_score
+    if loop == "score":
+        backbone.eval()
+    step = score_step if loop == "score" else training_step
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":

@@ -9,6 +9,7 @@ names both, so a kept list of CASIA-WebFace is never applied to MS1MV2.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
 import io
 import json
@@ -80,6 +81,14 @@ def atomic_write_text(path, text: str):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path, header, rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _json_default(o):

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from utils.artifacts import ArtifactError, atomic_write_bytes
@@ -83,10 +85,6 @@ def load_head_state(ckpt_or_state: dict):
 
 
 def rng_state() -> dict:
-    import random
-
-    import numpy as np
-
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -94,10 +92,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

@@ -6,14 +6,12 @@ is), or a training folder (its newest epoch checkpoint). Without --models: the m
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
 from config.config import Config
 from utils import paths
-from utils.artifacts import ArtifactError, atomic_write_json, atomic_write_text
+from utils.artifacts import ArtifactError, atomic_write_csv, atomic_write_json
 from utils.runtime import Context, UserError
 
 log = logging.getLogger("diffprob")
@@ -56,13 +54,10 @@ def parse_models(cfg: Config, spec: str) -> dict:
 
 
 def _image_size(cfg: Config) -> int:
-    prop = Path(cfg.rec) / "property"
-    if prop.exists():
-        try:
-            return int(prop.read_text().strip().split(",")[1])
-        except (IndexError, ValueError):
-            raise ArtifactError(f"{prop}: expected 'num_classes,height,width'") from None
-    return 112
+    from utils.recordio import read_property
+
+    prop = read_property(Path(cfg.rec) / "property")
+    return prop[1] if prop else 112
 
 
 def load_model(cfg: Config, ctx: Context, path_or_ckpt):
@@ -83,14 +78,6 @@ def _out_dir(cfg: Config, args, models: dict) -> Path:
     if len(models) == 1:
         return next(iter(models.values())).parent / "eval"
     return Path(cfg.output) / "eval"
-
-
-def _csv(header, rows) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def run_verification(cfg: Config, ctx: Context, args) -> dict:
@@ -121,7 +108,7 @@ def run_verification(cfg: Config, ctx: Context, args) -> dict:
             accs = [r["targets"][t]["accuracy_mean"] for t in bins]
             rows.append([name] + [f"{a:.5f}" for a in accs] + [f"{r['targets'][t]['accuracy_std']:.5f}" for t in bins]
                         + [f"{sum(accs) / len(accs):.5f}"])
-        atomic_write_text(out / "verification.csv", _csv(header, rows))
+        atomic_write_csv(out / "verification.csv", header, rows)
         log.info("wrote %s", out / "verification.json")
     return results
 

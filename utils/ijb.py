@@ -39,7 +39,8 @@ import torch
 from tqdm import tqdm
 
 from utils.alignment import align_face
-from utils.verification import (atomic_output, autocast_dtype, embed_batch, eval_mode, far_label, l2_normalize,
+from utils.artifacts import atomic_path, atomic_write_csv
+from utils.verification import (autocast_dtype, embed_batch, eval_mode, far_label, l2_normalize,
                                 model_device)
 
 logger = logging.getLogger(__name__)
@@ -373,7 +374,7 @@ def save_feature_cache(path, features, key):
     arrays = {"img_feats": features.img_feats, "key": np.array(json.dumps(key, sort_keys=True))}
     if features.flip_feats is not None:
         arrays["flip_feats"] = features.flip_feats
-    with atomic_output(path, suffix=".npz") as tmp:
+    with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -690,19 +691,13 @@ def evaluate_1n(template_feats, unique_templates, galleries, probe, ranks=RANKS,
 # Reports
 
 
-def _write_csv(path, header, rows):
-    with atomic_output(path, suffix=".csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
 
 
 def save_tar_table(results_by_model, path, far_targets=FAR_TARGETS):
     """CSV: one row per model (name, target, TAR at each FAR as a fraction)."""
     columns = [f"TAR@FAR={far_label(far)}" for far in far_targets]
     rows = [[name, r.get("target", "")] + [f"{r[c]:.6f}" for c in columns] for name, r in results_by_model.items()]
-    _write_csv(path, ["model", "target"] + columns, rows)
+    atomic_write_csv(path, ["model", "target"] + columns, rows)
 
 
 def save_identification_table(results_by_model, path):
@@ -712,7 +707,7 @@ def save_identification_table(results_by_model, path):
         for gallery, metrics in r.get("1:N", {}).items():
             columns = columns or [k for k in metrics if k.startswith(("rank-", "TPIR@"))]
             rows.append([name, r.get("target", ""), gallery] + [f"{metrics[c]:.6f}" for c in columns])
-    _write_csv(path, ["model", "target", "gallery"] + (columns or []), rows)
+    atomic_write_csv(path, ["model", "target", "gallery"] + (columns or []), rows)
 
 
 def plot_roc(results_by_model, path, title="ROC on IJB"):
@@ -738,7 +733,7 @@ def plot_roc(results_by_model, path, title="ROC on IJB"):
     ax.set_ylabel("True Positive Rate")
     ax.set_title(title)
     ax.legend(loc="lower right")
-    with atomic_output(path, suffix=".png") as tmp:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
 
 

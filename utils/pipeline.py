@@ -6,8 +6,6 @@ interrupted pipeline resumes where it stopped (training itself resumes from its 
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -332,15 +330,10 @@ def plot_results(results: dict, path: Path):
 
 
 def write_results(out: Path, results: dict):
-    from utils.artifacts import atomic_write_json, atomic_write_text
+    from utils.artifacts import atomic_write_csv, atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "results.json", results)
-    header, rows = results_table(results)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_csv(out / "results.csv", *results_table(results))
     text = markdown(results)
     atomic_write_text(out / "results.md", text)
     plot_results(results, out / "results.png")

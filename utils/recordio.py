@@ -587,7 +587,7 @@ class RecordLayout:
                 "idx_size": int(self.idx_size)}
 
 
-def _read_property(path: Path) -> Optional[Tuple[int, int, int]]:
+def read_property(path: Path) -> Optional[Tuple[int, int, int]]:
     """``(num_classes, height, width)`` from an InsightFace ``property`` file, or None when absent."""
     if not path.is_file():
         return None
@@ -714,7 +714,7 @@ def read_layout(rec_dir, *, rebuild_missing_index: bool = False, layout: Optiona
         rebuild_index(rec_path, idx_path)
     keys, offsets = read_index(idx_path, rec_path)
     idx_size = idx_path.stat().st_size
-    prop = _read_property(rec_dir / "property")
+    prop = read_property(rec_dir / "property")
     lookup = _KeyLookup(keys, offsets, idx_path)
     file_size = rec_path.stat().st_size
     words = (np.memmap(rec_path, dtype="<u4", mode="r", shape=(file_size // 4,)) if file_size >= 4

@@ -50,9 +50,7 @@ def head_kwargs(cfg: Config) -> dict:
 def build_head(name, in_features, num_classes, ctx: Context, kwargs):
     from losses import ShardedClassifier
 
-    group = None
-    return ShardedClassifier(name, in_features, num_classes, rank=ctx.rank, world_size=ctx.world_size,
-                             group=group, **kwargs)
+    return ShardedClassifier(name, in_features, num_classes, rank=ctx.rank, world_size=ctx.world_size, **kwargs)
 
 
 def lr_factor(cfg: Config, steps_per_epoch: int):
@@ -432,12 +430,12 @@ def train(cfg: Config, ctx: Context) -> dict:
              run.steps_per_epoch, cfg.num_epoch, run.optimizer.param_groups[0]["initial_lr"], ctx.amp_dtype)
     progress = ProgressLog(run)
     verify = VerificationCallback(run)
-    on_step = progress
-    if cfg.eval_step > 0:
-        def on_step(run_, epoch, step, loss):
-            progress(run_, epoch, step, loss)
-            if run_.global_step % cfg.eval_step == 0:
-                progress.write({"type": "verification", "step": run_.global_step, **_flat(verify(run_))})
+
+    def on_step(run_, epoch, step, loss):
+        progress(run_, epoch, step, loss)
+        if cfg.eval_step > 0 and run_.global_step % cfg.eval_step == 0:
+            progress.write({"type": "verification", "step": run_.global_step, **_flat(verify(run_))})
+
     t0 = time.time()
     results = {}
     for epoch in range(run.start_epoch, cfg.num_epoch):
@@ -457,7 +455,8 @@ def train(cfg: Config, ctx: Context) -> dict:
         assemble_history(cfg, run.dataset.fingerprint)
     summary = {"train_dir": str(out), "num_images": len(run.dataset), "num_classes": run.dataset.num_classes,
                "epochs": cfg.num_epoch, "steps": run.global_step, "train_seconds": seconds,
-               "world_size": ctx.world_size, "verification": {k: v["accuracy_mean"] for k, v in results.items()},
+               "world_size": ctx.world_size, "inputs": [str(p) for p in run.inputs],
+               "verification": {k: v["accuracy_mean"] for k, v in results.items()},
                "best": run.best}
     if ctx.is_main:
         atomic_write_json(out / "train_summary.json", summary)

@@ -42,11 +42,6 @@ ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)  # squared distances, as InsightFace
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # finer grid, as InsightFace's calculate_val
 
 
-def atomic_output(path, suffix=""):
-    """Yield a temporary path beside `path` (parents created); renamed onto `path` on success, removed on error."""
-    return atomic_path(path, suffix=suffix or ".tmp")
-
-
 def save_bin(path, encoded_images, issame):
     """Write an InsightFace `.bin`: a pickle of (list of encoded image bytes, list of bool issame).
 
@@ -56,7 +51,7 @@ def save_bin(path, encoded_images, issame):
     issame = [bool(x) for x in issame]
     if len(encoded_images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(encoded_images)} images for {len(issame)} pairs; expected {2 * len(issame)}")
-    with atomic_output(path, suffix=".bin") as tmp:
+    with atomic_path(path, suffix=".bin") as tmp:
         with open(tmp, "wb") as f:
             pickle.dump((encoded_images, issame), f, protocol=4)
 
