@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -9,20 +8,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _golden_dir():
-    candidates = [os.environ.get("DIFFPROB_GOLDEN", ""), REPO.parent / "shared" / "golden", REPO / "shared" / "golden"]
-    for c in candidates:
-        if c and Path(c, "recordio").is_dir():
-            return Path(c)
-    return None
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir():
-    """The third-party reference files (../shared/golden). CI must have them; elsewhere they are optional."""
-    d = _golden_dir()
-    if d is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared/golden not found beside the checkout; CI must test against the golden files")
-        pytest.skip("shared/golden not found (set DIFFPROB_GOLDEN)")
-    return d
+    """Third-party reference files kept in the repository: RecordIO written by MXNet 1.9.1 (see golden/README.md)."""
+    assert (GOLDEN / "recordio").is_dir(), f"{GOLDEN}/recordio is missing from this checkout"
+    return GOLDEN
