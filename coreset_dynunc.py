@@ -1,10 +1,25 @@
 """DynUnc baseline (He et al. 2023): per identity, keep the samples whose labelled-class probability
 varied most across training epochs (window J = --window).
 
+This is coreset_select.py's stage for `--coreset_method dynunc`: it writes coresets/dynunc_<fraction>/
+(kept_index.npy, label_map.json, summary.json, plot.png).
+
 Every key of config/config.py can be overridden: `python coreset_dynunc.py --KEY VALUE`; `--help` lists them.
 """
+from utils import paths
+from utils.data import open_dataset
+from utils.kept_sets import write_selection
+from utils.records import open_records
 from utils.runtime import run_stage
-from utils.selection import run_dynunc
+from utils.selection import get_method, run_selection
+
+
+def run_dynunc(cfg, ctx=None) -> dict:
+    method = get_method("dynunc")
+    rec = open_records(cfg, open_dataset(cfg.rec))  # labels from the record headers alone
+    selection = run_selection(method, rec, cfg)  # reads the files the method needs, then selects
+    return write_selection(cfg, paths.coreset_dir(cfg, method.name), method, selection, rec)
+
 
 if __name__ == "__main__":
     run_stage("coreset_dynunc", run_dynunc, description=__doc__)

@@ -1,9 +1,24 @@
 """Random baseline: per identity, a uniformly random --fraction of the samples (seeded by --seed).
 
+This is coreset_select.py's stage for `--coreset_method rand`: it writes coresets/rand_<fraction>/
+(kept_index.npy, label_map.json, summary.json, plot.png).
+
 Every key of config/config.py can be overridden: `python coreset_rand.py --KEY VALUE`; `--help` lists them.
 """
+from utils import paths
+from utils.data import open_dataset
+from utils.kept_sets import write_selection
+from utils.records import open_records
 from utils.runtime import run_stage
-from utils.selection import run_rand
+from utils.selection import get_method, run_selection
+
+
+def run_rand(cfg, ctx=None) -> dict:
+    method = get_method("rand")
+    rec = open_records(cfg, open_dataset(cfg.rec))  # labels from the record headers alone
+    selection = run_selection(method, rec, cfg)  # reads the files the method needs, then selects
+    return write_selection(cfg, paths.coreset_dir(cfg, method.name), method, selection, rec)
+
 
 if __name__ == "__main__":
     run_stage("coreset_rand", run_rand, description=__doc__)

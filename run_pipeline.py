@@ -4,9 +4,309 @@
     python run_pipeline.py --profile gpu         # iresnet50 at 112x112 on one GPU
     python run_pipeline.py --rec /data/faces_webface_112x112 --dataset webface --profile gpu
 
-Steps whose outputs are complete are skipped, so an interrupted run resumes when started again.
+Every step is a subprocess of a stage script with explicit config keys, so the files and logs are
+exactly those of a manual run: make the data (synthetic), train the original model, score the training
+set, clean it, build the label dictionary, prune with every method at every fraction, retrain on each kept
+list (and the full data with another seed, for the seed spread), evaluate on IJB-C, and write
+results.json / .csv / .md / .png. A step whose outputs are complete and valid is skipped, so an
+interrupted run resumes where it stopped (training itself resumes from its last epoch).
 """
-from utils.pipeline import main
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from config.config import ConfigError, parse_config, parse_value
+from utils import paths
+from utils.artifacts import is_complete
+from utils.data import dataset_fingerprint
+from utils.records import load_noise
+from utils.report import METHOD_LABELS, mean_accuracy, write_results
+from utils.selection import METHODS, canonical_name, list_methods
+
+REPO = Path(__file__).resolve().parent
+
+
+class StopPipeline(Exception):
+    """Raised at --stop-after: the steps so far are complete, a re-run continues from there."""
+
+
+@dataclass
+class Profile:
+    """One scale of the experiment: synthetic data arguments and training config keys."""
+    description: str
+    data: list
+    train: dict
+    fractions: tuple = (0.75, 0.5, 0.25)
+    methods: tuple = ("rand", "dynunc", "diffprob", "diffprob_clean")
+    extra_seeds: int = 1  # retrain the full-data model with this many other seeds: the seed spread
+    ijb: bool = True
+
+
+PROFILES = {
+    # CI's end-to-end test: seconds per stage.
+    "tiny": Profile(
+        "a few seconds per stage (tests)",
+        data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--val-pairs", "200"],
+        train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
+                   num_workers=0, record_topk=4, window=2, frequent=20),
+        fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
+    # The default demo: 2 CPU cores, under 10 minutes.
+    "cpu": Profile(
+        "the default: 2 CPU cores, under 10 minutes",
+        data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
+        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
+                   num_workers=0, record_topk=10, window=4, frequent=20)),
+    # One GPU: the paper's backbone at 112x112 on a larger synthetic set (or the real data with --rec).
+    "gpu": Profile(
+        "one GPU: iresnet50 at 112x112",
+        data=["--num-ids", "2000", "--image-size", "112", "--seed", "0", "--workers", "8"],
+        train=dict(network="iresnet50", embedding_size=512, batch_size=256, num_epoch=20, lr_steps=[12, 16, 18],
+                   lr=0.1, num_workers=8, record_topk=10, window=10, frequent=50)),
+}
+
+
+def _flag(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass
+class Pipeline:
+    out: Path
+    profile: Profile
+    rec: Path = None
+    dataset: str = "synthetic"
+    nproc: int = 1
+    overrides: dict = field(default_factory=dict)
+    log_file: Path = None
+    stop_after: int = 0  # stop after this many steps (0: run all); an interruption on purpose
+    steps_run: list = field(default_factory=list)
+    steps_skipped: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.synthetic = self.rec is None
+        self.rec = Path(self.rec) if self.rec else self.out / "data"
+        self.runs = self.out / "runs"
+        self.log_file = self.out / "pipeline.log"
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def keys(self, **extra) -> list:
+        values = {"rec": self.rec, "output": self.runs, "dataset": self.dataset, **self.profile.train,
+                  **self.overrides, **extra}
+        return [x for k, v in values.items() for x in (f"--{k}", _flag(v))]
+
+    def cfg(self, **extra):
+        return parse_config(self.keys(**extra))
+
+    def step(self, title: str, script: list, done, *args):
+        """Run one stage script unless `done()` says its outputs are complete."""
+        n = len(self.steps_run) + len(self.steps_skipped) + 1
+        if self.stop_after and n > self.stop_after:
+            raise StopPipeline(n - 1)
+        if done():
+            self.steps_skipped.append(title)
+            print(f"[{n:2d}] {title}: complete, skipped", flush=True)
+            return
+        cmd = [sys.executable]
+        if self.nproc > 1 and script[0] in ("train_everything.py", "eval_trainset.py"):
+            cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
+        cmd += [str(REPO / script[0]), *script[1:], *map(str, args)]
+        print(f"[{n:2d}] {title} ...", end="", flush=True)
+        t0 = time.time()
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.log_file, "a") as logf:
+            logf.write(f"\n===== {title}\n$ {' '.join(cmd)}\n")
+            logf.flush()
+            r = subprocess.run(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            print(" FAILED", flush=True)
+            tail = self.log_file.read_text().splitlines()[-25:]
+            raise SystemExit(f"run_pipeline: step '{title}' failed (exit {r.returncode}); last lines of "
+                             f"{self.log_file}:\n" + "\n".join(tail))
+        self.steps_run.append(title)
+        print(f" {time.time() - t0:.0f} s", flush=True)
+
+    # --------------------------------------------------------------------------------------- steps
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if self.synthetic:
+            self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
+                      lambda: (self.rec / "train.idx").exists() and (self.rec / "dataset.json").exists(),
+                      "--out", self.rec, *self.profile.data)
+        elif not (self.rec / "train.rec").exists():
+            raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
+        fp = dataset_fingerprint(self.rec)
+        base = self.cfg()
+        original = paths.original_dir(base, base.loss)
+        self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
+                  lambda: (original / "train_summary.json").exists(),
+                  *self.keys(is_original_train=True, resume=True))
+        self.step("score the training set", ["eval_trainset.py"], lambda: is_complete(paths.scores_path(base), fp),
+                  *self.keys())
+        self.step("clean the training set", ["clean_trainset.py"],
+                  lambda: is_complete(paths.clean_dir(base) / "kept_index.npy", fp), *self.keys())
+        self.step("label dictionary", ["generate_label_dict.py"],
+                  lambda: is_complete(paths.label_dict_path(base), fp), *self.keys())
+        models = {("full", 1.0, 0): original}
+        for fraction in self.profile.fractions:
+            for method in self.profile.methods:
+                cfg = self.cfg(coreset_method=method, fraction=fraction)
+                self.step(f"prune: {METHOD_LABELS[method]} {fraction:.0%}", list(METHODS[method].script),
+                          lambda: is_complete(paths.kept_index_path(cfg, method), fp),
+                          *self.keys(fraction=fraction))
+        for fraction in self.profile.fractions:
+            for method in self.profile.methods:
+                models[(method, fraction, 0)] = self.retrain(method, fraction)
+        for extra in range(1, self.profile.extra_seeds + 1):
+            models[("full", 1.0, extra)] = self.retrain("full", 1.0, seed_offset=extra)
+        ijb = {}
+        if self.profile.ijb and (self.rec / "ijb").is_dir():
+            ijb = self.evaluate_ijb(models)
+        results = self.collect(models, ijb, fp)
+        results["pipeline_seconds"] = time.time() - t0
+        write_results(self.out, results)
+        print(f"pipeline finished in {time.time() - t0:.0f} s ({len(self.steps_run)} steps run, "
+              f"{len(self.steps_skipped)} skipped); results in {self.out}")
+        return results
+
+    def retrain(self, method, fraction, seed_offset=0) -> Path:
+        seed = int(self.overrides.get("seed", 0)) + seed_offset
+        extra = dict(is_original_train=False, coreset_method=method, fraction=fraction, resume=True, seed=seed)
+        if seed_offset:  # another seed of the same model trains in a folder of its own
+            extra["output"] = self.runs / f"seed{seed}"
+        out = paths.train_dir(self.cfg(**extra))
+        label = f"retrain: {METHOD_LABELS[method]} {fraction:.0%}" + (f" (seed {seed})" if seed_offset else "")
+        self.step(label, ["train_everything.py"], lambda: (out / "train_summary.json").exists(), *self.keys(**extra))
+        return out
+
+    def evaluate_ijb(self, models: dict) -> dict:
+        out = self.out / "ijb"
+        spec = ",".join(f"{_model_name(k)}={v / 'backbone.pth'}" for k, v in models.items())
+        done = out / "ijb_results.json"
+
+        def complete():
+            if not done.exists():
+                return False
+            have = json.loads(done.read_text()).get("models", {})
+            return all(_model_name(k) in have for k in models)
+
+        self.step(f"evaluate {len(models)} models on IJB-C (1:1 and 1:N)", ["eval_ijbc.py"], complete,
+                  *self.keys(), "--models", spec, "--out", out)
+        return json.loads(done.read_text())["models"]
+
+    def collect(self, models: dict, ijb: dict, fp) -> dict:
+        runs = []
+        for key, model_dir in models.items():
+            method, fraction, seed = key
+            summary = json.loads((model_dir / "train_summary.json").read_text())
+            runs.append({
+                "method": method, "kept_fraction": summary["num_images"] / fp.num_images,
+                "requested_fraction": fraction, "seed_offset": seed,
+                "num_images": summary["num_images"], "num_classes": summary["num_classes"],
+                "verification": summary["verification"],
+                "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
+                "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
+                "train_seconds": summary["train_seconds"],
+                "model_dir": str(model_dir)})
+        dataset = {"name": "synthetic faces" if self.synthetic else self.rec.name, "rec": str(self.rec),
+                   "synthetic": self.synthetic, "num_images": fp.num_images,
+                   "num_classes": fp.num_classes, "profile": self.profile.description}
+        if self.synthetic and (self.rec / "dataset.json").exists():
+            dataset["generator"] = json.loads((self.rec / "dataset.json").read_text()).get("args")
+        results = {"dataset": dataset, "runs": runs}
+        clean_summary = self.runs / "clean" / "summary.json"
+        if load_noise(self.rec) is not None and clean_summary.exists():
+            q = json.loads(clean_summary.read_text()).get("quality", {})
+            results["cleaning"] = {k: q.get(k) for k in ("removed", "precision", "recall", "noisy",
+                                                         "recall_flipped", "recall_open_set")}
+        seeds = [r for r in runs if r["method"] == "full"]
+        if len(seeds) > 1:
+            means = [mean_accuracy(r) for r in seeds]
+            results["seed_spread"] = {"full_mean_accuracy": means, "spread": max(means) - min(means)}
+        return results
+
+
+def _model_name(key) -> str:
+    method, fraction, seed = key
+    return f"{method}_{fraction:.2f}" + (f"_seed{seed}" if seed else "")
+
+
+def parse_set(items) -> dict:
+    """`--set key=value` overrides of config keys, checked against config/config.py."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"run_pipeline: --set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            parse_value(k, v)
+        except KeyError:
+            raise SystemExit(f"run_pipeline: --set {k}: not a key of config/config.py") from None
+        except ConfigError as e:
+            raise SystemExit(f"run_pipeline: {e}") from None
+        out[k] = v
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Run the DiffProb paper's experiment end to end: data, original model, "
+                                "scoring, cleaning, pruning (Rand, DynUnc, DiffProb, cleaning + DiffProb), "
+                                "retraining, evaluation and the results table and plot.")
+    p.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
+    p.add_argument("--rec", default=None, help="a real RecordIO dataset folder (default: make a synthetic one)")
+    p.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                   help="scale: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
+                   + " (default: gpu when a GPU is visible, else cpu)")
+    p.add_argument("--dataset", default=None, help="config preset for --rec (webface, ms1mv2, glint360k)")
+    p.add_argument("--fractions", default=None, help="kept fractions, comma-separated (default: the profile's)")
+    p.add_argument("--methods", default=None, help=f"pruning methods, comma-separated, from {', '.join(list_methods())} "
+                   f"(the paper's names {', '.join(n for n in list_methods(aliases=True) if n not in METHODS)} too)")
+    p.add_argument("--nproc", type=int, default=None, help="processes per node for torchrun (default: visible GPUs)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config keys for every stage, e.g. --set seed=1")
+    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="stop after the first N steps (a re-run resumes from step N+1)")
+    args = p.parse_args(argv)
+    gpus = torch.cuda.device_count()
+    profile = PROFILES[args.profile or ("gpu" if gpus else "cpu")]
+    if args.fractions:
+        try:
+            fr = tuple(float(x) for x in args.fractions.split(","))
+        except ValueError:
+            p.error(f"--fractions: expected numbers, got {args.fractions!r}")
+        if not all(0 < f <= 1 for f in fr):
+            p.error("--fractions must be in (0, 1]")
+        profile = Profile(**{**profile.__dict__, "fractions": fr})
+    if args.methods:
+        ms = tuple(canonical_name(m) for m in args.methods.split(","))
+        bad = [m for m in ms if m not in METHODS]
+        if bad:
+            p.error(f"--methods: unknown {bad}; valid: {', '.join(list_methods(aliases=True))}")
+        profile = Profile(**{**profile.__dict__, "methods": ms})
+    if args.fresh and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
+    pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
+                    overrides=parse_set(args.set), stop_after=args.stop_after)
+    try:
+        return pipe.run()
+    except StopPipeline as e:
+        print(f"stopped after step {e.args[0]} (--stop-after); run again without it to continue")
+        return None
+
 
 if __name__ == "__main__":
     main()

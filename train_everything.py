@@ -1,13 +1,82 @@
-"""Train a face-recognition model: the original model on the full dataset (is_original_train=True,
-recording per-epoch probabilities) or a model on a kept list with its label map (is_original_train=False).
+"""Train a face-recognition model (the paper's train_everything.py).
+
+With `--is_original_train true` it trains on the full dataset and records, after every epoch, each
+sample's labelled-class probability with margin (DynUnc's input) and its margin-free top-k logits
+(soft-label entropy); with `--is_original_train false` it retrains on a kept list (`--coreset_method`
+and `--fraction` name one the pruning stages wrote, or `--kept_index`/`--label_map` give one).
 
     python train_everything.py --rec data/synthetic --network smallnet
     torchrun --nproc_per_node=8 train_everything.py --dataset webface --rec /data/faces_webface_112x112
 
 Every key of config/config.py can be overridden: `python train_everything.py --KEY VALUE`; `--help` lists them.
 """
+import dataclasses
+import logging
+import math
+import time
+
+from utils import paths
+from utils.artifacts import atomic_write_json
+from utils.context import init_logging
+from utils.errors import UserError
 from utils.runtime import run_stage
-from utils.training import train
+from utils.training import (ProgressLog, Recorder, VerificationCallback, assemble_history, prepare_run, save_epoch,
+                            train_one_epoch)
+
+log = logging.getLogger("diffprob")
+
+
+def _accuracies(results: dict) -> dict:
+    return {f"acc_{k}": v["accuracy_mean"] for k, v in results.items()}
+
+
+def train(cfg, ctx) -> dict:
+    """Train as `cfg` says; returns the summary written to `<train_dir>/train_summary.json`."""
+    run = prepare_run(cfg, ctx)  # dataset, model, optimizer, schedule; resumed state with --resume true
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    init_logging(ctx.rank, out)
+    if ctx.is_main:
+        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+    log.info("training %s + %s on %d images of %d identities (%s) -> %s", cfg.network, cfg.loss, len(run.dataset),
+             run.dataset.num_classes, "original" if cfg.is_original_train else paths.coreset_tag(cfg), out)
+    log.info("global batch %d, %d steps/epoch, %d epochs, lr %.4f, amp %s", cfg.batch_size * ctx.world_size,
+             run.steps_per_epoch, cfg.num_epoch, run.optimizer.param_groups[0]["initial_lr"], ctx.amp_dtype)
+    progress = ProgressLog(run)
+    verify = VerificationCallback(run)
+
+    def on_step(run_, epoch, step, loss):
+        progress(run_, epoch, step, loss)
+        if cfg.eval_step > 0 and run_.global_step % cfg.eval_step == 0:
+            progress.write({"type": "verification", "step": run_.global_step, **_accuracies(verify(run_))})
+
+    t0 = time.time()
+    results = {}
+    for epoch in range(run.start_epoch, cfg.num_epoch):
+        recorder = Recorder(cfg.record_topk) if cfg.is_original_train else None
+        loss = train_one_epoch(run, epoch, recorder, on_step)
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} in epoch {epoch + 1}; lower --lr or use --dtype fp32")
+        if recorder is not None:
+            recorder.write(run, epoch + 1)  # probs/epoch_XXX.npz, gathered exactly across ranks
+        results = verify(run)
+        progress.write({"type": "epoch", "epoch": epoch + 1, "loss": loss, "step": run.global_step,
+                        "seconds": time.time() - t0, **_accuracies(results)})
+        save_epoch(run, epoch + 1)  # epoch_XXX.pt, backbone.pth, last.pt, per-rank resume state
+    progress.bar.close()
+    seconds = time.time() - t0
+
+    if cfg.is_original_train and ctx.is_main:
+        assemble_history(cfg, run.dataset.fingerprint)  # prob_history.npy and topk_logits.npz
+    summary = {"train_dir": str(out), "num_images": len(run.dataset), "num_classes": run.dataset.num_classes,
+               "epochs": cfg.num_epoch, "steps": run.global_step, "train_seconds": seconds,
+               "world_size": ctx.world_size, "inputs": [str(p) for p in run.inputs],
+               "verification": {k: v["accuracy_mean"] for k, v in results.items()},
+               "best": run.best}
+    if ctx.is_main:
+        atomic_write_json(out / "train_summary.json", summary)
+    return summary
+
 
 if __name__ == "__main__":
     run_stage("train_everything", train, description=__doc__, distributed=True)

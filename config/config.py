@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from typing import List, Optional
 
+from utils.errors import ToolkitError
+
 
 @dataclass
 class Config:
@@ -63,8 +65,10 @@ class Config:
     head_checkpoint: str = ""  # head state dict to pair with a plain backbone.pth
     score_batch_size: int = 512
     # ---- pruning and cleaning ------------------------------------------------------------------
-    coreset_method: str = "diffprob"  # what retraining uses: full, rand, dynunc, diffprob, diffprob_clean, entropy,
-    #                                   relabel (every image; cleaning's flagged ones with their suggested label)
+    coreset_method: str = "diffprob"  # a selection method of utils/selection.py's registry (the kept list
+    #                                   retraining uses), or full / relabel (every image; cleaning's flagged
+    #                                   ones with their suggested label); the paper's names are aliases
+    clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning.py's registry (argmax: the paper's)
     fraction: float = 0.5  # kept fraction (per identity for rand/dynunc/entropy; overall for DiffProb)
     threshold: Optional[float] = None  # DiffProb threshold t (None: searched for `fraction`)
     window: int = 10  # DynUnc window J (epochs)
@@ -88,17 +92,22 @@ DATASET_PRESETS = {
     "synthetic": dict(num_epoch=12, lr_steps=[8, 10], val_targets=["syn_frontal", "syn_pose"]),
 }
 
+# Allowed values per key. The registries add theirs when they are imported: `coreset_method` from
+# utils/selection.py (selection methods), `clean_rule` from utils/cleaning.py (cleaning rules).
 CHOICES = {
     "dtype": ("auto", "fp32", "fp16", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "coreset_order": ("descending", "ascending"),
-    "coreset_method": ("full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy", "relabel"),
     "ijb_target": ("ijbc", "ijbb"),
     "dataset": tuple(DATASET_PRESETS),
 }
 
 
-class ConfigError(ValueError):
+# Other names a key accepts for a value (the paper repository's method names), also filled by the registries.
+ALIASES = {}
+
+
+class ConfigError(ToolkitError, ValueError):
     """A config value a user gave is not valid."""
 
 
@@ -171,10 +180,13 @@ def _check(cfg: Config):
 
 def resolve(cfg: Config) -> Config:
     """Fill the None keys from the preset and loss tables; checks values. Returns a new Config."""
-    from losses import HEAD_DEFAULTS
+    from losses.registry import HEAD_DEFAULTS
 
-    _check(cfg)
     values = dataclasses.asdict(cfg)
+    for key, names in ALIASES.items():
+        values[key] = names.get(values[key], values[key])
+    cfg = Config(**values)
+    _check(cfg)
     for key, value in DATASET_PRESETS[cfg.dataset].items():
         if values[key] is None:
             values[key] = list(value) if isinstance(value, list) else value
@@ -204,8 +216,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         base, is_list = _base_type(hints[f.name])
         kind = f"list of {base.__name__}" if is_list else base.__name__
+        one_of = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
         parser.add_argument(f"--{f.name}", metavar=kind.upper().replace(" ", "_"), default=None,
-                            help=f"default: {getattr(defaults, f.name)!r}")
+                            help=f"default: {getattr(defaults, f.name)!r}{one_of}")
     return parser
 
 

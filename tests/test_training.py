@@ -21,13 +21,13 @@ def _cfg(rec, out, *extra):
 
 
 def _ctx():
-    from utils.runtime import Context
+    from utils.context import Context
 
     return Context()
 
 
 def test_original_training_records_every_epoch(tiny, tmp_path):
-    from utils.training import train
+    from train_everything import train
 
     cfg = _cfg(tiny, tmp_path)
     summary = train(cfg, _ctx())
@@ -57,7 +57,7 @@ def test_original_training_records_every_epoch(tiny, tmp_path):
 
 
 def test_resume_after_a_crash_equals_uninterrupted(tiny, tmp_path, monkeypatch):
-    from utils import training
+    import train_everything as training
 
     straight = _cfg(tiny, tmp_path / "a", "--record_topk", "0")
     training.train(straight, _ctx())
@@ -109,7 +109,7 @@ def test_retrain_on_kept_list_uses_label_map(tiny, tmp_path):
     from utils.artifacts import save_kept_index, save_label_map
     from utils.data import open_dataset
     from utils.pruning import label_map_for
-    from utils.training import train
+    from train_everything import train
 
     ds = open_dataset(tiny)
     keep_ids = np.unique(ds.all_labels)[::2]

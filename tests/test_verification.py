@@ -9,8 +9,9 @@ import torch
 from scipy.interpolate import BSpline
 
 from utils.transforms import normalize_batch
-from utils.verification import (VerificationSet, _slinear_threshold, embed, evaluate, evaluate_full, format_table,
-                                kfold_splits, load_bin, save_bin, verify_bins)
+from utils.embedding import embed
+from utils.verification import (VerificationSet, _slinear_threshold, evaluate, evaluate_full, format_table, kfold_splits,
+                                load_bin, save_bin, verify_bins)
 
 # ----------------------------------------------------------------------------------------------------
 # A literal, loop-by-loop statement of InsightFace's protocol, to hold the vectorised code to.

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from backbones import get_model  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
 from utils.training import train_step  # noqa: E402
-from utils.transforms import normalize_batch  # noqa: E402
+from utils.embedding import amp_dtype, forward_uint8  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; fp32 runs are still reported against bf16 peak.
 PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12}
@@ -98,10 +98,7 @@ def bench(args, loop: str) -> dict:
                                 momentum=0.9, weight_decay=5e-4)
     fpi = flops_per_image(backbone, args.image_size, device)
     ours = loop in ("ours", "score")
-    amp = None
-    if ours and device.type == "cuda":
-        amp = {"auto": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, "bf16": torch.bfloat16,
-               "fp16": torch.float16, "fp32": None}[args.dtype]
+    amp = amp_dtype(args.dtype, device) if ours else None
     channels_last = ours and device.type == "cuda"
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -115,12 +112,8 @@ def bench(args, loop: str) -> dict:
     @torch.no_grad()
     def score_step():  # eval_trainset.py's inner loop: forward + head.score
         images, labels = next(batches)
-        x = normalize_batch(images.to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            emb = model(x)
-        return head.score(emb.float(), labels.to(device))["gt_prob"]
+        emb = forward_uint8(model, images, device, amp, channels_last)
+        return head.score(emb, labels.to(device))["gt_prob"]
 
     def training_step():
         images, labels = next(batches)

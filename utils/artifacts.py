@@ -9,6 +9,7 @@ names both, so a kept list of CASIA-WebFace is never applied to MS1MV2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import csv
 import datetime
 import io
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import ToolkitError
 
-class ArtifactError(Exception):
+
+class ArtifactError(ToolkitError):
     """An input file is missing, malformed, or belongs to another dataset."""
 
 
@@ -123,9 +126,7 @@ def manifest_path(path) -> Path:
 
 
 def write_manifest(path, stage: str, fingerprint: Fingerprint, config=None, inputs=(), info=None):
-    from config.config import to_dict
-
-    cfg = to_dict(config) if config is not None and not isinstance(config, dict) else config
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     atomic_write_json(manifest_path(path), {
         "stage": stage,
         "artifact": Path(path).name,

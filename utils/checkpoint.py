@@ -51,32 +51,6 @@ def _strip_prefix(state: dict) -> dict:
     return out
 
 
-def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int = 512, **model_kwargs):
-    """A backbone from this toolkit's checkpoint (self-describing) or a plain InsightFace state dict."""
-    from backbones import get_model
-
-    if "backbone" in ckpt_or_state and "model" in ckpt_or_state:
-        spec = ckpt_or_state["model"]
-        model = get_model(spec["name"], **spec["args"])
-        state = ckpt_or_state["backbone"]
-    else:
-        if network is None:
-            raise ArtifactError("a plain backbone.pth does not say which network it is: give --network")
-        model = get_model(network, num_features=embedding_size, **model_kwargs)
-        state = ckpt_or_state
-    try:
-        model.load_state_dict(_strip_prefix(state), strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"the backbone weights do not fit {getattr(model, 'model_name', network)}: {e}") from None
-    return model
-
-
-def load_backbone(path, network: str = None, embedding_size: int = 512, device="cpu", **model_kwargs):
-    """Load any backbone checkpoint (`epoch_XXX.pt`, `last.pt`, or a plain `backbone.pth`)."""
-    model = build_backbone(load_checkpoint(path), network, embedding_size, **model_kwargs)
-    return model.to(device).eval()
-
-
 def load_head_state(ckpt_or_state: dict):
     """(head_info or None, head state dict) from a checkpoint or a plain head state dict."""
     if "head" in ckpt_or_state:

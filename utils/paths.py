@@ -1,4 +1,5 @@
-"""Where every stage reads and writes: one function of the config, so no stage guesses another's paths.
+"""Where every stage reads and writes: one function of the config (`config.config.Config`), so no stage
+guesses another's paths.
 
 <output>/
   original_<network>_<loss>/      train_everything.py, is_original_train=True
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.config import Config
 
 
-def original_dir(cfg: Config, loss: str = None) -> Path:
+def original_dir(cfg, loss: str = None) -> Path:
     return Path(cfg.output) / f"original_{cfg.network}_{loss or cfg.original_net_loss}"
 
 
@@ -24,62 +24,63 @@ def epoch_checkpoint(model_dir, epoch: int) -> Path:
     return Path(model_dir) / f"epoch_{epoch:03d}.pt"
 
 
-def scores_path(cfg: Config) -> Path:
+def scores_path(cfg) -> Path:
     tag = "all_epochs" if cfg.use_all_epochs else ("last" if cfg.eval_epoch < 0 else f"epoch{cfg.eval_epoch:03d}")
     return Path(cfg.output) / "scores" / f"{cfg.network}_{cfg.original_net_loss}_{tag}.npz"
 
 
-def prob_history_path(cfg: Config) -> Path:
+def prob_history_path(cfg) -> Path:
     return original_dir(cfg) / "prob_history.npy"
 
 
-def topk_history_path(cfg: Config) -> Path:
+def topk_history_path(cfg) -> Path:
     return original_dir(cfg) / "topk_logits.npz"
 
 
-def label_dict_path(cfg: Config) -> Path:
+def label_dict_path(cfg) -> Path:
     return Path(cfg.output) / "label_dict.npz"
 
 
-def clean_dir(cfg: Config) -> Path:
+def clean_dir(cfg) -> Path:
     return Path(cfg.output) / "clean"
 
 
-def coreset_tag(cfg: Config, method: str = None) -> str:
+def coreset_tag(cfg, method: str = None) -> str:
+    """`<method>_<fraction>`, or `<method>_t<threshold>` for a selection set by a threshold (DiffProb's)."""
     method = method or cfg.coreset_method
     if method in ("full", "relabel"):
         return method
-    if method in ("diffprob", "diffprob_clean") and cfg.threshold is not None:
+    if cfg.threshold is not None:
         return f"{method}_t{cfg.threshold:g}"
     return f"{method}_{cfg.fraction:.2f}"
 
 
-def coreset_dir(cfg: Config, method: str = None) -> Path:
+def coreset_dir(cfg, method: str = None) -> Path:
     return Path(cfg.output) / "coresets" / coreset_tag(cfg, method)
 
 
-def kept_index_path(cfg: Config, method: str = None) -> Path:
+def kept_index_path(cfg, method: str = None) -> Path:
     if cfg.kept_index and method is None:
         return Path(cfg.kept_index)
     return coreset_dir(cfg, method) / "kept_index.npy"
 
 
-def label_map_path(cfg: Config, method: str = None) -> Path:
+def label_map_path(cfg, method: str = None) -> Path:
     if cfg.label_map and method is None:
         return Path(cfg.label_map)
     return coreset_dir(cfg, method) / "label_map.json"
 
 
-def train_dir(cfg: Config) -> Path:
+def train_dir(cfg) -> Path:
     """Where train_everything.py writes this config's model."""
     if cfg.is_original_train:
         return original_dir(cfg, cfg.loss)
     return Path(cfg.output) / "retrain" / f"{coreset_tag(cfg)}_{cfg.network}_{cfg.loss}"
 
 
-def ijb_root(cfg: Config) -> Path:
+def ijb_root(cfg) -> Path:
     return Path(cfg.ijb_root) if cfg.ijb_root else Path(cfg.rec) / "ijb"
 
 
-def bin_paths(cfg: Config) -> dict:
+def bin_paths(cfg) -> dict:
     return {name: Path(cfg.rec) / f"{name}.bin" for name in (cfg.val_targets or [])}

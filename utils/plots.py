@@ -1,4 +1,4 @@
-"""Figures of a selection: what a pruning method kept, per identity and along its score.
+"""Figures: what a pruning method kept (per identity and along its score), and the pipeline's results.
 
 The figures are headless. They use matplotlib's object API with the Agg canvas and never pyplot, so
 importing this module changes no global backend. The files are written atomically: a temporary file in
@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from utils.artifacts import atomic_path
 
-__all__ = ["plot_selection"]
+__all__ = ["plot_selection", "plot_results"]
 
 
 def plot_selection(path, scores, labels, kept, title: str = "", score_name: str = "score") -> Path:
@@ -82,3 +82,38 @@ def plot_selection(path, scores, labels, kept, title: str = "", score_name: str 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def plot_results(results: dict, path: Path, method_titles: dict, tar_key: str, mean_accuracy):
+    """run_pipeline.py's figure: accuracy (and IJB TAR) against the kept fraction, one line per method,
+    the full-data model as a dashed line with its seed spread shaded."""
+    has_tar = any(tar_key in r["ijb"] for r in results["runs"])
+    fig = Figure(figsize=(11 if has_tar else 6, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if has_tar else 1, squeeze=False)
+    panels = [("mean verification accuracy (%)", lambda r: 100 * mean_accuracy(r))]
+    if has_tar:
+        panels.append((f"IJB-C {tar_key} (%)", lambda r: 100 * r["ijb"].get(tar_key, float("nan"))))
+    runs = results["runs"]
+    full = [r for r in runs if r["method"] == "full"]
+    for ax, (label, value) in zip(axes[0], panels):
+        for method in method_titles:
+            rs = sorted((r for r in runs if r["method"] == method and method != "full"),
+                        key=lambda r: r["kept_fraction"])
+            if rs:
+                ax.plot([100 * r["kept_fraction"] for r in rs], [value(r) for r in rs], "o-", label=method_titles[method])
+        if full:
+            vals = [value(r) for r in full]
+            ax.axhline(vals[0], color="k", ls="--", lw=1, label="full data")
+            if len(vals) > 1:
+                ax.axhspan(min(vals), max(vals), color="k", alpha=0.08, label="full data, seed spread")
+        ax.set_xlabel("kept fraction of the training images (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    ds = results["dataset"]
+    fig.suptitle(f"Pruning {ds.get('name', Path(ds['rec']).name)} ({ds['num_images']} images, "
+                 f"{ds['num_classes']} identities): accuracy against kept fraction")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

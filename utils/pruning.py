@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from utils.errors import InputError
+
 __all__ = [
     "diffprob", "diffprob_threshold_for_fraction", "diffprob_for_fraction", "dynunc_scores",
     "keep_top_per_identity", "random_keep", "soft_label_entropy", "per_identity_counts", "identity_index",
@@ -43,18 +45,18 @@ _CHUNK = 1 << 14  # elements per vectorised block: small enough that the tempora
 def _int_labels(labels) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
-        raise ValueError(f"labels must be a 1-D array (one identity label per sample), found shape {arr.shape}")
+        raise InputError(f"labels must be a 1-D array (one identity label per sample), found shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError("empty input: labels has no sample")
+        raise InputError("empty input: labels has no sample")
     if arr.dtype.kind in "iu":
         out = arr.astype(np.int64, copy=False)
     elif arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
         out = arr.astype(np.int64)
     else:
-        raise ValueError(f"labels must be integers, found dtype {arr.dtype}")
+        raise InputError(f"labels must be integers, found dtype {arr.dtype}")
     if out.min() < 0:
         i = int(np.argmax(out < 0))
-        raise ValueError(f"labels must be >= 0, found labels[{i}] = {out[i]}")
+        raise InputError(f"labels must be >= 0, found labels[{i}] = {out[i]}")
     return out
 
 
@@ -65,16 +67,16 @@ def _excluded_mask(excluded, n: int) -> np.ndarray | None:
     ex = np.asarray(excluded)
     if ex.dtype == bool:
         if ex.shape != (n,):
-            raise ValueError(f"excluded: a boolean mask must have shape ({n},), found {ex.shape}")
+            raise InputError(f"excluded: a boolean mask must have shape ({n},), found {ex.shape}")
         return ex if ex.any() else None
     if ex.size == 0:
         return None
     if ex.dtype.kind not in "iu" or ex.ndim != 1:
-        raise ValueError(f"excluded must be a boolean mask of length {n} or a 1-D array of sample indices, "
+        raise InputError(f"excluded must be a boolean mask of length {n} or a 1-D array of sample indices, "
                          f"found dtype {ex.dtype} shape {ex.shape}")
     if ex.min() < 0 or ex.max() >= n:
         bad = ex[(ex < 0) | (ex >= n)][0]
-        raise ValueError(f"excluded: sample index {bad} outside [0, {n})")
+        raise InputError(f"excluded: sample index {bad} outside [0, {n})")
     mask = np.zeros(n, dtype=bool)
     mask[ex] = True
     return mask
@@ -84,9 +86,9 @@ def _check_fraction(fraction, name: str = "fraction") -> float:
     try:
         f = float(fraction)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in (0, 1], found {fraction!r}") from None
+        raise InputError(f"{name} must be a number in (0, 1], found {fraction!r}") from None
     if not 0.0 < f <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in (0, 1], found {fraction}")
+        raise InputError(f"{name} must be in (0, 1], found {fraction}")
     return f
 
 
@@ -94,27 +96,27 @@ def _check_min(min_samples_per_id) -> int:
     try:
         m = operator.index(min_samples_per_id)
     except TypeError:
-        raise ValueError(f"min_samples_per_id must be an integer >= 0, found {min_samples_per_id!r}") from None
+        raise InputError(f"min_samples_per_id must be an integer >= 0, found {min_samples_per_id!r}") from None
     if m < 0:
-        raise ValueError(f"min_samples_per_id must be >= 0, found {m}")
+        raise InputError(f"min_samples_per_id must be >= 0, found {m}")
     return m
 
 
 def _check_prob(prob, n: int, mask: np.ndarray | None) -> np.ndarray:
     p = np.asarray(prob)
     if p.ndim != 1:
-        raise ValueError(f"prob must be a 1-D array (one probability per sample), found shape {p.shape}")
+        raise InputError(f"prob must be a 1-D array (one probability per sample), found shape {p.shape}")
     if p.shape[0] != n:
-        raise ValueError(f"prob and labels differ in length: {p.shape[0]} probabilities, {n} labels")
+        raise InputError(f"prob and labels differ in length: {p.shape[0]} probabilities, {n} labels")
     if p.dtype.kind not in "fiu":
-        raise ValueError(f"prob must be a float array, found dtype {p.dtype}")
+        raise InputError(f"prob must be a float array, found dtype {p.dtype}")
     p = p.astype(np.float64, copy=False)
     bad = ~(p >= 0) | (p == np.inf)  # NaN, negative, +inf
     if mask is not None:
         bad &= ~mask
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"prob must be finite and >= 0 (exclude the sample instead), found prob[{i}] = {p[i]}"
+        raise InputError(f"prob must be finite and >= 0 (exclude the sample instead), found prob[{i}] = {p[i]}"
                          f" ({int(bad.sum())} such samples)")
     return p + 0.0  # -0.0 -> +0.0, and a private copy
 
@@ -232,12 +234,12 @@ def _as_kept(kept, n: int) -> np.ndarray:
     if kept.size == 0:
         return _EMPTY
     if kept.ndim != 1 or kept.dtype.kind not in "iu":
-        raise ValueError(f"kept must be a 1-D integer array of sample indices, found dtype {kept.dtype} "
+        raise InputError(f"kept must be a 1-D integer array of sample indices, found dtype {kept.dtype} "
                          f"shape {kept.shape}")
     kept = kept.astype(np.int64, copy=False)
     if kept.min() < 0 or kept.max() >= n:
         bad = kept[(kept < 0) | (kept >= n)][0]
-        raise ValueError(f"kept: sample index {bad} outside [0, {n})")
+        raise InputError(f"kept: sample index {bad} outside [0, {n})")
     return kept
 
 
@@ -283,9 +285,9 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
     n = labels.size
     scores = np.asarray(scores)
     if scores.shape != (n,):
-        raise ValueError(f"scores and labels differ in length: scores shape {scores.shape}, {n} labels")
+        raise InputError(f"scores and labels differ in length: scores shape {scores.shape}, {n} labels")
     if scores.dtype.kind not in "fiub":
-        raise ValueError(f"scores must be a numeric array, found dtype {scores.dtype}")
+        raise InputError(f"scores must be a numeric array, found dtype {scores.dtype}")
     fraction = _check_fraction(fraction)
     min_k = _check_min(min_samples_per_id)
     mask = _excluded_mask(excluded, n)
@@ -532,9 +534,9 @@ def _check_threshold(threshold) -> float:
     try:
         t = float(threshold)
     except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number >= 0, found {threshold!r}") from None
+        raise InputError(f"threshold must be a number >= 0, found {threshold!r}") from None
     if not t >= 0:
-        raise ValueError(f"threshold must be >= 0, found {threshold}")
+        raise InputError(f"threshold must be >= 0, found {threshold}")
     return t
 
 
@@ -733,7 +735,7 @@ def diffprob_threshold_for_fraction(prob, labels, keep_fraction, min_samples_per
     min_k = _check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
-        raise ValueError("every sample is excluded: there is nothing to select a threshold for")
+        raise InputError("every sample is excluded: there is nothing to select a threshold for")
     return _search_threshold(seg, keep_fraction * seg.num_images, min_k)
 
 
@@ -743,7 +745,7 @@ def diffprob_for_fraction(prob, labels, keep_fraction, min_samples_per_id=5, exc
     min_k = _check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
-        raise ValueError("every sample is excluded: there is nothing to select a threshold for")
+        raise InputError("every sample is excluded: there is nothing to select a threshold for")
     t = _search_threshold(seg, keep_fraction * seg.num_images, min_k)
     return _diffprob_positions(seg, t, min_k), t
 
@@ -767,20 +769,20 @@ def dynunc_scores(history, window=10) -> np.ndarray:
     try:
         J = operator.index(window)
     except TypeError:
-        raise ValueError(f"window must be an integer >= 2, found {window!r}") from None
+        raise InputError(f"window must be an integer >= 2, found {window!r}") from None
     if J < 2:
-        raise ValueError(f"window must be >= 2 (a standard deviation needs two epochs), found {J}")
+        raise InputError(f"window must be >= 2 (a standard deviation needs two epochs), found {J}")
     h = np.asarray(history)
     if h.ndim != 2:
-        raise ValueError(f"history must have shape (num_epochs, num_samples), found shape {h.shape}")
+        raise InputError(f"history must have shape (num_epochs, num_samples), found shape {h.shape}")
     E, N = h.shape
     if N == 0:
-        raise ValueError("empty input: history has no sample")
+        raise InputError("empty input: history has no sample")
     if E < J + 1:
-        raise ValueError(f"dynunc_scores needs at least window + 1 = {J + 1} epochs (windows end at epochs "
+        raise InputError(f"dynunc_scores needs at least window + 1 = {J + 1} epochs (windows end at epochs "
                          f"J-1 .. E-2), found {E}")
     if h.dtype.kind not in "fiu":
-        raise ValueError(f"history must be a float array, found dtype {h.dtype}")
+        raise InputError(f"history must be a float array, found dtype {h.dtype}")
     out = np.empty(N, dtype=np.float64)
     chunk = max(64, (1 << 14) // E)  # ~500 samples at E = 34: the block stays in L2
     for a in range(0, N, chunk):
@@ -791,7 +793,7 @@ def dynunc_scores(history, window=10) -> np.ndarray:
 def _dynunc_block(block: np.ndarray, J: int) -> np.ndarray:
     x = block.astype(np.float64)
     if np.isinf(x).any():
-        raise ValueError("history must hold probabilities (finite, or NaN for an unseen sample), found inf")
+        raise InputError("history must hold probabilities (finite, or NaN for an unseen sample), found inf")
     valid = ~np.isnan(x)
     has_nan = not valid.all()
     if has_nan:
@@ -855,17 +857,17 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
     rest = np.asarray(rest_mean_logit)
     C = operator.index(num_classes)
     if lg.ndim != 3 or ix.shape != lg.shape:
-        raise ValueError(f"topk_logits and topk_index must both have shape (epochs, samples, k), found "
+        raise InputError(f"topk_logits and topk_index must both have shape (epochs, samples, k), found "
                          f"{lg.shape} and {ix.shape}")
     E, N, k = lg.shape
     if E == 0 or N == 0 or k == 0:
-        raise ValueError(f"empty input: topk arrays have shape {lg.shape}")
+        raise InputError(f"empty input: topk arrays have shape {lg.shape}")
     if rest.shape != (E, N):
-        raise ValueError(f"rest_mean_logit must have shape {(E, N)}, found {rest.shape}")
+        raise InputError(f"rest_mean_logit must have shape {(E, N)}, found {rest.shape}")
     if ix.dtype.kind not in "iu":
-        raise ValueError(f"topk_index must be integers, found dtype {ix.dtype}")
+        raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
     if C < k:
-        raise ValueError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
+        raise InputError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
     seen = (ix >= 0).all(axis=2) & np.isfinite(lg).all(axis=2)  # (E, N)
     if not seen.all():
         # Group samples by how many epochs saw them; move each sample's seen epochs to the front.
@@ -889,14 +891,14 @@ def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
     L = E * k
     val = np.ascontiguousarray(lg.transpose(1, 0, 2), dtype=np.float64).ravel()  # (n, E, k) order
     if not np.isfinite(val).all():
-        raise ValueError(f"topk_logits must be finite (samples {offset}..{offset + n - 1})")
+        raise InputError(f"topk_logits must be finite (samples {offset}..{offset + n - 1})")
     cls = np.ascontiguousarray(ix.transpose(1, 0, 2), dtype=np.int64).reshape(n, L)
     if cls.min() < 0 or cls.max() >= C:
-        raise ValueError(f"topk_index must be in [0, {C}), found values in [{cls.min()}, {cls.max()}]")
+        raise InputError(f"topk_index must be in [0, {C}), found values in [{cls.min()}, {cls.max()}]")
     r = np.ascontiguousarray(rest.T, dtype=np.float64)  # (n, E)
     use_rest = k < C
     if use_rest and not np.isfinite(r).all():
-        raise ValueError(f"rest_mean_logit must be finite when k < num_classes (samples {offset}..)")
+        raise InputError(f"rest_mean_logit must be finite when k < num_classes (samples {offset}..)")
     # Per sample, sort the packed (class, entry) keys: each sample's entries grouped by class give U.
     kdt = np.int32 if C * L < 2 ** 31 else np.int64
     key = cls.astype(kdt) * kdt(L) + np.arange(L, dtype=kdt)
@@ -908,7 +910,7 @@ def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
     new[:, 0] = True
     np.not_equal(q[:, 1:], q[:, :-1], out=new[:, 1:])
     if (~new[:, 1:] & (ep[:, 1:] == ep[:, :-1])).any():
-        raise ValueError("topk_index repeats a class within one epoch's top k")
+        raise InputError("topk_index repeats a class within one epoch's top k")
     flat_new = new.ravel()
     starts = np.flatnonzero(flat_new)
     grow = np.repeat(np.arange(n), new.sum(axis=1))  # sample of each group

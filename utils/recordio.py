@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from utils.artifacts import atomic_write_text
+from utils.errors import ToolkitError
 
 __all__ = [
     "MAGIC", "IRHeader", "RecordIOError", "RecordLayout", "MXRecordIO", "MXIndexedRecordIO",
@@ -59,7 +60,11 @@ IRHeader.__doc__ = """Header of a packed record: flag (label vector length, 0 fo
 label (float, or float32 array when flag > 0), id and id2 (uint64)."""
 
 
-class RecordIOError(ValueError):
+class MissingRecordFile(ToolkitError, FileNotFoundError):
+    """A .rec or .idx file that is not there (also a FileNotFoundError, as mxnet raises)."""
+
+
+class RecordIOError(ToolkitError, ValueError):
     """A RecordIO file or its index does not hold what it should (messages name file, key, byte offset)."""
 
 
@@ -276,7 +281,7 @@ def read_index(idx_path, rec_path=None) -> Tuple[np.ndarray, np.ndarray]:
     ``RecordIOError`` naming the line when a line is malformed or a key repeats.
     """
     if not os.path.isfile(idx_path):
-        raise FileNotFoundError(_missing_index_message(idx_path, rec_path or Path(idx_path).with_suffix(".rec")))
+        raise MissingRecordFile(_missing_index_message(idx_path, rec_path or Path(idx_path).with_suffix(".rec")))
     with open(idx_path, "rb") as f:
         data = f.read()
     tokens = data.split()
@@ -456,7 +461,7 @@ class MXIndexedRecordIO(MXRecordIO):
             self.idx = dict(zip(self.keys, offsets.tolist()))
             return
         if not os.path.isfile(self.idx_path):
-            raise FileNotFoundError(_missing_index_message(self.idx_path, self.uri))
+            raise MissingRecordFile(_missing_index_message(self.idx_path, self.uri))
         with open(self.idx_path, "r") as f:
             keys, offsets = _parse_index_lines(f.read(), self.idx_path, self.key_type)
         self.keys, self.idx = keys, dict(zip(keys, offsets))
@@ -709,7 +714,7 @@ def read_layout(rec_dir, *, rebuild_missing_index: bool = False, layout: Optiona
     rec_dir = Path(rec_dir)
     rec_path, idx_path = rec_dir / f"{name}.rec", rec_dir / f"{name}.idx"
     if not rec_path.is_file():
-        raise FileNotFoundError(f"record file {os.fspath(rec_path)!r} not found")
+        raise MissingRecordFile(f"record file {os.fspath(rec_path)!r} not found")
     if not idx_path.is_file() and rebuild_missing_index:
         rebuild_index(rec_path, idx_path)
     keys, offsets = read_index(idx_path, rec_path)

@@ -1,224 +1,195 @@
-"""The pruning and cleaning stages: read scores, select, write the kept list, label map, plot and summary.
+"""The registry of selection (pruning) methods: every method is one entry.
 
-Every method ends in `write_selection`, so every kept list has the same files beside it:
-    coresets/<method>_<fraction>/kept_index.npy (+ manifest), label_map.json, plot.png, summary.json
+An entry names the method, the records it reads (`needs`), its selection function and what its score
+means on a plot. Everything else is derived from the registry: the `coreset_method` choices of every
+stage, `run_pipeline.py --methods`, the script that runs a method, the output folder
+(`coresets/<name>_<fraction>/`) and the README's method table (`method_table()`). A new method is one
+`@register_method(...)` function here plus its test.
+
+A selection function takes the loaded `Records` and the config and returns a `Selection`: the kept
+sample indices (sorted unique int64), the per-sample score it ranked by (or None) and facts for the
+summary. Per-identity budgets always go through `utils.pruning.keep_top_per_identity` (or DiffProb's own
+rule): one tested helper, as the data-pruning literature learned the hard way (DeepCore).
 """
 from __future__ import annotations
 
-import json
-import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
-from config.config import Config
-from utils import paths, pruning
-from utils.artifacts import (ArtifactError, Fingerprint, atomic_write_json, load_array, load_kept_index,
-                             save_array, save_kept_index, save_label_map)
-from utils.scoring import load_scores
+from config import config as config_module
+from utils import pruning
+from utils.records import NEEDS, Records  # noqa: F401  (Records: what selection functions take)
+from utils.errors import InputError
 
-log = logging.getLogger("diffprob")
-
-
-def dataset_labels(cfg: Config):
-    """(labels per sample, fingerprint, num_classes) from the record headers alone (no decoding)."""
-    from utils.data import open_dataset
-
-    ds = open_dataset(cfg.rec)
-    return ds.all_labels, ds.fingerprint, ds.source_num_classes
+# Retraining also accepts these two, which are not selections of the pruning stages.
+RETRAIN_ONLY = {"full": "every image", "relabel": "every image, cleaning's flagged ones with their suggested label"}
 
 
-def write_selection(cfg: Config, method: str, kept, labels, fingerprint: Fingerprint, inputs, scores=None,
-                    score_name="score", info=None) -> dict:
-    """kept list + label map + summary + plot of one selection; returns the summary."""
-    from utils.plots import plot_selection
-
-    out = paths.coreset_dir(cfg, method)
-    label_map = pruning.label_map_for(kept, labels)
-    summary = pruning.selection_summary(kept, labels, len(labels))
-    summary.update(info or {})
-    summary["method"] = method
-    summary["identities_vanished"] = int(len(np.unique(labels)) - len(label_map))
-    kept = save_kept_index(out / "kept_index.npy", kept, method, fingerprint, cfg, inputs, summary,
-                           text=cfg.write_text_kept_index)
-    save_label_map(out / "label_map.json", label_map, method, fingerprint, cfg, [out / "kept_index.npy"])
-    atomic_write_json(out / "summary.json", summary)
-    plot_selection(out / "plot.png", scores, labels, kept, title=f"{method} ({paths.coreset_tag(cfg, method)})",
-                   score_name=score_name)
-    log.info("%s: %s -> %s", method, pruning.format_summary(summary), out)
-    print(f"{method}: {pruning.format_summary(summary)}")
-    return summary
+@dataclass
+class Selection:
+    kept: np.ndarray  # sorted unique int64 sample indices
+    scores: Optional[np.ndarray] = None  # (N,) what the method ranked by, for the plot; None: no score
+    info: dict = field(default_factory=dict)  # facts for summary.json (threshold, window, seconds, ...)
+    warnings: list = field(default_factory=list)  # printed by the stage, e.g. an unreachable fraction
 
 
-def _excluded_by_cleaning(cfg: Config, fingerprint: Fingerprint, num_images: int):
-    path = paths.clean_dir(cfg) / "kept_index.npy"
-    if not path.exists():
-        raise ArtifactError(f"missing {path}: run clean_trainset.py first (diffprob_clean prunes the cleaned set)")
-    kept = load_kept_index(path, fingerprint)
-    excluded = np.ones(num_images, dtype=bool)
-    excluded[kept] = False
-    return excluded, path
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str  # for tables and plots, e.g. "DiffProb"
+    select: Callable  # (Records, cfg) -> Selection
+    needs: tuple = ()  # keys of NEEDS
+    score_name: Optional[str] = None  # what the score on the plot means; None: no score
+    script: tuple = ("coreset_select.py",)  # the command that runs it (the paper's scripts for its methods)
+    aliases: tuple = ()  # other names accepted for `coreset_method` (the paper repository's)
+    takes_threshold: bool = False  # `--threshold` sets the selection instead of `--fraction`
+    summary: str = ""  # one line for --help and the README
 
 
-# ------------------------------------------------------------------------------------------- stages
-def run_diffprob(cfg: Config, ctx=None) -> dict:
-    method = "diffprob_clean" if cfg.coreset_method == "diffprob_clean" else "diffprob"
-    labels, fp, _ = dataset_labels(cfg)
-    scores = load_scores(cfg, fp)
-    prob = scores["gt_prob_with_margin"]
-    inputs = [paths.scores_path(cfg)]
-    excluded = None
-    if method == "diffprob_clean":
-        excluded, clean_path = _excluded_by_cleaning(cfg, fp, len(labels))
-        inputs.append(clean_path)
+METHODS: dict = {}
+_ALIASES: dict = {}
+
+
+def register_method(name, *, title, needs=(), score_name=None, script=None, aliases=(), takes_threshold=False,
+                    summary=""):
+    """Decorator: register `fn(records, cfg) -> Selection` as selection method `name`."""
+    def wrap(fn):
+        for n in (name, *aliases):
+            if n in METHODS or n in _ALIASES or n in RETRAIN_ONLY:
+                raise ValueError(f"selection method name {n!r} is taken")
+        unknown = set(needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"{name}: unknown needs {sorted(unknown)}; valid: {sorted(NEEDS)}")
+        METHODS[name] = Method(name, title, fn, tuple(needs), score_name, tuple(script or ("coreset_select.py",)),
+                               tuple(aliases), takes_threshold, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        for a in aliases:
+            _ALIASES[a] = name
+        # The config's `coreset_method` choices and aliases are the registry's.
+        config_module.CHOICES["coreset_method"] = coreset_method_choices()
+        config_module.ALIASES["coreset_method"] = dict(_ALIASES)
+        return fn
+    return wrap
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of `name` (aliases resolved); unknown names stay as they are."""
+    return _ALIASES.get(name, name)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[canonical_name(name)]
+    except KeyError:
+        raise InputError(f"unknown selection method {name!r}; valid: {', '.join(list_methods(aliases=True))}") from None
+
+
+def list_methods(aliases: bool = False) -> list:
+    return list(METHODS) + (list(_ALIASES) if aliases else [])
+
+
+def coreset_method_choices() -> tuple:
+    """Every value `coreset_method` accepts: retraining's own, the registered methods and their aliases."""
+    return (*RETRAIN_ONLY, *METHODS, *_ALIASES)
+
+
+def method_table() -> str:
+    """The README's method table (markdown), from the registry."""
+    rows = ["| method | `--coreset_method` | script | reads | what it keeps |", "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        names = ", ".join(f"`{n}`" for n in (m.name, *m.aliases))
+        rows.append(f"| {m.title} | {names} | `{' '.join(m.script)}` | {', '.join(m.needs) or 'labels'} | "
+                    f"{m.summary} |")
+    return "\n".join(rows) + "\n"
+
+
+def _ranked(scores, cfg):
+    """Scores as `keep_top_per_identity` ranks them: the highest are kept unless coreset_order=ascending."""
+    return scores if cfg.coreset_order == "descending" else -scores
+
+
+# ------------------------------------------------------------------------------------------- methods
+@register_method("rand", title="Rand", script=("coreset_rand.py",),
+                 summary="per identity, uniformly at random (seeded by --seed)")
+def select_rand(rec: Records, cfg) -> Selection:
+    """Per identity, a uniformly random share of the images."""
+    t0 = time.time()
+    kept = pruning.random_keep(rec.labels, cfg.fraction, cfg.min_samples_per_id, seed=cfg.seed)
+    rec.inputs.append(cfg.rec)
+    return Selection(kept, None, {"seed": cfg.seed, "seconds": time.time() - t0})
+
+
+@register_method("dynunc", title="DynUnc", needs=("prob_history",), score_name="DynUnc uncertainty",
+                 script=("coreset_dynunc.py",),
+                 summary="per identity, the images whose p(label) varied most over training epochs")
+def select_dynunc(rec: Records, cfg) -> Selection:
+    """DynUnc (He et al. 2023): mean over sliding windows of the std of p(label) across epochs."""
+    history = rec.prob_history
+    t0 = time.time()
+    scores = pruning.dynunc_scores(history, cfg.window)
+    kept = pruning.keep_top_per_identity(_ranked(scores, cfg), rec.labels, cfg.fraction, cfg.min_samples_per_id)
+    return Selection(kept, scores, {"window": cfg.window, "epochs": int(history.shape[0]),
+                                    "seconds": time.time() - t0})
+
+
+def _diffprob(rec: Records, cfg, excluded=None) -> Selection:
+    prob = rec.scores["gt_prob_with_margin"]
     t0 = time.time()
     if cfg.threshold is not None:
         threshold = float(cfg.threshold)
+        kept = pruning.diffprob(prob, rec.labels, threshold, cfg.min_samples_per_id, excluded=excluded)
     else:
-        threshold = pruning.diffprob_threshold_for_fraction(prob, labels, cfg.fraction, cfg.min_samples_per_id,
-                                                            excluded=excluded)
-    kept = pruning.diffprob(prob, labels, threshold, cfg.min_samples_per_id, excluded=excluded)
+        kept, threshold = pruning.diffprob_for_fraction(prob, rec.labels, cfg.fraction, cfg.min_samples_per_id,
+                                                        excluded=excluded)
     info = {"threshold": threshold, "requested_fraction": None if cfg.threshold is not None else cfg.fraction,
             "seconds": time.time() - t0}
-    achieved = len(kept) / len(labels)
+    sel = Selection(kept, prob, info)
+    achieved = len(kept) / len(rec.labels)
     if cfg.threshold is None and abs(achieved - cfg.fraction) > 0.02:
         # DiffProb's relaxation keeps at least min_samples_per_id per identity and, when an identity's
         # probabilities are bunched (a model that has not fitted its training data), nearly all of them.
-        log.warning("DiffProb cannot keep %.3f of these images: the closest is %.3f. The scores leave no room "
-                    "(under-fitted original model, or min_samples_per_id=%d is large for these identities)",
-                    cfg.fraction, achieved, cfg.min_samples_per_id)
-        print(f"warning: asked for {cfg.fraction:.3f}, the closest DiffProb selection keeps {achieved:.3f}")
-    print(f"{method}: threshold {threshold:.6g} keeps {len(kept) / len(labels):.4f} of the images"
-          + ("" if cfg.threshold is not None else f" (asked {cfg.fraction:.4f})"))
-    return write_selection(cfg, method, kept, labels, fp, inputs, prob, "p(label) with margin", info)
+        sel.warnings.append(
+            f"asked for {cfg.fraction:.3f}, the closest DiffProb selection keeps {achieved:.3f}: the scores leave "
+            f"no room (under-fitted original model, or min_samples_per_id={cfg.min_samples_per_id} is large for "
+            f"these identities)")
+    return sel
 
 
-def run_dynunc(cfg: Config, ctx=None) -> dict:
-    labels, fp, _ = dataset_labels(cfg)
-    path = paths.prob_history_path(cfg)
-    if not path.exists():
-        raise ArtifactError(f"missing {path}: train the original model with --is_original_train true")
-    history = load_array(path, fp)
-    if history.ndim != 2 or history.shape[1] != len(labels):
-        raise ArtifactError(f"{path}: expected shape (epochs, {len(labels)}), found {history.shape}")
+@register_method("diffprob", title="DiffProb", needs=("scores",), score_name="p(label) with margin",
+                 script=("eval_simprobs.py",), aliases=("eval_simprobs",), takes_threshold=True,
+                 summary="per identity, drops an image whose p(label) is within the threshold of one kept")
+def select_diffprob(rec: Records, cfg) -> Selection:
+    """DiffProb (Caldeira et al. 2025) on the margin head's labelled-class probability."""
+    return _diffprob(rec, cfg)
+
+
+@register_method("diffprob_clean", title="cleaning + DiffProb", needs=("scores", "clean"),
+                 score_name="p(label) with margin", script=("eval_simprobs.py", "--coreset_method", "diffprob_clean"),
+                 aliases=("eval_simprobs_clean",), takes_threshold=True,
+                 summary="DiffProb on what cleaning kept")
+def select_diffprob_clean(rec: Records, cfg) -> Selection:
+    """DiffProb on the samples cleaning kept (the paper's auxiliary cleaning first)."""
+    return _diffprob(rec, cfg, excluded=rec.excluded_by_cleaning)
+
+
+@register_method("entropy", title="soft-label entropy", needs=("topk",), score_name="soft-label entropy",
+                 script=("coreset_entropy.py",),
+                 summary="per identity, the images whose epoch-averaged soft label is most uncertain")
+def select_entropy(rec: Records, cfg) -> Selection:
+    """Entropy of the soft label averaged over the training trajectory ("Data Pruning Can Do More")."""
+    topk = rec.topk
     t0 = time.time()
-    scores = pruning.dynunc_scores(history, cfg.window)
-    ranked = scores if cfg.coreset_order == "descending" else -scores
-    kept = pruning.keep_top_per_identity(ranked, labels, cfg.fraction, cfg.min_samples_per_id)
-    return write_selection(cfg, "dynunc", kept, labels, fp, [path], scores, "DynUnc uncertainty",
-                           {"window": cfg.window, "epochs": int(history.shape[0]), "seconds": time.time() - t0})
+    entropy = pruning.soft_label_entropy(topk["topk_logits"].astype(np.float32), topk["topk_index"],
+                                         topk["rest_mean_logit"].astype(np.float32), rec.num_classes)
+    kept = pruning.keep_top_per_identity(_ranked(entropy, cfg), rec.labels, cfg.fraction, cfg.min_samples_per_id)
+    return Selection(kept, entropy, {"topk": int(topk["topk_logits"].shape[-1]), "seconds": time.time() - t0})
 
 
-def run_rand(cfg: Config, ctx=None) -> dict:
-    labels, fp, _ = dataset_labels(cfg)
-    t0 = time.time()
-    kept = pruning.random_keep(labels, cfg.fraction, cfg.min_samples_per_id, seed=cfg.seed)
-    return write_selection(cfg, "rand", kept, labels, fp, [cfg.rec], None, info={"seed": cfg.seed,
-                                                                                  "seconds": time.time() - t0})
-
-
-def run_entropy(cfg: Config, ctx=None) -> dict:
-    labels, fp, num_classes = dataset_labels(cfg)
-    path = paths.topk_history_path(cfg)
-    if not path.exists():
-        raise ArtifactError(f"missing {path}: train the original model with --is_original_train true "
-                            f"--record_topk K (K > 0)")
-    rec = load_array(path, fp)
-    t0 = time.time()
-    entropy = pruning.soft_label_entropy(rec["topk_logits"].astype(np.float32), rec["topk_index"],
-                                         rec["rest_mean_logit"].astype(np.float32), num_classes)
-    ranked = entropy if cfg.coreset_order == "descending" else -entropy
-    kept = pruning.keep_top_per_identity(ranked, labels, cfg.fraction, cfg.min_samples_per_id)
-    return write_selection(cfg, "entropy", kept, labels, fp, [path], entropy, "soft-label entropy",
-                           {"topk": int(rec["topk_logits"].shape[-1]), "seconds": time.time() - t0})
-
-
-def load_noise(rec) -> dict:
-    path = Path(rec) / "noise.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def cleaning_quality(flagged: np.ndarray, noise: dict) -> dict:
-    """Precision / recall of the flagged sample indices against the injected noise."""
-    flips = {int(e["index"]) for e in noise.get("flipped", [])}
-    opens = {int(e["index"]) for e in noise.get("open_set", [])}
-    noisy = flips | opens
-    flagged_set = set(map(int, flagged))
-    hit = len(flagged_set & noisy)
-    return {"removed": len(flagged_set), "noisy": len(noisy), "true_positives": hit,
-            "precision": hit / len(flagged_set) if flagged_set else 0.0,
-            "recall": hit / len(noisy) if noisy else 1.0,
-            "recall_flipped": len(flagged_set & flips) / len(flips) if flips else None,
-            "recall_open_set": len(flagged_set & opens) / len(opens) if opens else None}
-
-
-def run_clean(cfg: Config, ctx=None) -> dict:
-    """Remove samples whose margin-free arg-max class differs from their label."""
-    labels, fp, num_classes = dataset_labels(cfg)
-    scores = load_scores(cfg, fp)
-    pred = scores["pred"]
-    flagged_mask = pred != labels
-    flagged = np.flatnonzero(flagged_mask).astype(np.int64)
-    kept = np.flatnonzero(~flagged_mask).astype(np.int64)
-    if kept.size == 0:
-        raise ArtifactError("cleaning would remove every sample: the scoring model predicts no label right")
-    label_map = pruning.label_map_for(kept, labels)
-    present = np.unique(labels)
-    vanished = np.setdiff1d(present, np.array(sorted(label_map), dtype=np.int64))
-    out = paths.clean_dir(cfg)
-    inputs = [paths.scores_path(cfg)]
-    info = {"removed": int(flagged.size), "kept": int(kept.size), "kept_fraction": kept.size / len(labels),
-            "identities_vanished": int(vanished.size), "vanished": vanished.tolist()[:1000]}
-    noise = load_noise(cfg.rec)
-    if noise is not None:
-        info["quality"] = cleaning_quality(flagged, noise)
-    save_array(out / "flagged.npy", flagged, "clean_trainset", fp, cfg, inputs, info)
-    if cfg.relabel:
-        # Relabel instead of remove: the suggested label is the model's margin-free arg-max class.
-        save_array(out / "relabel.npz", {"index": flagged, "label": labels[flagged], "suggested_label": pred[flagged],
-                                         "suggested_prob": scores["pred_prob"][flagged]},
-                   "clean_trainset", fp, cfg, inputs, {"count": int(flagged.size)})
-    save_kept_index(out / "kept_index.npy", kept, "clean_trainset", fp, cfg, inputs, info,
-                    text=cfg.write_text_kept_index)
-    save_label_map(out / "label_map.json", label_map, "clean_trainset", fp, cfg, [out / "kept_index.npy"])
-    atomic_write_json(out / "summary.json", info)
-    line = (f"cleaning: removed {flagged.size} of {len(labels)} samples ({flagged.size / len(labels):.2%}), "
-            f"kept {kept.size / len(labels):.2%}; {vanished.size} of {present.size} identities vanish")
-    if noise is not None:
-        q = info["quality"]
-        line += f"; against noise.json: precision {q['precision']:.3f}, recall {q['recall']:.3f}"
-    print(line)
-    log.info("%s -> %s", line, out)
-    return info
-
-
-def run_label_dict(cfg: Config, ctx=None) -> dict:
-    """identity -> sample indices (CSR: identities, starts, order), from the record headers alone."""
-    t0 = time.time()
-    labels, fp, _ = dataset_labels(cfg)
-    identities, starts, order = pruning.identity_index(labels)
-    out = paths.label_dict_path(cfg)
-    save_array(out, {"identities": identities, "starts": starts, "order": order}, "generate_label_dict", fp, cfg,
-               [cfg.rec], {"num_identities": int(len(identities))})
-    counts = np.diff(np.append(starts, len(order)))
-    seconds = time.time() - t0
-    print(f"label dict: {len(labels)} images, {len(identities)} identities (images per identity min {counts.min()}, "
-          f"median {int(np.median(counts))}, max {counts.max()}) in {seconds:.2f} s -> {out}")
-    return {"identities": int(len(identities)), "seconds": seconds}
-
-
-def run_label_mapping(cfg: Config, ctx=None) -> dict:
-    """Report how many identities a kept list keeps and write its contiguous label map."""
-    labels, fp, _ = dataset_labels(cfg)
-    kept_path = paths.kept_index_path(cfg)
-    kept = load_kept_index(kept_path, fp)
-    label_map = pruning.label_map_for(kept, labels)
-    out = Path(cfg.label_map) if cfg.label_map else kept_path.with_name("label_map.json")
-    save_label_map(out, label_map, "label_mapping", fp, cfg, [kept_path])
-    total = len(np.unique(labels))
-    print(f"label map: {len(kept)} kept images keep {len(label_map)} of {total} identities "
-          f"({total - len(label_map)} vanish) -> {out}")
-    return {"identities": len(label_map), "vanished": total - len(label_map)}
+def run_selection(method: Method, rec: Records, cfg) -> Selection:
+    """Check the config against the method, read what it needs, select."""
+    if cfg.threshold is not None and not method.takes_threshold:
+        raise InputError(f"{method.name} is set by --fraction; --threshold is for "
+                         f"{', '.join(m.name for m in METHODS.values() if m.takes_threshold)}")
+    return method.select(rec.load(method.needs), cfg)

@@ -8,9 +8,9 @@ soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,40 +20,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from config.config import Config, to_dict
 from utils import paths
-from utils.artifacts import (ArtifactError, Fingerprint, atomic_write_json, is_complete, load_kept_index,
-                             load_label_map, save_array)
+from utils.artifacts import ArtifactError, Fingerprint, is_complete, load_kept_index, load_label_map, save_array
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.context import Context, barrier, gather_by_index, seed_everything
 from utils.data import PaddedDistributedSampler, open_dataset
-from utils.runtime import Context, UserError, barrier, gather_by_index, init_logging, seed_everything
-from utils.transforms import normalize_batch, random_hflip
+from utils.embedding import forward_uint8
+from utils.errors import UserError
+from utils.models import build_head, head_kwargs, model_kwargs, new_backbone
+from utils.selection import RETRAIN_ONLY, get_method
+from utils.transforms import random_hflip
 
 log = logging.getLogger("diffprob")
 
 
 # ------------------------------------------------------------------------------------------ building
-def model_kwargs(cfg: Config, image_size: int) -> dict:
-    kwargs = {"num_features": cfg.embedding_size, "input_size": image_size}
-    if cfg.SE:
-        kwargs["use_se"] = True
-    return kwargs
-
-
-def head_kwargs(cfg: Config) -> dict:
-    """The config values of the keys the head's defaults table names (s, m, std, ...)."""
-    from losses import HEAD_DEFAULTS
-
-    return {k: getattr(cfg, k) for k in HEAD_DEFAULTS[cfg.loss] if getattr(cfg, k, None) is not None}
-
-
-def build_head(name, in_features, num_classes, ctx: Context, kwargs):
-    from losses import ShardedClassifier
-
-    return ShardedClassifier(name, in_features, num_classes, rank=ctx.rank, world_size=ctx.world_size, **kwargs)
-
-
-def lr_factor(cfg: Config, steps_per_epoch: int):
+def lr_factor(cfg, steps_per_epoch: int):
     """Per-step lr multiplier: linear warm-up, then x lr_decay at each epoch of lr_steps."""
     warmup = cfg.warmup_epoch * steps_per_epoch
 
@@ -66,12 +48,14 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def load_selection(cfg: Config, fingerprint: Fingerprint, labels: np.ndarray):
+def load_selection(cfg, fingerprint: Fingerprint, labels: np.ndarray):
     """(kept_index, label_map, inputs) for retraining; (None, None, []) for the original training."""
     from utils.pruning import label_map_for
 
     if cfg.is_original_train or (cfg.coreset_method == "full" and not cfg.kept_index):
         return None, None, []
+    if not cfg.kept_index and cfg.coreset_method not in RETRAIN_ONLY:
+        get_method(cfg.coreset_method)  # an unknown method is refused here, naming the valid ones
     kept_path = paths.kept_index_path(cfg)
     kept = load_kept_index(kept_path, fingerprint)
     map_path = paths.label_map_path(cfg)
@@ -82,7 +66,7 @@ def load_selection(cfg: Config, fingerprint: Fingerprint, labels: np.ndarray):
     return kept, label_map_for(kept, labels), [kept_path]
 
 
-def relabelled(cfg: Config, dataset):
+def relabelled(cfg, dataset):
     """The full dataset with cleaning's flagged samples moved to their suggested label."""
     from utils.artifacts import load_array
 
@@ -96,7 +80,7 @@ def relabelled(cfg: Config, dataset):
 
 @dataclass
 class Run:
-    cfg: Config
+    cfg: object  # config.config.Config
     ctx: Context
     out: Path
     dataset: object
@@ -116,9 +100,7 @@ class Run:
     best: dict = field(default_factory=dict)
 
 
-def prepare_run(cfg: Config, ctx: Context) -> Run:
-    from backbones import get_model
-
+def prepare_run(cfg, ctx: Context) -> Run:
     out = paths.train_dir(cfg)
     probe = open_dataset(cfg.rec)  # full dataset: labels and fingerprint, no image decoded
     if not cfg.is_original_train and cfg.coreset_method == "relabel":
@@ -134,7 +116,7 @@ def prepare_run(cfg: Config, ctx: Context) -> Run:
                         f"lower --batch_size")
     image_size = _image_size(dataset)
     seed_everything(cfg.seed)  # same initial weights on every rank and on a resumed run
-    backbone = get_model(cfg.network, **model_kwargs(cfg, image_size)).to(ctx.device)
+    backbone = new_backbone(cfg, image_size).to(ctx.device)
     head = build_head(cfg.loss, cfg.embedding_size, dataset.num_classes, ctx, head_kwargs(cfg)).to(ctx.device)
     if ctx.device.type == "cuda" and cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -201,7 +183,7 @@ def save_epoch(run: Run, epoch: int):
             "head": head_state, "head_info": {"name": cfg.loss, "in_features": cfg.embedding_size,
                                               "num_classes": run.dataset.num_classes, "kwargs": head_kwargs(cfg)},
             "epoch": epoch, "step": run.global_step, "fingerprint": run.dataset.fingerprint.to_dict(),
-            "label_map": run.label_map, "config": to_dict(cfg)}
+            "label_map": run.label_map, "config": dataclasses.asdict(cfg)}
         save_checkpoint(paths.epoch_checkpoint(out, epoch), light)
         save_checkpoint(out / "backbone.pth", run.backbone.state_dict())
         save_checkpoint(out / "last.pt", {"epoch": epoch, "world_size": ctx.world_size,
@@ -277,14 +259,9 @@ def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp
 
     Returns (loss, gt_prob, embeddings), all still on the device (no host sync here).
     """
-    images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    images = normalize_batch(random_hflip(images, flip_gen))
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        embeddings = backbone(images)
-    loss, gt_prob = head(embeddings.float(), labels)
+    embeddings = forward_uint8(backbone, images, device, amp_dtype, channels_last,
+                               transform=lambda x: random_hflip(x, flip_gen))
+    loss, gt_prob = head(embeddings, labels.to(device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip > 0:
@@ -416,58 +393,7 @@ class VerificationCallback:
         return results
 
 
-def train(cfg: Config, ctx: Context) -> dict:
-    """Train as `cfg` says; returns the summary written to `<train_dir>/train_summary.json`."""
-    run = prepare_run(cfg, ctx)
-    out = run.out
-    out.mkdir(parents=True, exist_ok=True)
-    init_logging(ctx.rank, out)
-    if ctx.is_main:
-        atomic_write_json(out / "config.json", to_dict(cfg))
-    log.info("training %s + %s on %d images of %d identities (%s) -> %s", cfg.network, cfg.loss, len(run.dataset),
-             run.dataset.num_classes, "original" if cfg.is_original_train else paths.coreset_tag(cfg), out)
-    log.info("global batch %d, %d steps/epoch, %d epochs, lr %.4f, amp %s", cfg.batch_size * ctx.world_size,
-             run.steps_per_epoch, cfg.num_epoch, run.optimizer.param_groups[0]["initial_lr"], ctx.amp_dtype)
-    progress = ProgressLog(run)
-    verify = VerificationCallback(run)
-
-    def on_step(run_, epoch, step, loss):
-        progress(run_, epoch, step, loss)
-        if cfg.eval_step > 0 and run_.global_step % cfg.eval_step == 0:
-            progress.write({"type": "verification", "step": run_.global_step, **_flat(verify(run_))})
-
-    t0 = time.time()
-    results = {}
-    for epoch in range(run.start_epoch, cfg.num_epoch):
-        recorder = Recorder(cfg.record_topk) if cfg.is_original_train else None
-        loss = train_one_epoch(run, epoch, recorder, on_step)
-        if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} in epoch {epoch + 1}; lower --lr or use --dtype fp32")
-        if recorder is not None:
-            recorder.write(run, epoch + 1)
-        results = verify(run)
-        progress.write({"type": "epoch", "epoch": epoch + 1, "loss": loss, "step": run.global_step,
-                        "seconds": time.time() - t0, **_flat(results)})
-        save_epoch(run, epoch + 1)
-    progress.bar.close()
-    seconds = time.time() - t0
-    if cfg.is_original_train and ctx.is_main:
-        assemble_history(cfg, run.dataset.fingerprint)
-    summary = {"train_dir": str(out), "num_images": len(run.dataset), "num_classes": run.dataset.num_classes,
-               "epochs": cfg.num_epoch, "steps": run.global_step, "train_seconds": seconds,
-               "world_size": ctx.world_size, "inputs": [str(p) for p in run.inputs],
-               "verification": {k: v["accuracy_mean"] for k, v in results.items()},
-               "best": run.best}
-    if ctx.is_main:
-        atomic_write_json(out / "train_summary.json", summary)
-    return summary
-
-
-def _flat(results: dict) -> dict:
-    return {f"acc_{k}": v["accuracy_mean"] for k, v in results.items()}
-
-
-def assemble_history(cfg: Config, fingerprint: Fingerprint):
+def assemble_history(cfg, fingerprint: Fingerprint):
     """probs/epoch_XXX.npz -> prob_history.npy (E, N) and topk_logits.npz (E, N, k), with manifests."""
     out = paths.original_dir(cfg, cfg.loss)
     files = [out / "probs" / f"epoch_{e:03d}.npz" for e in range(1, cfg.num_epoch + 1)]

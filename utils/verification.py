@@ -19,8 +19,6 @@ that the same embeddings give the same numbers:
 Everything is vectorised: per fold the accepted counts at all thresholds come from one `searchsorted`
 on the sorted distances, which counts exactly the pairs with distance < threshold.
 """
-import contextlib
-import itertools
 import logging
 import math
 import os
@@ -31,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils.artifacts import atomic_path
-from utils.transforms import normalize_batch
+from utils.embedding import embed_views
 
 logger = logging.getLogger(__name__)
 
@@ -139,92 +136,6 @@ def load_bin(path, image_size=(112, 112)):
             pass
     logger.info("loaded %s: %d pairs, images %s", path, len(issame), tuple(images.shape))
     return [images, images.flip(-1)], issame
-
-
-# ----------------------------------------------------------------------------------------------------
-# Embedding
-
-# Reduced-precision dtypes run under autocast on CUDA; float32 (or None) runs as is.
-_AUTOCAST_DTYPES = {
-    None: None, "float32": None, "fp32": None, torch.float32: None,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, torch.float16: torch.float16,
-}
-
-
-def autocast_dtype(dtype):
-    """The autocast dtype for a `dtype` spec (None, 'float32', 'bf16', torch.bfloat16, ...); None = no autocast."""
-    try:
-        return _AUTOCAST_DTYPES[dtype]
-    except (KeyError, TypeError):
-        valid = sorted(k for k in _AUTOCAST_DTYPES if isinstance(k, str))
-        raise ValueError(f"dtype {dtype!r} not understood; valid: {valid} or a torch dtype") from None
-
-
-def model_device(model):
-    """The device of the model's first parameter or buffer (CPU for a model without any)."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Put every module in eval mode, then restore each module's own training flag."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@torch.no_grad()
-def embed_batch(model, images, device, amp_dtype=None, flip=True):
-    """Embed one uint8 (B, 3, H, W) RGB batch: (embeddings, embeddings of the flipped images or None).
-
-    Both float32 numpy (B, D). `amp_dtype` (from `autocast_dtype`) enables autocast on CUDA only: on CPU
-    reduced precision is slow and changes results, so it is ignored there. The model must be in eval mode.
-    """
-    device = torch.device(device)
-    x = normalize_batch(torch.as_tensor(images).to(device, non_blocking=True))
-    use_amp = amp_dtype is not None and device.type == "cuda"
-    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-        emb = model(x).float().cpu().numpy()
-        emb_flip = model(x.flip(-1)).float().cpu().numpy() if flip else None
-    return emb, emb_flip
-
-
-def embed_views(model, images, batch_size=256, device=None, flip=True, dtype=None, progress=False, desc="embed"):
-    """Embed uint8 (N, 3, H, W) RGB images in batches: (embeddings, flip embeddings or None), float32 (N, D)."""
-    images = torch.as_tensor(images)
-    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    device = torch.device(device) if device is not None else model_device(model)
-    amp_dtype = autocast_dtype(dtype)
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        starts = tqdm(starts, desc=desc, unit="batch")
-    parts, flip_parts = [], []
-    with eval_mode(model):
-        for start in starts:
-            emb, emb_flip = embed_batch(model, images[start:start + batch_size], device, amp_dtype, flip)
-            parts.append(emb)
-            flip_parts.append(emb_flip)
-    if not parts:
-        raise ValueError("no images to embed")
-    return np.concatenate(parts), (np.concatenate(flip_parts) if flip else None)
-
-
-def embed(model, images_uint8, batch_size=256, device=None, flip=True, dtype=None, progress=False):
-    """Embeddings (N, D) float32 of uint8 (N, 3, H, W) RGB images; with `flip`, image + flipped image.
-
-    Runs under `torch.no_grad`, with every module in eval mode (training flags restored afterwards), on
-    `device` (default: the model's), under bf16/fp16 autocast on CUDA when `dtype` asks for it.
-    """
-    emb, emb_flip = embed_views(model, images_uint8, batch_size, device, flip, dtype, progress)
-    return emb + emb_flip if flip else emb
 
 
 # ----------------------------------------------------------------------------------------------------

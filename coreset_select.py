@@ -1,0 +1,31 @@
+"""Select a kept set with any method of the registry (utils/selection.py), and write it.
+
+    python coreset_select.py --coreset_method dynunc --fraction 0.5 --rec data/synthetic --output output
+
+The stage reads the dataset's labels from the record headers and the files the method needs (scores,
+per-epoch histories, cleaning's kept list), selects, and writes `coresets/<method>_<fraction>/`:
+kept_index.npy (+ manifest), label_map.json, summary.json and plot.png. The paper's scripts
+(`eval_simprobs.py`, `coreset_dynunc.py`, `coreset_rand.py`) run this stage for their method.
+
+Methods (`--coreset_method`; `--help` lists every config key):
+{methods}
+"""
+from utils import paths
+from utils.data import open_dataset
+from utils.kept_sets import write_selection
+from utils.records import open_records
+from utils.runtime import run_stage
+from utils.selection import get_method, list_methods, run_selection
+
+__doc__ = __doc__.format(methods="\n".join(f"  {m:16s} {get_method(m).summary}" for m in list_methods()))
+
+
+def select(cfg, ctx=None, method_name: str = None) -> dict:
+    method = get_method(method_name or cfg.coreset_method)
+    rec = open_records(cfg, open_dataset(cfg.rec))  # labels from the record headers alone
+    selection = run_selection(method, rec, cfg)  # reads the files the method needs, then selects
+    return write_selection(cfg, paths.coreset_dir(cfg, method.name), method, selection, rec)
+
+
+if __name__ == "__main__":
+    run_stage("coreset_select", select, description=__doc__)

@@ -1,0 +1,134 @@
+"""The one place that builds models: a new backbone + margin head from the config, or a trained model
+from a checkpoint (its own metadata first: network, arguments, image size, head, label map, dataset).
+
+A checkpoint is this toolkit's `epoch_XXX.pt` (self-describing: see utils/checkpoint.py), or a plain
+InsightFace `backbone.pth` state dict, whose network the config names (`--network`, `--embedding_size`,
+`--SE`) at the dataset's image size; a head then comes from `--head_checkpoint` (ours, or the paper
+repository's `kernel` layout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils.artifacts import ArtifactError, Fingerprint
+from backbones import get_model
+from losses import HEAD_DEFAULTS, ShardedClassifier
+from utils.checkpoint import _strip_prefix, load_checkpoint, load_head_state
+
+
+def model_kwargs(cfg, image_size: int) -> dict:
+    """Backbone constructor arguments of the config at `image_size` pixels."""
+    kwargs = {"num_features": cfg.embedding_size, "input_size": image_size}
+    if cfg.SE:
+        kwargs["use_se"] = True
+    return kwargs
+
+
+def head_kwargs(cfg) -> dict:
+    """The config values of the keys the head's defaults table names (s, m, std, ...)."""
+    return {k: getattr(cfg, k) for k in HEAD_DEFAULTS[cfg.loss] if getattr(cfg, k, None) is not None}
+
+
+def new_backbone(cfg, image_size: int) -> torch.nn.Module:
+    return get_model(cfg.network, **model_kwargs(cfg, image_size))
+
+
+def build_head(name, in_features, num_classes, ctx, kwargs):
+    """The margin head, its classes sharded over the ranks of `ctx` (one shard in one process)."""
+    return ShardedClassifier(name, in_features, num_classes, rank=ctx.rank, world_size=ctx.world_size, **kwargs)
+
+
+def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int = 512, **model_kwargs):
+    """A backbone from this toolkit's checkpoint (self-describing) or a plain InsightFace state dict."""
+    if "backbone" in ckpt_or_state and "model" in ckpt_or_state:
+        spec = ckpt_or_state["model"]
+        model = get_model(spec["name"], **spec["args"])
+        state = ckpt_or_state["backbone"]
+    else:
+        if network is None:
+            raise ArtifactError("a plain backbone.pth does not say which network it is: give --network")
+        model = get_model(network, num_features=embedding_size, **model_kwargs)
+        state = ckpt_or_state
+    try:
+        model.load_state_dict(_strip_prefix(state), strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"the backbone weights do not fit {getattr(model, 'model_name', network)}: {e}") from None
+    return model
+
+
+def dataset_image_size(rec) -> int:
+    """Image side of a dataset folder from its `property` file (112, the InsightFace size, without one)."""
+    from utils.recordio import read_property
+
+    prop = read_property(Path(rec) / "property")
+    return prop[1] if prop else 112
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a training folder's newest `epoch_XXX.pt` (else its `backbone.pth`)."""
+    path = Path(path)
+    if path.is_dir():
+        saved = sorted(path.glob("epoch_*.pt"))
+        if saved:
+            return saved[-1]
+        if (path / "backbone.pth").exists():
+            return path / "backbone.pth"
+        raise ArtifactError(f"{path}: no epoch_XXX.pt or backbone.pth in this folder")
+    if not path.exists():
+        raise ArtifactError(f"model {path} not found")
+    return path
+
+
+def load_backbone(cfg, ctx, path_or_ckpt, image_size: int = None) -> torch.nn.Module:
+    """The backbone of a checkpoint (path or loaded dict), on the context's device, in eval mode."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    kwargs = model_kwargs(cfg, image_size or dataset_image_size(cfg.rec))
+    kwargs.pop("num_features")
+    return build_backbone(ckpt, cfg.network, cfg.embedding_size, **kwargs).to(ctx.device).eval()
+
+
+@dataclass
+class TrainedModel:
+    """A trained backbone with its margin head, ready to score the dataset it was trained on."""
+    backbone: torch.nn.Module
+    head: torch.nn.Module
+    path: Path
+    head_name: str
+
+
+def _head_state_from_paper(state: dict) -> dict:
+    """The paper repository's heads keep `kernel` (in_features, classes); ours keep `weight` (classes, in)."""
+    if "kernel" in state and "weight" not in state:
+        state = dict(state)
+        state["weight"] = state.pop("kernel").t().contiguous()
+    return state
+
+
+def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_classes: int) -> TrainedModel:
+    """Backbone + full-softmax head of a model trained on the dataset of `fingerprint` (its every class)."""
+    ckpt = load_checkpoint(ckpt_path)
+    if "fingerprint" in ckpt and Fingerprint.from_dict(ckpt["fingerprint"]) != fingerprint:
+        raise ArtifactError(f"{ckpt_path} was trained on another dataset ({Fingerprint.from_dict(ckpt['fingerprint'])}) "
+                            f"than {cfg.rec} ({fingerprint})")
+    if ckpt.get("label_map"):
+        raise ArtifactError(f"{ckpt_path} was trained on a pruned, relabelled subset; score with the original model")
+    backbone = load_backbone(cfg, ctx, ckpt)
+    info, head_state = load_head_state(ckpt) if "head" in ckpt else (None, None)
+    if head_state is None:
+        if not cfg.head_checkpoint:
+            raise ArtifactError(f"{ckpt_path} holds no head: give --head_checkpoint (the head/header .pth saved "
+                                f"with the backbone)")
+        info, head_state = load_head_state(load_checkpoint(cfg.head_checkpoint))
+    name = info["name"] if info else cfg.original_net_loss
+    kwargs = info["kwargs"] if info else head_kwargs(cfg)
+    head = build_head(name, cfg.embedding_size, num_classes, ctx, kwargs).to(ctx.device)
+    head_state = _head_state_from_paper(head_state)
+    rows = head_state["weight"].shape[0]
+    if rows != num_classes:
+        raise ArtifactError(f"the head has {rows} classes, the dataset {num_classes}")
+    head.load_full_state_dict(head_state)
+    head.eval()
+    return TrainedModel(backbone, head, Path(ckpt_path), name)

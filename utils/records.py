@@ -1,0 +1,156 @@
+"""The per-sample files that training and scoring write, read back and checked against the dataset.
+
+    scores/<network>_<loss>_<epoch>.npz   eval_trainset.py: gt_prob_with_margin, gt_prob, pred, pred_prob, label
+    original_<net>_<loss>/prob_history.npy    training: P[epoch, sample], labelled-class probability with
+                                              margin as seen during that epoch (NaN: not seen)
+    original_<net>_<loss>/topk_logits.npz     training: margin-free top-k logits per epoch and sample
+    clean/kept_index.npy                      clean_trainset.py: the samples cleaning keeps
+    <rec>/noise.json                          synthetic or noise-injected data: the injected noise
+
+Every reader names the stage that writes a missing file and refuses a file of another dataset.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils import paths
+from utils.artifacts import ArtifactError, Fingerprint, load_array, load_kept_index
+
+SCORE_KEYS = ("gt_prob_with_margin", "gt_prob", "pred", "pred_prob")
+
+
+def load_scores(cfg, fingerprint: Fingerprint) -> dict:
+    """The scores file of this config (`paths.scores_path`), checked against the dataset."""
+    path = paths.scores_path(cfg)
+    if not path.exists():
+        raise ArtifactError(f"missing scores {path}: run eval_trainset.py with the same --output, --network, "
+                            f"--original_net_loss, --eval_epoch/--use_all_epochs first")
+    data = load_array(path, fingerprint, length=fingerprint.num_images)
+    missing = [k for k in SCORE_KEYS + ("label",) if k not in data]
+    if missing:
+        raise ArtifactError(f"{path}: missing arrays {missing}")
+    return data
+
+
+def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:
+    """P[epoch, sample] (float32, NaN where the sample was not seen that epoch) of the original training."""
+    path = paths.prob_history_path(cfg)
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: train the original model with --is_original_train true")
+    history = load_array(path, fingerprint)
+    if history.ndim != 2 or history.shape[1] != fingerprint.num_images:
+        raise ArtifactError(f"{path}: expected shape (epochs, {fingerprint.num_images}), found {history.shape}")
+    return history
+
+
+TOPK_KEYS = ("topk_logits", "topk_index", "rest_mean_logit")
+
+
+def load_topk(cfg, fingerprint: Fingerprint) -> dict:
+    """Per epoch and sample: the margin-free top-k logits, their classes (-1: not seen) and the mean of the rest."""
+    path = paths.topk_history_path(cfg)
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: train the original model with --is_original_train true "
+                            f"--record_topk K (K > 0)")
+    rec = load_array(path, fingerprint)
+    missing = [k for k in TOPK_KEYS if k not in rec]
+    if missing:
+        raise ArtifactError(f"{path}: missing arrays {missing}")
+    return rec
+
+
+def cleaned_kept(cfg, fingerprint: Fingerprint) -> tuple:
+    """(kept sample indices of the cleaning stage, their file)."""
+    path = paths.clean_dir(cfg) / "kept_index.npy"
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: run clean_trainset.py first (diffprob_clean prunes the cleaned set)")
+    return load_kept_index(path, fingerprint), path
+
+
+def load_noise(rec) -> dict:
+    """The dataset's `noise.json` (injected label flips and open-set outliers), or None without one."""
+    path = Path(rec) / "noise.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable noise.json ({e})") from None
+
+
+def labels_from_label_dict(path, fingerprint: Fingerprint) -> np.ndarray:
+    """Per-sample labels rebuilt from generate_label_dict.py's `label_dict.npz` (CSR: identities, starts, order)."""
+    d = load_array(path, fingerprint)
+    try:
+        identities, starts, order = d["identities"], d["starts"], d["order"]
+    except (KeyError, IndexError, TypeError):
+        raise ArtifactError(f"{path}: expected the arrays identities, starts, order of generate_label_dict.py") from None
+    if order.shape != (fingerprint.num_images,) or starts.shape != identities.shape:
+        raise ArtifactError(f"{path}: arrays of shapes {identities.shape}, {starts.shape}, {order.shape} do not "
+                            f"describe {fingerprint.num_images} images")
+    labels = np.empty(order.size, dtype=np.int64)
+    labels[order] = np.repeat(identities, np.diff(np.append(starts, order.size)))
+    return labels
+
+
+@dataclass
+class Records:
+    """What a selection reads: the labels from the record headers, and the stage files it `needs`.
+
+    The files load on first use and are checked against the dataset's fingerprint; `inputs` lists the
+    files read, for the manifest of what the selection writes.
+    """
+    cfg: object
+    labels: np.ndarray
+    fingerprint: Fingerprint
+    num_classes: int
+    inputs: list = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _load(self, key, loader, path):
+        if key not in self._cache:
+            self._cache[key] = loader(self.cfg, self.fingerprint)
+            self.inputs.append(path)
+        return self._cache[key]
+
+    @property
+    def scores(self) -> dict:
+        return self._load("scores", load_scores, paths.scores_path(self.cfg))
+
+    @property
+    def prob_history(self) -> np.ndarray:
+        return self._load("prob_history", load_prob_history, paths.prob_history_path(self.cfg))
+
+    @property
+    def topk(self) -> dict:
+        return self._load("topk", load_topk, paths.topk_history_path(self.cfg))
+
+    @property
+    def excluded_by_cleaning(self) -> np.ndarray:
+        """Boolean mask of the samples cleaning removed."""
+        if "clean" not in self._cache:
+            kept, path = cleaned_kept(self.cfg, self.fingerprint)
+            excluded = np.ones(self.fingerprint.num_images, dtype=bool)
+            excluded[kept] = False
+            self._cache["clean"] = excluded
+            self.inputs.append(path)
+        return self._cache["clean"]
+
+    def load(self, needs):
+        """Read every file of `needs` now, so a missing one stops the stage before any work."""
+        for need in needs:
+            getattr(self, NEEDS[need])
+        return self
+
+
+# need -> the Records attribute that loads it
+NEEDS = {"scores": "scores", "prob_history": "prob_history", "topk": "topk", "clean": "excluded_by_cleaning"}
+
+
+def open_records(cfg, dataset) -> Records:
+    """Records of `dataset` (utils.data.open_dataset(cfg.rec): labels from the record headers alone)."""
+    return Records(cfg, dataset.all_labels, dataset.fingerprint, dataset.source_num_classes, inputs=[])
