@@ -20,6 +20,7 @@ Everything is vectorised: per fold the accepted counts at all thresholds come fr
 on the sorted distances, which counts exactly the pairs with distance < threshold.
 """
 import contextlib
+import io
 import itertools
 import logging
 import math
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.artifacts import atomic_path
+from utils.artifacts import ArtifactError, atomic_path
 from utils.transforms import normalize_batch
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,55 @@ def save_bin(path, encoded_images, issame):
 # Reading .bin files
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """Python 3 pickles of `bytes` below protocol 3 call `_codecs.encode(text, 'latin1')`; nothing else is allowed."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}: a .bin encodes bytes as latin1 only")
+    return text.encode("latin1")
+
+
+def _bin_globals() -> dict:
+    """The only globals a real .bin needs: byte strings and numpy arrays/scalars, as numpy 1 and 2 name them."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    table = {}
+    for mod in ("numpy.core", "numpy._core"):
+        table[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
+        table[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+    table[("numpy", "ndarray")] = np.ndarray
+    table[("numpy", "dtype")] = np.dtype
+    for mod in ("builtins", "__builtin__"):  # Python 2 files name the builtins module __builtin__
+        table[(mod, "bytes")] = bytes
+        table[(mod, "bytearray")] = bytearray
+    table[("_codecs", "encode")] = _latin1_encode
+    return table
+
+
+_BIN_GLOBALS = _bin_globals()
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """The pickle asks for a global a .bin never holds (it would run code on load)."""
+
+
+class BinUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of `_bin_globals`, so a crafted .bin cannot run code."""
+
+    def find_class(self, module, name):
+        try:
+            return _BIN_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedPickle(f"{module}.{name}") from None
+
+
 def _unpickle_bin(path):
-    """The (bins, issame) pair of a .bin written by Python 3, or by Python 2 (str payloads, numpy arrays)."""
+    """The (bins, issame) pair of a .bin written by Python 3, or by Python 2 (str payloads, numpy arrays).
+
+    Unpickling runs only through `BinUnpickler`: a pickle that asks for any other global is refused.
+    """
     with open(path, "rb") as f:
         raw = f.read()
     # Python 2 `str` payloads need encoding='bytes'; Python 2 numpy arrays only load with 'latin1'
@@ -69,8 +117,11 @@ def _unpickle_bin(path):
     first_error = None
     for kwargs in ({}, {"encoding": "bytes"}, {"encoding": "latin1"}):
         try:
-            obj = pickle.loads(raw, **kwargs)
+            obj = BinUnpickler(io.BytesIO(raw), **kwargs).load()
             break
+        except RefusedPickle as e:
+            raise ArtifactError(f"{path}: refused to load: the pickle asks for {e}; a .bin holds only encoded "
+                                f"images and bool labels") from None
         except Exception as e:  # a corrupt pickle can raise almost anything; report the first failure
             first_error = first_error or e
     else:
