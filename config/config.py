@@ -26,6 +26,7 @@ class Config:
     output: str = "output"  # experiment folder; every stage reads and writes below it
     val_targets: Optional[List[str]] = None  # .bin names in `rec` (None: the preset's)
     num_workers: int = 2  # DataLoader worker processes per rank
+    skip_bad_images: bool = False  # train without images OpenCV cannot decode (each logged once) instead of stopping
     # ---- model -------------------------------------------------------------------------------
     network: str = "iresnet50"  # backbones registry name
     SE: bool = False  # squeeze-and-excitation blocks in the iresnets
