@@ -63,4 +63,4 @@ def run_clean(cfg, ctx=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("clean_trainset", run_clean, description=__doc__)
+    run_stage("clean_trainset", run_clean, description=__doc__, lock_dir=paths.clean_dir)

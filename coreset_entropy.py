@@ -22,4 +22,4 @@ def run_entropy(cfg, ctx=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("coreset_entropy", run_entropy, description=__doc__)
+    run_stage("coreset_entropy", run_entropy, description=__doc__, lock_dir=lambda cfg: paths.coreset_dir(cfg, "entropy"))

@@ -21,4 +21,4 @@ def run_rand(cfg, ctx=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("coreset_rand", run_rand, description=__doc__)
+    run_stage("coreset_rand", run_rand, description=__doc__, lock_dir=lambda cfg: paths.coreset_dir(cfg, "rand"))

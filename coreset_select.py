@@ -28,4 +28,4 @@ def select(cfg, ctx=None, method_name: str = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("coreset_select", select, description=__doc__)
+    run_stage("coreset_select", select, description=__doc__, lock_dir=paths.coreset_dir)

@@ -30,4 +30,5 @@ def run_diffprob(cfg, ctx=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("eval_simprobs", run_diffprob, description=__doc__)
+    run_stage("eval_simprobs", run_diffprob, description=__doc__, lock_dir=lambda cfg: paths.coreset_dir(
+        cfg, "diffprob_clean" if cfg.coreset_method == "diffprob_clean" else "diffprob"))

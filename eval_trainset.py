@@ -76,4 +76,5 @@ def score_trainset(cfg, ctx) -> Path:
 
 
 if __name__ == "__main__":
-    run_stage("eval_trainset", score_trainset, description=__doc__, distributed=True)
+    run_stage("eval_trainset", score_trainset, description=__doc__, distributed=True,
+              lock_dir=lambda cfg: paths.scores_path(cfg).parent)

@@ -30,4 +30,5 @@ def run_label_dict(cfg, ctx=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("generate_label_dict", run_label_dict, description=__doc__)
+    run_stage("generate_label_dict", run_label_dict, description=__doc__,
+              lock_dir=lambda cfg: paths.label_dict_path(cfg).parent)

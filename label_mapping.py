@@ -41,4 +41,5 @@ def run_label_mapping(cfg, ctx=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("label_mapping", run_label_mapping, description=__doc__)
+    run_stage("label_mapping", run_label_mapping, description=__doc__,
+              lock_dir=lambda cfg: paths.kept_index_path(cfg).parent)

@@ -29,6 +29,7 @@ from config.config import ConfigError, parse_config, parse_value
 from utils import paths
 from utils.artifacts import is_complete
 from utils.data import dataset_fingerprint
+from utils.locking import LOCK_NAME, LockError, OutputLock
 from utils.records import load_noise
 from utils.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection import METHODS, canonical_name, list_methods
@@ -296,13 +297,18 @@ def main(argv=None):
         if bad:
             p.error(f"--methods: unknown {bad}; valid: {', '.join(list_methods(aliases=True))}")
         profile = Profile(**{**profile.__dict__, "methods": ms})
-    if args.fresh and Path(args.out).exists():
-        shutil.rmtree(args.out)
     dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
                     overrides=parse_set(args.set), stop_after=args.stop_after)
     try:
-        return pipe.run()
+        with OutputLock(args.out, what="run_pipeline.py"):  # one pipeline per output folder
+            if args.fresh:  # what an earlier run left, but not the lock just taken
+                for entry in Path(args.out).iterdir():
+                    if entry.name != LOCK_NAME:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            return pipe.run()
+    except LockError as e:
+        raise SystemExit(f"run_pipeline: error: {e}") from None
     except StopPipeline as e:
         print(f"stopped after step {e.args[0]} (--stop-after); run again without it to continue")
         return None

@@ -72,11 +72,11 @@ def train(cfg, ctx) -> dict:
                "epochs": cfg.num_epoch, "steps": run.global_step, "train_seconds": seconds,
                "world_size": ctx.world_size, "inputs": [str(p) for p in run.inputs],
                "verification": {k: v["accuracy_mean"] for k, v in results.items()},
-               "best": run.best}
+               "best": run.best, "skipped_bad_images_last_epoch": run.skipped_images}
     if ctx.is_main:
         atomic_write_json(out / "train_summary.json", summary)
     return summary
 
 
 if __name__ == "__main__":
-    run_stage("train_everything", train, description=__doc__, distributed=True)
+    run_stage("train_everything", train, description=__doc__, distributed=True, lock_dir=paths.train_dir)

@@ -28,6 +28,7 @@ class Config:
     output: str = "output"  # experiment folder; every stage reads and writes below it
     val_targets: Optional[List[str]] = None  # .bin names in `rec` (None: the preset's)
     num_workers: int = 2  # DataLoader worker processes per rank
+    skip_bad_images: bool = False  # train without images OpenCV cannot decode (each logged once) instead of stopping
     # ---- model -------------------------------------------------------------------------------
     network: str = "iresnet50"  # backbones registry name
     SE: bool = False  # squeeze-and-excitation blocks in the iresnets
@@ -268,3 +269,65 @@ def to_dict(cfg: Config) -> dict:
 
 def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=1, sort_keys=True)
+
+
+# Methods whose `fraction` is a target the selection aims at (DiffProb only when no threshold is given).
+_FRACTION_METHODS = ("rand", "dynunc", "entropy", "diffprob")
+
+
+def check_against_dataset(cfg: Config, num_images: int, num_classes: int, image_size=None, *, class_counts=None,
+                          world_size: int = 1):
+    """Checks of a resolved config that need the dataset; raises ConfigError naming the keys and the dataset.
+
+    `image_size` is the side (or (H, W)) of the dataset's images; `class_counts` (images per identity,
+    e.g. np.bincount(labels)) enables the min_samples_per_id check; `world_size` is the number of processes.
+    """
+    errors = []
+    if num_classes < 2:
+        errors.append(f"the dataset has {num_classes} identities; a margin head needs at least 2")
+    if cfg.record_topk < 0:
+        errors.append(f"record_topk={cfg.record_topk} must be >= 0 (0: record no top-k logits)")
+    elif cfg.is_original_train and cfg.record_topk > num_classes:
+        errors.append(f"record_topk={cfg.record_topk} exceeds the dataset's {num_classes} identities")
+    if cfg.coreset_method == "entropy" and cfg.record_topk == 0:
+        errors.append("coreset_method=entropy reads the top-k logits the original training records; "
+                      "record_topk=0 records none")
+    if cfg.coreset_method == "dynunc" and cfg.window > cfg.num_epoch:
+        errors.append(f"window={cfg.window} exceeds num_epoch={cfg.num_epoch}: DynUnc needs at least `window` "
+                      f"epochs of recorded probabilities")
+    if cfg.eval_epoch == 0 or cfg.eval_epoch < -1 or cfg.eval_epoch > cfg.num_epoch:
+        errors.append(f"eval_epoch={cfg.eval_epoch} must be -1 (the last) or an epoch in 1..{cfg.num_epoch} "
+                      f"(num_epoch)")
+    if not 0 <= cfg.warmup_epoch <= cfg.num_epoch:
+        errors.append(f"warmup_epoch={cfg.warmup_epoch} must be in 0..{cfg.num_epoch} (num_epoch)")
+    if cfg.max_steps_per_epoch < 0:
+        errors.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch} must be >= 0 (0: the whole epoch)")
+    global_batch = cfg.batch_size * world_size
+    if global_batch > num_images:
+        errors.append(f"batch_size={cfg.batch_size} x {world_size} process(es) = {global_batch} exceeds the "
+                      f"dataset's {num_images} images: with drop_last no step would run")
+    if class_counts is not None and cfg.coreset_method in _FRACTION_METHODS and \
+            not (cfg.coreset_method == "diffprob" and cfg.threshold is not None):
+        import numpy as np
+
+        counts = np.asarray(class_counts, dtype=np.int64)
+        floor = int(np.minimum(counts, cfg.min_samples_per_id).sum())
+        if floor >= num_images:
+            errors.append(f"min_samples_per_id={cfg.min_samples_per_id} is at least the size of every identity "
+                          f"(largest {int(counts.max(initial=0))}): every image would be kept")
+        elif floor > cfg.fraction * num_images:
+            errors.append(f"min_samples_per_id={cfg.min_samples_per_id} alone keeps {floor} of {num_images} images "
+                          f"(min(count, {cfg.min_samples_per_id}) per identity), more than fraction={cfg.fraction} "
+                          f"asks ({cfg.fraction * num_images:.0f}); lower min_samples_per_id or raise fraction")
+    if image_size is not None:
+        from backbones.common import final_map_size
+
+        h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+        try:
+            if h != w:
+                raise ValueError(f"{cfg.network}: the backbones take square images")
+            final_map_size(h, cfg.network)
+        except ValueError as e:
+            errors.append(f"the dataset's images are {h}x{w}; {e}")
+    if errors:
+        raise ConfigError("; ".join(errors))

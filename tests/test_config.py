@@ -62,3 +62,48 @@ def test_every_key_has_a_cli_flag():
     text = build_parser().format_help()
     for f in dataclasses.fields(Config):
         assert f"--{f.name}" in text
+
+
+# ----------------------------------------------------------------------------- checks against the dataset
+def _ok_args():
+    return ["--batch_size", "32", "--num_epoch", "6", "--lr_steps", "4", "--window", "3", "--record_topk", "4"]
+
+
+@pytest.mark.parametrize("extra, dataset, needle", [
+    (["--record_topk", "-1"], {}, "record_topk=-1 must be >= 0"),
+    (["--record_topk", "20"], {}, "record_topk=20 exceeds the dataset's 16 identities"),
+    (["--coreset_method", "entropy", "--record_topk", "0"], {}, "coreset_method=entropy .* record_topk=0"),
+    (["--coreset_method", "dynunc", "--window", "7"], {}, "window=7 exceeds num_epoch=6"),
+    (["--eval_epoch", "7"], {}, r"eval_epoch=7 must be -1 \(the last\) or an epoch in 1..6"),
+    (["--eval_epoch", "0"], {}, "eval_epoch=0 must be"),
+    (["--eval_epoch", "-2"], {}, "eval_epoch=-2 must be"),
+    (["--warmup_epoch", "7"], {}, r"warmup_epoch=7 must be in 0..6"),
+    (["--max_steps_per_epoch", "-1"], {}, "max_steps_per_epoch=-1"),
+    (["--batch_size", "64"], {"world_size": 4}, r"batch_size=64 x 4 process\(es\) = 256 exceeds the dataset's 200"),
+    ([], {"num_classes": 1}, "1 identities; a margin head needs at least 2"),
+    (["--min_samples_per_id", "30"], {"class_counts": [15, 10] * 8}, "min_samples_per_id=30 is at least the size "
+                                                                     r"of every identity \(largest 15\)"),
+    (["--min_samples_per_id", "10", "--fraction", "0.25"], {"class_counts": [20, 5] * 8},
+     r"min_samples_per_id=10 alone keeps 120 of 200 images .* more than fraction=0.25 asks \(50\)"),
+    ([], {"image_size": 30}, r"the dataset's images are 30x30; iresnet50: input_size must be a multiple of 16"),
+    ([], {"image_size": (112, 96)}, "112x96; iresnet50: the backbones take square images"),
+])
+def test_check_against_dataset(extra, dataset, needle):
+    from config.config import ConfigError, check_against_dataset
+
+    cfg = parse_config(_ok_args() + extra)
+    kwargs = {"num_images": 200, "num_classes": 16, **dataset}
+    with pytest.raises(ConfigError, match=needle):
+        check_against_dataset(cfg, **kwargs)
+
+
+def test_check_against_dataset_passes_sound_configs_and_gathers_every_error():
+    from config.config import ConfigError, check_against_dataset
+
+    check_against_dataset(parse_config(_ok_args()), 200, 16, 112, class_counts=[20, 5] * 8)
+    # a given DiffProb threshold makes `fraction` moot; a retraining does not record top-k logits
+    check_against_dataset(parse_config(_ok_args() + ["--min_samples_per_id", "10", "--fraction", "0.25",
+                                                     "--threshold", "0.1"]), 200, 16, class_counts=[20, 5] * 8)
+    check_against_dataset(parse_config(_ok_args() + ["--record_topk", "20", "--is_original_train", "false"]), 200, 16)
+    with pytest.raises(ConfigError, match="record_topk=-1.*; eval_epoch=9"):
+        check_against_dataset(parse_config(_ok_args() + ["--record_topk", "-1", "--eval_epoch", "9"]), 200, 16)

@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from utils.artifacts import ArtifactError
 from utils.data import ImageFolderDataset, RecordDataset, open_dataset
@@ -48,3 +49,80 @@ def test_missing_index_names_the_fix(tmp_path):
     (tmp_path / "train.rec").write_bytes(b"")
     with pytest.raises(ArtifactError, match="rebuild-index"):
         RecordDataset(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- bad images
+def _rec_with_a_garbage_payload(folder, num_images=6, bad_sample=3):
+    """An InsightFace-layout RecordIO (header at key 0, images at keys 1..n) whose sample `bad_sample` is garbage."""
+    from utils import recordio
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.arange(num_images) // 2
+    first_id = num_images + 1
+    with recordio.MXIndexedRecordIO(str(folder / "train.idx"), str(folder / "train.rec"), "w") as rec:
+        rec.write_idx(0, recordio.pack(recordio.IRHeader(2, [first_id, first_id + labels.max() + 1], 0, 0), b""))
+        for key in range(1, num_images + 1):
+            header = recordio.IRHeader(0, float(labels[key - 1]), key, 0)
+            img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            rec.write_idx(key, recordio.pack(header, b"garbage, not a JPEG") if key - 1 == bad_sample
+                          else recordio.pack_img(header, img, img_fmt=".png"))
+        for label in range(labels.max() + 1):
+            start = 1 + 2 * label
+            rec.write_idx(first_id + label, recordio.pack(recordio.IRHeader(2, [start, start + 2], 0, 0), b""))
+    (folder / "property").write_text(f"{labels.max() + 1},16,16\n")
+    return folder
+
+
+def test_undecodable_record_names_file_key_and_sample(tmp_path):
+    folder = _rec_with_a_garbage_payload(tmp_path / "rec")
+    ds = open_dataset(folder)
+    assert ds[2][2] == 2
+    with pytest.raises(ArtifactError) as e:
+        ds[3]
+    assert str(e.value) == (f"{folder / 'train.rec'}: record key 4 (sample 3) is not an image OpenCV can decode; "
+                            f"rerun with --skip_bad_images true to train without it, or replace the file")
+
+
+def test_bad_image_from_a_dataloader_worker_is_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    ds = open_dataset(_rec_with_a_garbage_payload(tmp_path / "rec"))
+    with pytest.raises(ArtifactError) as e:
+        list(DataLoader(ds, batch_size=6, num_workers=1))
+    assert str(e.value).startswith(f"{tmp_path / 'rec' / 'train.rec'}: record key 4 (sample 3) is not an image")
+    assert "\n" not in str(e.value)
+
+
+def test_skip_bad_images_drops_the_sample_and_warns_once(tmp_path, caplog):
+    from torch.utils.data import DataLoader
+
+    from utils.data import bad_samples, collate_skip_bad
+
+    ds = open_dataset(_rec_with_a_garbage_payload(tmp_path / "rec"), skip_bad_images=True)
+    loader = DataLoader(ds, batch_size=4, collate_fn=collate_skip_bad)
+    with caplog.at_level("WARNING", logger="diffprob"):
+        for _ in range(2):  # two epochs: one warning
+            batches = list(loader)
+    images, labels, index = batches[0]
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 16, 16)
+    assert index.tolist() == [0, 1, 2] and labels.tolist() == [0, 0, 1]
+    assert batches[1][2].tolist() == [4, 5]
+    assert 3 in bad_samples()
+    warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert warnings == [f"skipping {tmp_path / 'rec' / 'train.rec'}: record key 4 (sample 3): not an image OpenCV "
+                        f"can decode (skip_bad_images)"]
+    # the flag survives a kept-list selection; a batch of only bad samples is empty, not an error
+    only_bad = ds.select(np.array([3]))
+    images, labels, index = collate_skip_bad([only_bad[0]])
+    assert images.shape[0] == labels.shape[0] == index.shape[0] == 0
+
+
+def test_undecodable_file_of_an_image_folder(tmp_path):
+    (tmp_path / "alice").mkdir()
+    cv2.imwrite(str(tmp_path / "alice" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "alice" / "1.jpg").write_bytes(b"truncated")
+    ds = open_dataset(tmp_path)
+    with pytest.raises(ArtifactError, match=r"1\.jpg \(sample 1\) is not an image OpenCV can decode; rerun with "
+                                            r"--skip_bad_images true"):
+        ds[1]

@@ -12,11 +12,15 @@ import contextlib
 import dataclasses
 import csv
 import datetime
+import errno
 import io
 import json
 import os
 import re
+import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,27 +58,48 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _disk_full_error(path: Path, nbytes) -> ArtifactError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free on that filesystem"
+    except OSError:
+        free = "free space unknown"
+    size = f"{nbytes} bytes" if nbytes is not None else "size unknown"
+    return ArtifactError(f"no space left on device writing {path} ({size}; {free})")
+
+
 @contextlib.contextmanager
-def atomic_path(path, suffix=".tmp"):
+def atomic_path(path, suffix=".tmp", nbytes=None):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
 
     `suffix` keeps writers that append an extension of their own (np.savez, savefig) on the temp name.
+    A full disk (or quota) ends in one ArtifactError naming `path` and its size `nbytes` (when the
+    caller knows it, else the bytes written so far), the temporary file removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        if nbytes is None and tmp is not None and os.path.exists(tmp):
+            nbytes = os.path.getsize(tmp)
+        raise _disk_full_error(path, nbytes) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_write_bytes(path, data: bytes):
-    with atomic_path(path) as tmp:
+    with atomic_path(path, nbytes=len(data)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -83,6 +108,7 @@ def atomic_write_text(path, text: str):
 
 
 def atomic_write_json(path, obj):
+    """The project's one JSON writer: sorted keys, numpy scalars and arrays as plain values, atomic."""
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
 
 
@@ -138,14 +164,28 @@ def write_manifest(path, stage: str, fingerprint: Fingerprint, config=None, inpu
     })
 
 
+def read_json(path, what: str = "a JSON object"):
+    """Parse a JSON file; an unreadable, non-UTF-8 or malformed one is an ArtifactError naming it and `what`
+    was expected. `what` starting with "a JSON object" also requires a top-level object (dict)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} not found (expected {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: malformed JSON, expected {what} ({e})") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: unreadable ({e.strerror or e})") from None
+    if what.startswith("a JSON object") and not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: expected {what}, found a JSON {type(obj).__name__}")
+    return obj
+
+
 def read_manifest(path) -> dict:
     mpath = manifest_path(path)
     if not mpath.exists():
         raise ArtifactError(f"{path}: no manifest {mpath.name} beside it; was it written by this toolkit's stages?")
-    try:
-        return json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mpath}: malformed JSON ({e})") from None
+    return read_json(mpath, "a JSON object (the manifest: stage, fingerprint, config, inputs)")
 
 
 def check_fingerprint(path, expected: Fingerprint) -> dict:
@@ -153,7 +193,10 @@ def check_fingerprint(path, expected: Fingerprint) -> dict:
     if not Path(path).exists():
         raise ArtifactError(f"missing input {path}: run the stage that writes it first")
     manifest = read_manifest(path)
-    found = Fingerprint.from_dict(manifest.get("fingerprint", {}))
+    try:
+        found = Fingerprint.from_dict(manifest.get("fingerprint", {}))
+    except ArtifactError as e:
+        raise ArtifactError(f"{manifest_path(path)}: {e}") from None
     if found != expected:
         raise ArtifactError(
             f"{path} was made from another dataset: its fingerprint is ({found}), "
@@ -186,12 +229,7 @@ def save_array(path, array, stage, fingerprint, config=None, inputs=(), info=Non
 def load_array(path, fingerprint: Fingerprint, length: int = None):
     """Load a `.npy`/`.npz` artifact after checking its fingerprint (and the per-sample length)."""
     check_fingerprint(path, fingerprint)
-    try:
-        data = np.load(path, allow_pickle=False)
-        if isinstance(data, np.lib.npyio.NpzFile):
-            data = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable ({e})") from None
+    data = read_array(path)
     if length is not None:
         arrays = data.values() if isinstance(data, dict) else [data]
         for a in arrays:
@@ -200,18 +238,47 @@ def load_array(path, fingerprint: Fingerprint, length: int = None):
     return data
 
 
+def read_array(path):
+    """A `.npy` array or the dict of a `.npz`, without pickles: truncated, foreign or object-array files
+    are an ArtifactError naming the file."""
+    expected = "a NumPy .npy array or .npz of named arrays (numbers, no Python objects)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            if not magic.startswith((b"\x93NUMPY", b"PK")):  # np.load would take anything else for a pickle
+                what = "a pickle" if magic[:1] == b"\x80" else f"content starting {magic!r}"
+                raise ArtifactError(f"{path}: refused: {what}, not {expected}")
+            f.seek(0)
+            data = np.load(f, allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    data = {k: data[k] for k in data.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an object array would need code to run on load
+            raise ArtifactError(f"{path}: refused: it holds an object array (Python objects); "
+                                f"expected {expected}") from None
+        raise ArtifactError(f"{path}: truncated or not {expected} ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+        raise ArtifactError(f"{path}: truncated or not {expected} ({type(e).__name__}: {e})") from None
+    return data
+
+
 # -------------------------------------------------------------------------------------- kept indices
 _TEXT_RE = re.compile(r"^\s*kept_index\s*=\s*\[(.*)\]\s*$", re.S)
 
 
 def validate_kept_index(kept, num_images: int, source="kept index") -> np.ndarray:
+    if isinstance(kept, dict):
+        raise ArtifactError(f"{source}: holds named arrays {sorted(kept)} (.npz); expected one 1-D .npy array of "
+                            f"sample indices")
     kept = np.asarray(kept)
     if kept.ndim != 1:
         raise ArtifactError(f"{source}: expected a 1-D list of sample indices, got shape {kept.shape}")
     if kept.size == 0:
         raise ArtifactError(f"{source}: the kept list is empty; nothing would be trained on")
     if not np.issubdtype(kept.dtype, np.integer):
-        raise ArtifactError(f"{source}: sample indices must be integers, got {kept.dtype}")
+        nan = f" ({int(np.isnan(kept).sum())} NaN)" if np.issubdtype(kept.dtype, np.floating) else ""
+        raise ArtifactError(f"{source}: sample indices must be integers, got {kept.dtype}{nan}")
     kept = kept.astype(np.int64)
     if kept.min() < 0 or kept.max() >= num_images:
         raise ArtifactError(f"{source}: indices must be in [0, {num_images}); found {kept.min()}..{kept.max()}")
@@ -238,15 +305,19 @@ def write_kept_index_text(path, kept):
 
 def read_kept_index_text(path) -> np.ndarray:
     """Parse `kept_index = [ ... ]` without `ast` (millions of entries parse in well under a second)."""
-    text = Path(path).read_text()
+    expected = "the text form 'kept_index = [i, j, ...]' (or a .npy)"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: binary content; expected {expected}") from None
     m = _TEXT_RE.match(text)
     if not m:
-        raise ArtifactError(f"{path}: expected the text form 'kept_index = [i, j, ...]'")
+        raise ArtifactError(f"{path}: expected {expected}")
     body = m.group(1).replace(",", " ").split()
     try:
         return np.array(body, dtype=np.int64) if body else np.zeros(0, np.int64)
-    except ValueError:
-        bad = next(t for t in body if not t.lstrip("-").isdigit())
+    except (ValueError, OverflowError):
+        bad = next((t for t in body if not t.lstrip("-").isdigit() or abs(int(t)) >= 2 ** 63), body[0])
         raise ArtifactError(f"{path}: {bad!r} is not a sample index") from None
 
 
@@ -273,14 +344,28 @@ def save_label_map(path, label_map: dict, stage, fingerprint, config=None, input
 
 
 def load_label_map(path, fingerprint: Fingerprint) -> dict:
+    """{old label: new label}; every old label an identity of the dataset, the new ones exactly 0..K-1."""
     check_fingerprint(path, fingerprint)
-    try:
-        data = json.loads(Path(path).read_text())
-        mapping = {int(k): int(v) for k, v in data["map"].items()}
-    except (json.JSONDecodeError, KeyError, ValueError, AttributeError) as e:
-        raise ArtifactError(f"{path}: malformed label map ({e})") from None
+    expected = 'a JSON object {"num_classes": K, "map": {"old label": new label}}'
+    data = read_json(path, expected)
+    raw = data.get("map")
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected {expected}; 'map' is {type(raw).__name__}")
+    bad_key = next((k for k in raw if not re.fullmatch(r"\d+", k)), None)
+    if bad_key is not None:
+        raise ArtifactError(f"{path}: old label {bad_key!r} is not a non-negative integer")
+    bad = next((k for k, v in raw.items() if type(v) is not int), None)  # bool and float are not labels
+    if bad is not None:
+        raise ArtifactError(f"{path}: new label of {bad} is {raw[bad]!r}; expected an integer")
+    mapping = {int(k): v for k, v in raw.items()}
     if sorted(mapping.values()) != list(range(len(mapping))):
         raise ArtifactError(f"{path}: new labels are not contiguous 0..{len(mapping) - 1}")
+    if data.get("num_classes", len(mapping)) != len(mapping):
+        raise ArtifactError(f"{path}: num_classes={data['num_classes']!r} but the map has {len(mapping)} new labels")
+    outside = [k for k in mapping if k >= fingerprint.num_classes]
+    if outside:
+        raise ArtifactError(f"{path}: old labels {sorted(outside)[:5]} are outside the dataset's "
+                            f"{fingerprint.num_classes} identities")
     return mapping
 
 

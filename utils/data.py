@@ -3,28 +3,61 @@
 Items are `(image uint8 (3, H, W) RGB, label, sample_index)`. Flip and scaling to [-1, 1] are done
 on the whole batch on the training device (`utils.transforms`), so workers only decode JPEGs.
 A kept-index list selects samples; a label map renumbers the identities that survive.
+
+An image that cannot be decoded raises `BadImageError` naming the file, the record key and the sample
+index. With `skip_bad_images` the dataset yields a `BadSample` marker instead, and `collate_skip_bad`
+(the DataLoader's collate_fn then) drops it from the batch with one warning per sample.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from utils.artifacts import ArtifactError, Fingerprint, label_map_array
+
+log = logging.getLogger("diffprob")
 
 cv2.setNumThreads(1)  # one decoder thread per worker; the workers are the parallelism
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_SKIP_HINT = "rerun with --skip_bad_images true to train without it, or replace the file"
+
+
+class BadImageError(ArtifactError):
+    """A sample whose image cannot be decoded: `where` (file, record key) and `sample_index` say which."""
+
+    def __init__(self, where: str, sample_index: int = None):
+        self.where, self.sample_index = where, sample_index
+        if sample_index is not None:
+            message = f"{where} (sample {sample_index}) is not an image OpenCV can decode; {_SKIP_HINT}"
+        else:  # rebuilt from its message (unpickled, or re-raised by a DataLoader worker)
+            message = where
+            # A worker re-raises it in the main process as type(e)("Caught ... Original Traceback ...
+            # \nutils.data.BadImageError: <message>"): keep the one line that says what is wrong.
+            if message.startswith("Caught ") and "Traceback" in message:
+                message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class BadSample(NamedTuple):
+    """What a dataset with `skip_bad_images` yields in place of an undecodable sample."""
+    sample_index: int
+    where: str  # file and record key, for the warning
 
 
 class FaceDataset(Dataset):
     """Common part: per-sample labels, the kept selection, the label map, the fingerprint."""
+
+    skip_bad_images = False  # yield a BadSample marker (for collate_skip_bad) instead of raising BadImageError
 
     def __init__(self, labels: np.ndarray, num_classes: int, fingerprint: Fingerprint,
                  kept_index=None, label_map: dict = None):
@@ -80,7 +113,12 @@ class FaceDataset(Dataset):
         pad = i >= len(self)
         i = i % len(self)
         sample = int(self.sample_index[i])
-        img = self.load_image(sample)
+        try:
+            img = self.load_image(sample)
+        except BadImageError as e:
+            if not self.skip_bad_images:
+                raise
+            return BadSample(sample, e.where)
         tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         return tensor, int(self.labels[i]), -1 if pad else sample
 
@@ -88,7 +126,7 @@ class FaceDataset(Dataset):
 class RecordDataset(FaceDataset):
     """Images of an MXNet indexed RecordIO folder (train.rec, train.idx, property)."""
 
-    def __init__(self, rec_dir, kept_index=None, label_map=None, layout=None):
+    def __init__(self, rec_dir, kept_index=None, label_map=None, layout=None, skip_bad_images=False):
         from utils.recordio import read_layout
 
         self.rec_dir = Path(rec_dir)
@@ -104,6 +142,7 @@ class RecordDataset(FaceDataset):
         fp = dataset_fingerprint(self.rec_dir, self.layout)
         super().__init__(self.layout.labels, self.layout.num_classes, fp, kept_index, label_map)
         self.image_keys = np.asarray(self.layout.image_keys, dtype=np.int64)
+        self.skip_bad_images = skip_bad_images
         self._reader = None
         self._pid = None
 
@@ -116,9 +155,14 @@ class RecordDataset(FaceDataset):
         return self._reader
 
     def load_image(self, sample_index):
-        from utils.recordio import unpack_img
+        from utils.recordio import RecordIOError, unpack_img
 
-        _, img = unpack_img(self._open().read_idx(int(self.image_keys[sample_index])))
+        key = int(self.image_keys[sample_index])
+        record = self._open().read_idx(key)  # a damaged index or file is not one bad sample: it raises as is
+        try:
+            _, img = unpack_img(record)
+        except RecordIOError as e:
+            raise BadImageError(f"{self.rec_dir / 'train.rec'}: record key {key}", sample_index) from e
         return img
 
     def __getstate__(self):
@@ -130,8 +174,9 @@ class RecordDataset(FaceDataset):
 class ImageFolderDataset(FaceDataset):
     """root/<identity>/<image>: identities in sorted folder order get labels 0..K-1."""
 
-    def __init__(self, root, kept_index=None, label_map=None):
+    def __init__(self, root, kept_index=None, label_map=None, skip_bad_images=False):
         self.root = Path(root)
+        self.skip_bad_images = skip_bad_images
         if not self.root.is_dir():
             raise ArtifactError(f"image folder {self.root} not found")
         identities = sorted(d.name for d in self.root.iterdir() if d.is_dir())
@@ -151,7 +196,7 @@ class ImageFolderDataset(FaceDataset):
         path = self.root / self.files[sample_index]
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
-            raise ArtifactError(f"{path}: not a readable image")
+            raise BadImageError(str(path), sample_index)
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -163,12 +208,40 @@ def dataset_fingerprint(rec_dir, layout=None) -> Fingerprint:
     return Fingerprint(len(layout.labels), int(layout.num_classes), int(layout.idx_size))
 
 
-def open_dataset(rec, kept_index=None, label_map=None) -> FaceDataset:
+def open_dataset(rec, kept_index=None, label_map=None, skip_bad_images=False) -> FaceDataset:
     """RecordIO folder when it has train.rec, else an image-folder tree."""
     rec = Path(rec)
     if (rec / "train.rec").exists() or not rec.is_dir():
-        return RecordDataset(rec, kept_index, label_map)
-    return ImageFolderDataset(rec, kept_index, label_map)
+        return RecordDataset(rec, kept_index, label_map, skip_bad_images=skip_bad_images)
+    return ImageFolderDataset(rec, kept_index, label_map, skip_bad_images=skip_bad_images)
+
+
+_BAD_SEEN = set()  # sample indices this process has dropped (each warned about once)
+
+
+def collate_skip_bad(items):
+    """DataLoader collate_fn for `skip_bad_images`: drops BadSample markers, collates the rest.
+
+    Returns the usual (images uint8 (B, 3, H, W), labels (B,), sample_index (B,)) with B the good samples
+    of the batch: the shortfall from batch_size is the number skipped. A batch of only bad samples gives
+    B = 0 (images of shape (0, 3, 0, 0)).
+    """
+    good = [x for x in items if not isinstance(x, BadSample)]
+    for bad in items:
+        if isinstance(bad, BadSample) and bad.sample_index not in _BAD_SEEN:
+            _BAD_SEEN.add(bad.sample_index)
+            log.warning("skipping %s (sample %d): not an image OpenCV can decode (skip_bad_images)",
+                        bad.where, bad.sample_index)
+    if not good:
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), \
+            torch.empty(0, dtype=torch.int64)
+    return tuple(default_collate(good))
+
+
+def bad_samples() -> list:
+    """Sorted sample indices of the bad images `collate_skip_bad` has dropped in this process (with DataLoader
+    workers, each worker keeps and logs its own; the main process sees the shorter batches)."""
+    return sorted(_BAD_SEEN)
 
 
 class PaddedDistributedSampler(Sampler):

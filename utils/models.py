@@ -16,7 +16,7 @@ import torch
 from utils.artifacts import ArtifactError, Fingerprint
 from backbones import get_model
 from losses import HEAD_DEFAULTS, ShardedClassifier
-from utils.checkpoint import _strip_prefix, load_checkpoint, load_head_state
+from utils.checkpoint import _strip_prefix, follow_marker, load_checkpoint, load_head_state
 
 
 def model_kwargs(cfg, image_size: int) -> dict:
@@ -79,7 +79,7 @@ def resolve_checkpoint(path) -> Path:
         raise ArtifactError(f"{path}: no epoch_XXX.pt or backbone.pth in this folder")
     if not path.exists():
         raise ArtifactError(f"model {path} not found")
-    return path
+    return follow_marker(path)  # a last.pt marker names the epoch checkpoint beside it
 
 
 def load_backbone(cfg, ctx, path_or_ckpt, image_size: int = None) -> torch.nn.Module:
@@ -99,17 +99,9 @@ class TrainedModel:
     head_name: str
 
 
-def _head_state_from_paper(state: dict) -> dict:
-    """The paper repository's heads keep `kernel` (in_features, classes); ours keep `weight` (classes, in)."""
-    if "kernel" in state and "weight" not in state:
-        state = dict(state)
-        state["weight"] = state.pop("kernel").t().contiguous()
-    return state
-
-
 def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_classes: int) -> TrainedModel:
     """Backbone + full-softmax head of a model trained on the dataset of `fingerprint` (its every class)."""
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(follow_marker(ckpt_path))
     if "fingerprint" in ckpt and Fingerprint.from_dict(ckpt["fingerprint"]) != fingerprint:
         raise ArtifactError(f"{ckpt_path} was trained on another dataset ({Fingerprint.from_dict(ckpt['fingerprint'])}) "
                             f"than {cfg.rec} ({fingerprint})")
@@ -121,11 +113,10 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
         if not cfg.head_checkpoint:
             raise ArtifactError(f"{ckpt_path} holds no head: give --head_checkpoint (the head/header .pth saved "
                                 f"with the backbone)")
-        info, head_state = load_head_state(load_checkpoint(cfg.head_checkpoint))
+        info, head_state = load_head_state(cfg.head_checkpoint)  # ours, last.pt, or the paper's `kernel` layout
     name = info["name"] if info else cfg.original_net_loss
     kwargs = info["kwargs"] if info else head_kwargs(cfg)
     head = build_head(name, cfg.embedding_size, num_classes, ctx, kwargs).to(ctx.device)
-    head_state = _head_state_from_paper(head_state)
     rows = head_state["weight"].shape[0]
     if rows != num_classes:
         raise ArtifactError(f"the head has {rows} classes, the dataset {num_classes}")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from config.config import parse_config, to_json
 from utils.context import Context, init_context, init_logging
 from utils.errors import ToolkitError
+from utils.locking import LockError, OutputLock
 
 log = logging.getLogger("diffprob")
 
@@ -27,17 +28,37 @@ def _rank0_code(ctx: Context, code: int) -> int:
     return int(t.item())
 
 
-def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False):
+def _lock_on_rank0(ctx: Context, folder, name: str):
+    """Rank 0 locks `folder`; every rank learns whether it could, so none starts work without the lock."""
+    lock, error = None, None
+    if ctx.is_main:
+        lock = OutputLock(folder, what=f"{name}.py")
+        try:
+            lock.acquire()
+        except LockError as e:
+            lock, error = None, e
+    if ctx.distributed and _rank0_code(ctx, 0 if error is None else 1):
+        raise error if error is not None else LockError(f"{folder} is in use by another run (see rank 0)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False,
+              lock_dir=None):
     """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error.
 
     Under torchrun, a stage that is not `distributed` (pruning, cleaning, evaluation) runs on rank 0
-    while the other ranks wait, so files are written once.
+    while the other ranks wait, so files are written once. `lock_dir(cfg)` names the folder the stage
+    writes: it is locked for the run (utils/locking.py), so a second run on it stops at once.
     """
     parsed = parse_config(argv, description=description or name, extra=extra_args)
     cfg, args = parsed if extra_args is not None else (parsed, None)
-    ctx, result, code = None, None, 1  # 1 until main() returns: a crash is never reported as success
+    ctx, result, code, lock = None, None, 1, None  # 1 until main() returns: a crash is never reported as success
     try:
         ctx = init_context(cfg)
+        if lock_dir is not None:
+            lock = _lock_on_rank0(ctx, lock_dir(cfg), name)
         init_logging(ctx.rank)
         log.info("%s: world_size=%d device=%s amp=%s", name, ctx.world_size, ctx.device, ctx.amp_dtype)
         log.info("resolved config:\n%s", to_json(cfg))
@@ -50,6 +71,8 @@ def run_stage(name: str, main, description: str = "", extra_args=None, argv=None
         # The project's own errors are worded for users: one line, no traceback. Anything else is a bug.
         print(f"{name}: error: {e}", file=sys.stderr)
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_available() and dist.is_initialized():
             if not distributed and ctx is not None:
                 code = _rank0_code(ctx, code)  # the waiting ranks exit as rank 0 did

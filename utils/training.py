@@ -20,11 +20,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from config.config import check_against_dataset
 from utils import paths
-from utils.artifacts import ArtifactError, Fingerprint, is_complete, load_kept_index, load_label_map, save_array
+from utils.artifacts import (ArtifactError, Fingerprint, is_complete, load_kept_index, load_label_map, read_array,
+                             save_array)
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.context import Context, barrier, gather_by_index, seed_everything
-from utils.data import PaddedDistributedSampler, open_dataset
+from utils.data import PaddedDistributedSampler, collate_skip_bad, open_dataset
 from utils.embedding import forward_uint8
 from utils.errors import UserError
 from utils.models import build_head, head_kwargs, model_kwargs, new_backbone
@@ -98,11 +100,13 @@ class Run:
     inputs: list = field(default_factory=list)
     label_map: dict = None
     best: dict = field(default_factory=dict)
+    skipped_images: int = 0  # undecodable images dropped in the last epoch (skip_bad_images)
 
 
 def prepare_run(cfg, ctx: Context) -> Run:
     out = paths.train_dir(cfg)
-    probe = open_dataset(cfg.rec)  # full dataset: labels and fingerprint, no image decoded
+    # the full dataset: labels and fingerprint from the record headers, no image decoded
+    probe = open_dataset(cfg.rec, skip_bad_images=cfg.skip_bad_images)
     if not cfg.is_original_train and cfg.coreset_method == "relabel":
         dataset, inputs, label_map = relabelled(cfg, probe), [paths.clean_dir(cfg) / "relabel.npz"], None
     else:
@@ -115,6 +119,7 @@ def prepare_run(cfg, ctx: Context) -> Run:
         raise UserError(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
                         f"lower --batch_size")
     image_size = _image_size(dataset)
+    check_against_dataset(cfg, len(dataset), dataset.num_classes, image_size, world_size=ctx.world_size)
     seed_everything(cfg.seed)  # same initial weights on every rank and on a resumed run
     backbone = new_backbone(cfg, image_size).to(ctx.device)
     head = build_head(cfg.loss, cfg.embedding_size, dataset.num_classes, ctx, head_kwargs(cfg)).to(ctx.device)
@@ -132,6 +137,7 @@ def prepare_run(cfg, ctx: Context) -> Run:
     workers = cfg.num_workers
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=ctx.device.type == "cuda", drop_last=True,
+                        collate_fn=collate_skip_bad if cfg.skip_bad_images else None,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     steps_per_epoch = len(loader)
     if cfg.max_steps_per_epoch > 0:
@@ -282,9 +288,17 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
     channels_last = ctx.device.type == "cuda" and cfg.channels_last
     clip_params = list(run.backbone.parameters())
     step = 0
+    run.skipped_images = 0
     for step, (images, labels, sample_index) in enumerate(run.loader):
         if step >= run.steps_per_epoch:
             break
+        if cfg.skip_bad_images and images.shape[0] < cfg.batch_size:
+            run.skipped_images += cfg.batch_size - images.shape[0]  # collate_skip_bad dropped (and logged) them
+            if images.shape[0] < 2:  # batch norm needs two samples
+                if ctx.distributed:
+                    raise UserError(f"a batch of rank {ctx.rank} holds {images.shape[0]} decodable images; "
+                                    f"replace the bad images of the .rec (the log names them)")
+                continue
         loss, gt_prob, embeddings = train_step(
             run.train_backbone, run.head, run.optimizer, run.scaler, images, labels, device=ctx.device,
             amp_dtype=ctx.amp_dtype, channels_last=channels_last, grad_clip=cfg.grad_clip, clip_params=clip_params,
@@ -400,12 +414,12 @@ def assemble_history(cfg, fingerprint: Fingerprint):
     missing = [str(f) for f in files if not is_complete(f, fingerprint)]
     if missing:
         raise ArtifactError(f"probability records missing for {len(missing)} epochs, e.g. {missing[0]}")
-    epochs = [np.load(f) for f in files]
+    epochs = [read_array(f) for f in files]
     history = np.stack([e["gt_prob_with_margin"] for e in epochs])
     save_array(out / "prob_history.npy", history, "train_everything", fingerprint, cfg, inputs=files,
                info={"shape": list(history.shape), "meaning": "P[epoch, sample]: labelled-class probability "
                      "with margin during training; NaN = not seen that epoch"})
-    if "topk_logits" in epochs[0].files:
+    if "topk_logits" in epochs[0]:
         save_array(out / "topk_logits.npz", {
             "topk_logits": np.stack([e["topk_logits"] for e in epochs]),
             "topk_index": np.stack([e["topk_index"] for e in epochs]),

@@ -19,6 +19,7 @@ that the same embeddings give the same numbers:
 Everything is vectorised: per fold the accepted counts at all thresholds come from one `searchsorted`
 on the sorted distances, which counts exactly the pairs with distance < threshold.
 """
+import io
 import logging
 import math
 import os
@@ -30,10 +31,14 @@ import cv2
 import numpy as np
 import torch
 
-from utils.artifacts import atomic_path
+from utils.artifacts import ArtifactError, atomic_path
 from utils.embedding import embed_views
 
 logger = logging.getLogger(__name__)
+
+
+class BinFileError(ArtifactError, ValueError):
+    """A `.bin` verification set that cannot be read: the message names the file and what was expected."""
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)  # squared distances, as InsightFace's calculate_roc
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # finer grid, as InsightFace's calculate_val
@@ -57,8 +62,55 @@ def save_bin(path, encoded_images, issame):
 # Reading .bin files
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """Python 3 pickles of `bytes` below protocol 3 call `_codecs.encode(text, 'latin1')`; nothing else is allowed."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}: a .bin encodes bytes as latin1 only")
+    return text.encode("latin1")
+
+
+def _bin_globals() -> dict:
+    """The only globals a real .bin needs: byte strings and numpy arrays/scalars, as numpy 1 and 2 name them."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    table = {}
+    for mod in ("numpy.core", "numpy._core"):
+        table[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
+        table[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+    table[("numpy", "ndarray")] = np.ndarray
+    table[("numpy", "dtype")] = np.dtype
+    for mod in ("builtins", "__builtin__"):  # Python 2 files name the builtins module __builtin__
+        table[(mod, "bytes")] = bytes
+        table[(mod, "bytearray")] = bytearray
+    table[("_codecs", "encode")] = _latin1_encode
+    return table
+
+
+_BIN_GLOBALS = _bin_globals()
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """The pickle asks for a global a .bin never holds (it would run code on load)."""
+
+
+class BinUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of `_bin_globals`, so a crafted .bin cannot run code."""
+
+    def find_class(self, module, name):
+        try:
+            return _BIN_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedPickle(f"{module}.{name}") from None
+
+
 def _unpickle_bin(path):
-    """The (bins, issame) pair of a .bin written by Python 3, or by Python 2 (str payloads, numpy arrays)."""
+    """The (bins, issame) pair of a .bin written by Python 3, or by Python 2 (str payloads, numpy arrays).
+
+    Unpickling runs only through `BinUnpickler`: a pickle that asks for any other global is refused.
+    """
     with open(path, "rb") as f:
         raw = f.read()
     # Python 2 `str` payloads need encoding='bytes'; Python 2 numpy arrays only load with 'latin1'
@@ -66,23 +118,26 @@ def _unpickle_bin(path):
     first_error = None
     for kwargs in ({}, {"encoding": "bytes"}, {"encoding": "latin1"}):
         try:
-            obj = pickle.loads(raw, **kwargs)
+            obj = BinUnpickler(io.BytesIO(raw), **kwargs).load()
             break
+        except RefusedPickle as e:
+            raise ArtifactError(f"{path}: refused to load: the pickle asks for {e}; a .bin holds only encoded "
+                                f"images and bool labels") from None
         except Exception as e:  # a corrupt pickle can raise almost anything; report the first failure
             first_error = first_error or e
     else:
-        raise ValueError(f"{path}: not a readable pickle ({type(first_error).__name__}: {first_error})") from first_error
+        raise BinFileError(f"{path}: not a readable pickle ({type(first_error).__name__}: {first_error})") from first_error
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise ValueError(f"{path}: expected a pickle of (list of encoded images, list of bool issame), "
+        raise BinFileError(f"{path}: expected a pickle of (list of encoded images, list of bool issame), "
                          f"found {type(obj).__name__}" + (f" of length {len(obj)}" if hasattr(obj, "__len__") else ""))
     bins, issame = obj
     try:
         issame = np.asarray(list(issame), dtype=bool)
         num_images = len(bins)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: expected (list of encoded images, list of bool issame): {e}") from e
+        raise BinFileError(f"{path}: expected (list of encoded images, list of bool issame): {e}") from e
     if num_images != 2 * len(issame):
-        raise ValueError(f"{path}: {num_images} images for {len(issame)} pairs; a .bin holds exactly two images "
+        raise BinFileError(f"{path}: {num_images} images for {len(issame)} pairs; a .bin holds exactly two images "
                          f"per pair (expected {2 * len(issame)})")
     return bins, issame
 
@@ -122,10 +177,10 @@ def load_bin(path, image_size=(112, 112)):
         try:
             buf = _as_buffer(bins[idx])
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: image {idx} is a {type(bins[idx]).__name__}, not encoded image bytes") from e
+            raise BinFileError(f"{path}: image {idx} is a {type(bins[idx]).__name__}, not encoded image bytes") from e
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
         if img is None:
-            raise ValueError(f"{path}: image {idx} could not be decoded (expected JPEG or PNG bytes, {buf.size} bytes)")
+            raise BinFileError(f"{path}: image {idx} could not be decoded (expected JPEG or PNG bytes, {buf.size} bytes)")
         if img.shape[:2] != (height, width):
             img = cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC)
         images_np[idx] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
