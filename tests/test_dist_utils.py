@@ -3,6 +3,7 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,6 +46,7 @@ def _worker(rank, world, port, n, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gather_by_index_two_gloo_ranks(tmp_path):
     n = 6
     mp.spawn(_worker, args=(2, _free_port(), n, str(tmp_path)), nprocs=2, join=True)

@@ -71,7 +71,7 @@ def test_golden_insightface_structure(golden_dir):
     assert layout.image_size == (112, 112)
     assert layout.identity_ranges.dtype == np.int64
     assert layout.identity_ranges.tolist() == expected["id_ranges"]
-    assert layout.fingerprint == {"num_images": 49, "num_classes": 12, "idx_size": 576}
+    assert layout.fingerprint.to_dict() == {"num_images": 49, "num_classes": 12, "idx_size": 576}
     with MXIndexedRecordIO(folder / "train.idx", folder / "train.rec", "r") as rec:
         header0, payload0 = unpack(rec.read_idx(0))
         assert header0.flag == 2 and payload0 == b""

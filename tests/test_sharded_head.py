@@ -71,6 +71,7 @@ def _worker(rank, world_size, init_file, names):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     names = list_heads()
     ctx = mp.spawn(_worker, args=(2, str(tmp_path / "store"), names), nprocs=2, join=False)

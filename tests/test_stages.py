@@ -97,7 +97,11 @@ def test_dynunc_rand_entropy_stages(setup):
     assert np.array_equal(kept, pruning.random_keep(labels, 0.5, seed=4))
     assert (paths.coreset_dir(cfg, "rand") / "plot.png").exists()
     run_script("coreset_entropy.py", *setup["args"])
-    assert load_kept_index(paths.kept_index_path(cfg, "entropy"), fp).size > 0
+    topk = load_array(paths.topk_history_path(cfg), fp)
+    entropy = pruning.soft_label_entropy(topk["topk_logits"].astype(np.float32), topk["topk_index"],
+                                         topk["rest_mean_logit"].astype(np.float32), fp.num_classes)
+    expect = pruning.keep_top_per_identity(entropy, labels, 0.5)
+    assert np.array_equal(load_kept_index(paths.kept_index_path(cfg, "entropy"), fp), expect)
 
 
 def test_label_dict_and_label_mapping(setup):
@@ -111,7 +115,10 @@ def test_label_dict_and_label_mapping(setup):
     run_script("coreset_rand.py", *setup["args"])
     kept_path = paths.kept_index_path(setup["cfg"], "rand")
     r = run_script("label_mapping.py", *setup["args"], "--kept_index", kept_path)
-    assert "keep" in r.stdout and (kept_path.parent / "label_map.json").exists()
+    kept = load_kept_index(kept_path, setup["fp"])
+    assert load_label_map(kept_path.parent / "label_map.json", setup["fp"]) == pruning.label_map_for(kept, labels)
+    n_ids = len(np.unique(labels))
+    assert f"label map: {kept.size} kept images keep {n_ids} of {n_ids} identities (0 vanish)" in r.stdout
 
 
 def test_paper_text_kept_list_is_accepted(setup, tmp_path):

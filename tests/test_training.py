@@ -56,6 +56,7 @@ def test_original_training_records_every_epoch(tiny, tmp_path):
     assert set(summary["verification"]) == {"syn_frontal", "syn_pose"}
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     import train_everything as training
 
@@ -87,6 +88,7 @@ def test_resume_after_a_crash_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     assert np.array_equal(ha, hb, equal_nan=True)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_and_score_exactly(tiny, tmp_path):
     args = ["--rec", tiny, "--output", tmp_path, *TINY_TRAIN, "--batch_size", "16", "--num_epoch", "2",
             "--lr_steps", "1"]

@@ -201,11 +201,14 @@ class ImageFolderDataset(FaceDataset):
 
 
 def dataset_fingerprint(rec_dir, layout=None) -> Fingerprint:
-    """(number of images, number of classes, size of train.idx) of a RecordIO folder."""
+    """The fingerprint of a dataset folder: (images, classes, size of train.idx) of a RecordIO folder, or
+    (images, identities, size of the file listing) of an image folder."""
     from utils.recordio import read_layout
 
+    if layout is None and not (Path(rec_dir) / "train.rec").exists() and Path(rec_dir).is_dir():
+        return ImageFolderDataset(rec_dir).fingerprint
     layout = layout if layout is not None else read_layout(rec_dir)
-    return Fingerprint(len(layout.labels), int(layout.num_classes), int(layout.idx_size))
+    return layout.fingerprint
 
 
 def open_dataset(rec, kept_index=None, label_map=None, skip_bad_images=False) -> FaceDataset:

@@ -100,6 +100,7 @@ class OutputLock:
         self.what = what or Path(sys.argv[0]).name or "python"
         self._key = None
         self._owned = False
+        self._created = []  # folders this lock created, deepest first: removed again if left empty
 
     def __enter__(self):
         self.acquire()
@@ -110,7 +111,9 @@ class OutputLock:
         return False
 
     def acquire(self):
+        missing = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._created = missing
         self._key = str(self.folder.resolve())
         if self._key in _HELD:  # nested use in the process that holds it
             _HELD[self._key][1] += 1
@@ -182,3 +185,8 @@ class OutputLock:
                 self.path.unlink()
         except (FileNotFoundError, json.JSONDecodeError):
             pass  # removed or replaced by hand: nothing of ours to remove
+        for folder in self._created:  # a run that wrote nothing leaves no empty folder behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote there) or gone
+                break

@@ -1,6 +1,6 @@
 """Per-identity data-pruning selections for face recognition (NumPy only).
 
-The methods of ../shared/PIPELINE.md, stage 3:
+The pruning rules of the DiffProb paper and of the methods it is compared with:
 
 * ``diffprob``: DiffProb (Caldeira et al., FG 2025). Per identity, a sample is dropped when its
   labelled-class probability is within ``t`` of the last kept sample.
@@ -277,8 +277,8 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
     """Per identity, the ``k`` samples with the highest ``scores``.
 
     An identity with ``n`` (non-excluded) samples keeps ``k = int(n * fraction)``. If ``k < MIN``, it keeps
-    ``MIN`` when ``n > MIN`` and all ``n`` otherwise (PIPELINE.md). Equal scores keep the lower sample index
-    first, and NaN counts as the lowest score. This is the single place that implements "per identity, keep k
+    ``MIN`` when ``n > MIN`` and all ``n`` otherwise (the rule of DynUnc and Rand in the DiffProb paper).
+    Equal scores keep the lower sample index first, and NaN counts as the lowest score. This is the single place that implements "per identity, keep k
     by score", and every score-based method and Rand calls it.
     """
     labels = _int_labels(labels)
@@ -555,7 +555,7 @@ def _diffprob_positions(seg: _Segments, t: float, min_k: int) -> np.ndarray:
 def diffprob(prob, labels, threshold, min_samples_per_id=5, excluded=None) -> np.ndarray:
     """DiffProb selection at threshold ``t``. Returns the kept sample indices (sorted, unique int64).
 
-    For each identity (PIPELINE.md, stage 3): ``O`` is its samples sorted by ``prob`` ascending, and equal
+    For each identity (the paper's rule): ``O`` is its samples sorted by ``prob`` ascending, and equal
     values keep index order. If ``len(O) <= MIN``, all are kept. Otherwise, with ``r = 0``, it repeats
     {keep ``O[-1]``; then for ``x`` in ``O[-2] .. O[0]`` keep ``x`` when ``last - p(x) > (1 + r) * t``,
     where ``last`` is the last kept value; then ``r = r - 0.01``} until at least MIN are kept. The float64

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from utils.artifacts import atomic_write_text
+from utils.artifacts import Fingerprint, atomic_write_text
 from utils.errors import ToolkitError
 
 __all__ = [
@@ -586,10 +586,9 @@ class RecordLayout:
         return int(self.image_keys.size)
 
     @property
-    def fingerprint(self) -> dict:
-        """The dataset fingerprint stages record in their manifests (CONTRACT.md)."""
-        return {"num_images": self.num_images, "num_classes": int(self.num_classes),
-                "idx_size": int(self.idx_size)}
+    def fingerprint(self) -> Fingerprint:
+        """The dataset fingerprint every stage records in its manifests: images, classes, size of the .idx."""
+        return Fingerprint(self.num_images, int(self.num_classes), int(self.idx_size))
 
 
 def read_property(path: Path) -> Optional[Tuple[int, int, int]]:
