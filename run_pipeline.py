@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -35,6 +36,14 @@ from utils.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection import METHODS, canonical_name, list_methods
 
 REPO = Path(__file__).resolve().parent
+
+
+class Key(NamedTuple):
+    """One trained model of the experiment."""
+    method: str  # "full" or a selection method
+    fraction: float  # requested kept fraction (1.0 for full)
+    seed: int = 0  # offset from the base seed
+    trainee: str = ""  # "<network>_<loss>" when it differs from the original model's (tables 2 and 3)
 
 
 class StopPipeline(Exception):
@@ -92,6 +101,8 @@ class Pipeline:
     overrides: dict = field(default_factory=dict)
     log_file: Path = None
     stop_after: int = 0  # stop after this many steps (0: run all); an interruption on purpose
+    seeds: int = 1  # train every configuration with this many seeds (1: the profile's extra full-data seeds only)
+    trainees: tuple = ()  # other (network, loss) pairs retrained on the same kept lists
     steps_run: list = field(default_factory=list)
     steps_skipped: list = field(default_factory=list)
 
@@ -149,9 +160,9 @@ class Pipeline:
                       "--out", self.rec, *self.profile.data)
         elif not (self.rec / "train.rec").exists():
             raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
-        fp = dataset_fingerprint(self.rec)
+        fp = self.fp = dataset_fingerprint(self.rec)
         base = self.cfg()
-        original = paths.original_dir(base, base.loss)
+        original = paths.original_dir(base, base.network, base.loss)
         self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
                   lambda: (original / "train_summary.json").exists(),
                   *self.keys(is_original_train=True, resume=True))
@@ -161,7 +172,7 @@ class Pipeline:
                   lambda: is_complete(paths.clean_dir(base) / "kept_index.npy", fp), *self.keys())
         self.step("label dictionary", ["generate_label_dict.py"],
                   lambda: is_complete(paths.label_dict_path(base), fp), *self.keys())
-        models = {("full", 1.0, 0): original}
+        models = {Key("full", 1.0): original}
         for fraction in self.profile.fractions:
             for method in self.profile.methods:
                 cfg = self.cfg(coreset_method=method, fraction=fraction)
@@ -170,32 +181,64 @@ class Pipeline:
                           *self.keys(fraction=fraction))
         for fraction in self.profile.fractions:
             for method in self.profile.methods:
-                models[(method, fraction, 0)] = self.retrain(method, fraction)
-        for extra in range(1, self.profile.extra_seeds + 1):
-            models[("full", 1.0, extra)] = self.retrain("full", 1.0, seed_offset=extra)
+                models[Key(method, fraction)] = self.retrain(Key(method, fraction))
+        for network, loss in self.trainees:  # the same kept lists, other networks and losses
+            for fraction in self.profile.fractions:
+                for method in ("full", *self.profile.methods):
+                    key = Key(method, 1.0 if method == "full" else fraction, 0, f"{network}_{loss}")
+                    models[key] = self.retrain(key)
+        if self.seeds > 1:  # every configuration again with seeds +1 .. +N-1
+            for seed in range(1, self.seeds):
+                models[Key("full", 1.0, seed)] = self.retrain(Key("full", 1.0, seed))
+                for fraction in self.profile.fractions:
+                    for method in self.profile.methods:
+                        models[Key(method, fraction, seed)] = self.retrain(Key(method, fraction, seed))
+        else:
+            for seed in range(1, self.profile.extra_seeds + 1):
+                models[Key("full", 1.0, seed)] = self.retrain(Key("full", 1.0, seed))
         ijb = {}
         if self.profile.ijb and (self.rec / "ijb").is_dir():
             ijb = self.evaluate_ijb(models)
         results = self.collect(models, ijb, fp)
+        results["seeds"] = self.seeds
         results["pipeline_seconds"] = time.time() - t0
         write_results(self.out, results)
         print(f"pipeline finished in {time.time() - t0:.0f} s ({len(self.steps_run)} steps run, "
               f"{len(self.steps_skipped)} skipped); results in {self.out}")
         return results
 
-    def retrain(self, method, fraction, seed_offset=0) -> Path:
-        seed = int(self.overrides.get("seed", 0)) + seed_offset
-        extra = dict(is_original_train=False, coreset_method=method, fraction=fraction, resume=True, seed=seed)
-        if seed_offset:  # another seed of the same model trains in a folder of its own
+    def retrain(self, key: Key) -> Path:
+        base = self.cfg()
+        seed = int(base.seed) + key.seed
+        extra = dict(is_original_train=False, coreset_method=key.method, fraction=key.fraction, resume=True, seed=seed)
+        if key.trainee:  # another network / loss on the original model's kept list
+            network, loss = key.trainee.rsplit("_", 1)
+            extra.update(network=network, loss=loss, original_network=base.network, original_net_loss=base.loss)
+        label = f"retrain: {METHOD_LABELS[key.method]} {key.fraction:.0%}"
+        if key.seed:  # another seed trains (and, for a seeded method, selects) in a folder of its own
             extra["output"] = self.runs / f"seed{seed}"
+            label += f" (seed {seed})"
+            if key.method != "full":
+                chosen = self.cfg(coreset_method=key.method, fraction=key.fraction)
+                if METHODS[key.method].seeded:
+                    mine = self.cfg(coreset_method=key.method, fraction=key.fraction, output=extra["output"], seed=seed)
+                    self.step(f"prune: {METHOD_LABELS[key.method]} {key.fraction:.0%} (seed {seed})",
+                              list(METHODS[key.method].script),
+                              lambda: is_complete(paths.kept_index_path(mine, key.method), self.fp),
+                              *self.keys(fraction=key.fraction, output=extra["output"], seed=seed))
+                else:
+                    extra.update(kept_index=paths.kept_index_path(chosen, key.method),
+                                 label_map=paths.label_map_path(chosen, key.method))
+        if key.trainee:
+            label += f" [{key.trainee}]"
         out = paths.train_dir(self.cfg(**extra))
-        label = f"retrain: {METHOD_LABELS[method]} {fraction:.0%}" + (f" (seed {seed})" if seed_offset else "")
         self.step(label, ["train_everything.py"], lambda: (out / "train_summary.json").exists(), *self.keys(**extra))
         return out
 
     def evaluate_ijb(self, models: dict) -> dict:
         out = self.out / "ijb"
-        spec = ",".join(f"{_model_name(k)}={v / 'backbone.pth'}" for k, v in models.items())
+        # the folders' epoch checkpoints describe their network (a plain backbone.pth would not)
+        spec = ",".join(f"{_model_name(k)}={v}" for k, v in models.items())
         done = out / "ijb_results.json"
 
         def complete():
@@ -210,12 +253,13 @@ class Pipeline:
 
     def collect(self, models: dict, ijb: dict, fp) -> dict:
         runs = []
+        base = self.cfg()
         for key, model_dir in models.items():
-            method, fraction, seed = key
             summary = json.loads((model_dir / "train_summary.json").read_text())
             runs.append({
-                "method": method, "kept_fraction": summary["num_images"] / fp.num_images,
-                "requested_fraction": fraction, "seed_offset": seed,
+                "method": key.method, "kept_fraction": summary["num_images"] / fp.num_images,
+                "requested_fraction": key.fraction, "seed_offset": key.seed, "seed": int(base.seed) + key.seed,
+                "scorer": paths.scorer_tag(base), "trainee": key.trainee or f"{base.network}_{base.loss}",
                 "num_images": summary["num_images"], "num_classes": summary["num_classes"],
                 "verification": summary["verification"],
                 "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
@@ -228,7 +272,7 @@ class Pipeline:
         if self.synthetic and (self.rec / "dataset.json").exists():
             dataset["generator"] = json.loads((self.rec / "dataset.json").read_text()).get("args")
         results = {"dataset": dataset, "runs": runs}
-        clean_summary = self.runs / "clean" / "summary.json"
+        clean_summary = paths.clean_dir(self.cfg()) / "summary.json"
         if load_noise(self.rec) is not None and clean_summary.exists():
             q = json.loads(clean_summary.read_text()).get("quality", {})
             results["cleaning"] = {k: q.get(k) for k in ("removed", "precision", "recall", "noisy",
@@ -240,9 +284,9 @@ class Pipeline:
         return results
 
 
-def _model_name(key) -> str:
-    method, fraction, seed = key
-    return f"{method}_{fraction:.2f}" + (f"_seed{seed}" if seed else "")
+def _model_name(key: Key) -> str:
+    return (f"{key.method}_{key.fraction:.2f}" + (f"_seed{key.seed}" if key.seed else "")
+            + (f"_{key.trainee}" if key.trainee else ""))
 
 
 def parse_set(items) -> dict:
@@ -262,6 +306,23 @@ def parse_set(items) -> dict:
     return out
 
 
+def _trainees(p, args, train: dict) -> tuple:
+    """(network, loss) pairs to retrain besides the original model's: every pair of the named networks and
+    losses (each list defaults to the original's), the original pair itself left out."""
+    from backbones import list_models
+
+    base_net, base_loss = train.get("network", "iresnet50"), parse_config(["--loss", train.get("loss", "CosFace")]).loss
+    nets = args.retrain_networks.split(",") if args.retrain_networks else [base_net]
+    losses = [parse_config(["--loss", x]).loss for x in args.retrain_losses.split(",")] if args.retrain_losses \
+        else [base_loss]
+    bad = [n for n in nets if n not in list_models()]
+    if bad:
+        p.error(f"--retrain-networks: unknown {bad}; valid: {', '.join(list_models())}")
+    if args.retrain_networks is None and args.retrain_losses is None:
+        return ()
+    return tuple((n, x) for n in nets for x in losses if (n, x) != (base_net, base_loss))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the DiffProb paper's experiment end to end: data, original model, "
                                 "scoring, cleaning, pruning (Rand, DynUnc, DiffProb, cleaning + DiffProb), "
@@ -277,6 +338,13 @@ def main(argv=None):
                    f"(the paper's names {', '.join(n for n in list_methods(aliases=True) if n not in METHODS)} too)")
     p.add_argument("--nproc", type=int, default=None, help="processes per node for torchrun (default: visible GPUs)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config keys for every stage, e.g. --set seed=1")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every configuration (full data, every method x fraction) with N seeds: the training "
+                        "seed and, for a seeded selection (Rand), the selection seed; the tables give mean +- std")
+    p.add_argument("--retrain-networks", default=None, metavar="NET,...",
+                   help="also retrain the same kept lists with these networks (the paper's table 3)")
+    p.add_argument("--retrain-losses", default=None, metavar="LOSS,...",
+                   help="also retrain the same kept lists with these losses (the paper's table 2)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
@@ -297,9 +365,13 @@ def main(argv=None):
         if bad:
             p.error(f"--methods: unknown {bad}; valid: {', '.join(list_methods(aliases=True))}")
         profile = Profile(**{**profile.__dict__, "methods": ms})
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
+    overrides = parse_set(args.set)
+    trainees = _trainees(p, args, {**profile.train, **overrides})
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
-                    overrides=parse_set(args.set), stop_after=args.stop_after)
+                    overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees)
     try:
         with OutputLock(args.out, what="run_pipeline.py"):  # one pipeline per output folder
             if args.fresh:  # what an earlier run left, but not the lock just taken

@@ -59,6 +59,7 @@ class Config:
     # ---- original training and scoring -------------------------------------------------------
     is_original_train: bool = True  # full dataset + per-epoch probability recording (DynUnc input)
     original_net_loss: str = "CosFace"  # loss of the original model whose scores the pruning reads
+    original_network: Optional[str] = None  # its network (None: --network); retraining other networks on its lists
     record_topk: int = 10  # margin-free top-k logits recorded per sample and epoch (entropy method)
     eval_epoch: int = -1  # checkpoint epoch to score (1-based; -1: the last)
     use_all_epochs: bool = False  # score every saved epoch and average

@@ -55,10 +55,10 @@ def test_results_follow_the_contract(pipeline):
         if r["method"] == "full":
             assert r["kept_fraction"] == 1.0 and r["num_images"] == res["dataset"]["num_images"]
         else:
-            kept = load_kept_index(out / "runs" / "coresets" / f"{name}" / "kept_index.npy", fp)
+            kept = load_kept_index(next((out / "runs" / "coresets").glob(f"*/{name}/kept_index.npy")), fp)
             assert r["num_images"] == kept.size
     clean = res["cleaning"]
-    flagged = np.load(out / "runs" / "clean" / "flagged.npy")
+    flagged = np.load(next((out / "runs" / "clean").glob("*/flagged.npy")))
     expect = cleaning_quality(flagged, json.loads((out / "data" / "noise.json").read_text()))
     assert clean == {k: expect[k] for k in clean} and clean["removed"] == flagged.size
     rows = list(csv.reader(open(out / "results.csv")))
@@ -72,7 +72,7 @@ def test_evaluation_commands_on_the_trained_models(pipeline, tmp_path):
     out, _, _ = pipeline
     rec, runs = out / "data", out / "runs"
     full = next(runs.glob("original_*"))
-    pruned = next((runs / "retrain").glob("diffprob_0.50_*"))
+    pruned = next((runs / "retrain").glob("*/diffprob_0.50_*"))
     keys = ["--rec", rec, "--output", runs, "--network", "smallnet", "--embedding_size", "64", "--num_workers", "0"]
     r = run_script("eval_verification.py", *keys, "--models", f"full={full},diffprob={pruned}", "--out", tmp_path)
     res = json.loads((tmp_path / "verification.json").read_text())
@@ -91,3 +91,29 @@ def test_evaluation_commands_on_the_trained_models(pipeline, tmp_path):
     assert "TAR" in r.stdout
     r = run_script("eval_ijbc.py", *keys, "--ijb_root", tmp_path / "nowhere", check=False)
     assert r.returncode == 1 and "IJB release folder" in r.stderr
+
+
+def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
+    """--seeds 2 retrains every configuration with a second seed (Rand selects again with it; DiffProb's list is
+    the same), --retrain-losses retrains the same lists with another loss; the table gives mean +- std."""
+    out, _, _ = pipeline
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--methods", "rand,diffprob",
+                   "--seeds", "2", "--retrain-losses", "ArcFace")
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == 2
+    by = {(x["method"], x["seed_offset"], x["trainee"]): x for x in res["runs"]}
+    assert set(by) == {(m, s, "smallnet_CosFace") for m in ("full", "rand", "diffprob") for s in (0, 1)} | \
+        {(m, 0, "smallnet_ArcFace") for m in ("full", "rand", "diffprob")}
+    fp = dataset_fingerprint(out / "data")
+    runs = out / "runs"
+    rand0 = load_kept_index(runs / "coresets" / "smallnet_CosFace" / "rand_0.50" / "kept_index.npy", fp)
+    rand1 = load_kept_index(runs / "seed1" / "coresets" / "smallnet_CosFace" / "rand_0.50" / "kept_index.npy", fp)
+    assert not np.array_equal(rand0, rand1) and rand0.size == rand1.size  # reseeded, same per-identity budget
+    assert by[("diffprob", 1, "smallnet_CosFace")]["num_images"] == by[("diffprob", 0, "smallnet_CosFace")]["num_images"]
+    arc = json.loads((runs / "retrain" / "smallnet_CosFace" / "diffprob_0.50_smallnet_ArcFace" / "config.json")
+                     .read_text())
+    assert arc["loss"] == "ArcFace" and arc["original_net_loss"] == "CosFace"
+    md = (out / "results.md").read_text()
+    assert "| Rand | smallnet_CosFace | 50.0% | 2 |" in md and "vs Rand" in md and " ± " in md
+    assert "| DiffProb | smallnet_ArcFace | 50.0% | 1 |" in md
+    assert md in r.stdout

@@ -4,20 +4,28 @@ guesses another's paths.
 <output>/
   original_<network>_<loss>/      train_everything.py, is_original_train=True
       epoch_001.pt ... last.pt backbone.pth prob_history.npy topk_logits.npz metrics.jsonl
-  scores/<network>_<loss>_<epoch tag>.npz   eval_trainset.py (per-sample probabilities and predictions)
+  scores/<scorer>_<epoch tag>.npz   eval_trainset.py (per-sample probabilities and predictions)
   label_dict.npz                  generate_label_dict.py
-  clean/kept_index.npy label_map.json flagged.npy [relabel.npy]      clean_trainset.py
-  coresets/<method>_<fraction>/kept_index.npy label_map.json plot.png  eval_simprobs.py, coreset_*.py
-  retrain/<method>_<fraction>_<network>_<loss>/   train_everything.py, is_original_train=False
+  clean/<scorer>/kept_index.npy label_map.json flagged.npy [relabel.npz]   clean_trainset.py
+  coresets/<scorer>/<method>_<fraction>/kept_index.npy label_map.json plot.png   eval_simprobs.py, coreset_*.py
+  retrain/<scorer>/<method>_<fraction>_<network>_<loss>/   train_everything.py, is_original_train=False
+
+<scorer> is `<network>_<loss>` of the original model whose scores made the kept list
+(`--original_network`, default `--network`, and `--original_net_loss`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 
+def scorer_tag(cfg) -> str:
+    """`<network>_<loss>` of the original model whose scores the pruning and cleaning read."""
+    return f"{cfg.original_network or cfg.network}_{cfg.original_net_loss}"
 
-def original_dir(cfg, loss: str = None) -> Path:
-    return Path(cfg.output) / f"original_{cfg.network}_{loss or cfg.original_net_loss}"
+
+def original_dir(cfg, network: str = None, loss: str = None) -> Path:
+    """The original model's folder: the scorer's (default), or that of `network` + `loss` (training it)."""
+    return Path(cfg.output) / f"original_{network or cfg.original_network or cfg.network}_{loss or cfg.original_net_loss}"
 
 
 def epoch_checkpoint(model_dir, epoch: int) -> Path:
@@ -26,7 +34,7 @@ def epoch_checkpoint(model_dir, epoch: int) -> Path:
 
 def scores_path(cfg) -> Path:
     tag = "all_epochs" if cfg.use_all_epochs else ("last" if cfg.eval_epoch < 0 else f"epoch{cfg.eval_epoch:03d}")
-    return Path(cfg.output) / "scores" / f"{cfg.network}_{cfg.original_net_loss}_{tag}.npz"
+    return Path(cfg.output) / "scores" / f"{scorer_tag(cfg)}_{tag}.npz"
 
 
 def prob_history_path(cfg) -> Path:
@@ -42,7 +50,7 @@ def label_dict_path(cfg) -> Path:
 
 
 def clean_dir(cfg) -> Path:
-    return Path(cfg.output) / "clean"
+    return Path(cfg.output) / "clean" / scorer_tag(cfg)
 
 
 def coreset_tag(cfg, method: str = None) -> str:
@@ -56,6 +64,12 @@ def coreset_tag(cfg, method: str = None) -> str:
 
 
 def coreset_dir(cfg, method: str = None) -> Path:
+    """`coresets/<scorer network>_<scorer loss>/<method>_<fraction>/`: the model that made the scores is part of it."""
+    return Path(cfg.output) / "coresets" / scorer_tag(cfg) / coreset_tag(cfg, method)
+
+
+def legacy_coreset_dir(cfg, method: str = None) -> Path:
+    """Where versions before 2026-12 wrote a kept list (`coresets/<method>_<fraction>/`, no scorer)."""
     return Path(cfg.output) / "coresets" / coreset_tag(cfg, method)
 
 
@@ -74,8 +88,9 @@ def label_map_path(cfg, method: str = None) -> Path:
 def train_dir(cfg) -> Path:
     """Where train_everything.py writes this config's model."""
     if cfg.is_original_train:
-        return original_dir(cfg, cfg.loss)
-    return Path(cfg.output) / "retrain" / f"{coreset_tag(cfg)}_{cfg.network}_{cfg.loss}"
+        return original_dir(cfg, cfg.network, cfg.loss)
+    # names both the model that scored the kept list and the network + loss trained on it
+    return Path(cfg.output) / "retrain" / scorer_tag(cfg) / f"{coreset_tag(cfg)}_{cfg.network}_{cfg.loss}"
 
 
 def ijb_root(cfg) -> Path:

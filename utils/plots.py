@@ -94,17 +94,28 @@ def plot_results(results: dict, path: Path, method_titles: dict, tar_key: str, m
     panels = [("mean verification accuracy (%)", lambda r: 100 * mean_accuracy(r))]
     if has_tar:
         panels.append((f"IJB-C {tar_key} (%)", lambda r: 100 * r["ijb"].get(tar_key, float("nan"))))
-    runs = results["runs"]
+    runs = [r for r in results["runs"] if not r.get("trainee") or r.get("trainee") == _original(results)]
     full = [r for r in runs if r["method"] == "full"]
     for ax, (label, value) in zip(axes[0], panels):
         for method in method_titles:
-            rs = sorted((r for r in runs if r["method"] == method and method != "full"),
-                        key=lambda r: r["kept_fraction"])
-            if rs:
-                ax.plot([100 * r["kept_fraction"] for r in rs], [value(r) for r in rs], "o-", label=method_titles[method])
+            if method == "full":
+                continue
+            cells = {}  # requested fraction -> the runs of its seeds
+            for r in runs:
+                if r["method"] == method:
+                    cells.setdefault(r["requested_fraction"], []).append(r)
+            if not cells:
+                continue
+            pts = sorted((np.mean([r["kept_fraction"] for r in rs]), np.mean([value(r) for r in rs]),
+                          np.std([value(r) for r in rs], ddof=1) if len(rs) > 1 else 0.0) for rs in cells.values())
+            x, y, err = (np.array(v) for v in zip(*pts))
+            if err.any():  # several seeds: the mean with +- one standard deviation
+                ax.errorbar(100 * x, y, yerr=err, fmt="o-", capsize=3, label=method_titles[method])
+            else:
+                ax.plot(100 * x, y, "o-", label=method_titles[method])
         if full:
             vals = [value(r) for r in full]
-            ax.axhline(vals[0], color="k", ls="--", lw=1, label="full data")
+            ax.axhline(np.mean(vals), color="k", ls="--", lw=1, label="full data")
             if len(vals) > 1:
                 ax.axhspan(min(vals), max(vals), color="k", alpha=0.08, label="full data, seed spread")
         ax.set_xlabel("kept fraction of the training images (%)")
@@ -117,3 +128,8 @@ def plot_results(results: dict, path: Path, method_titles: dict, tar_key: str, m
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+
+
+def _original(results: dict) -> str:
+    """`<network>_<loss>` the full-data model was trained with (the trainee of the plain rows)."""
+    return next((r.get("trainee") for r in results["runs"] if r["method"] == "full" and not r.get("seed_offset")), "")

@@ -46,6 +46,7 @@ class Method:
     script: tuple = ("coreset_select.py",)  # the command that runs it (the paper's scripts for its methods)
     aliases: tuple = ()  # other names accepted for `coreset_method` (the paper repository's)
     takes_threshold: bool = False  # `--threshold` sets the selection instead of `--fraction`
+    seeded: bool = False  # the selection depends on `--seed` (another training seed selects again)
     summary: str = ""  # one line for --help and the README
 
 
@@ -54,7 +55,7 @@ _ALIASES: dict = {}
 
 
 def register_method(name, *, title, needs=(), score_name=None, script=None, aliases=(), takes_threshold=False,
-                    summary=""):
+                    seeded=False, summary=""):
     """Decorator: register `fn(records, cfg) -> Selection` as selection method `name`."""
     def wrap(fn):
         for n in (name, *aliases):
@@ -64,7 +65,8 @@ def register_method(name, *, title, needs=(), score_name=None, script=None, alia
         if unknown:
             raise ValueError(f"{name}: unknown needs {sorted(unknown)}; valid: {sorted(NEEDS)}")
         METHODS[name] = Method(name, title, fn, tuple(needs), score_name, tuple(script or ("coreset_select.py",)),
-                               tuple(aliases), takes_threshold, summary or (fn.__doc__ or "").strip().split("\n")[0])
+                               tuple(aliases), takes_threshold, seeded,
+                               summary or (fn.__doc__ or "").strip().split("\n")[0])
         for a in aliases:
             _ALIASES[a] = name
         # The config's `coreset_method` choices and aliases are the registry's.
@@ -111,7 +113,7 @@ def _ranked(scores, cfg):
 
 
 # ------------------------------------------------------------------------------------------- methods
-@register_method("rand", title="Rand", script=("coreset_rand.py",),
+@register_method("rand", title="Rand", script=("coreset_rand.py",), seeded=True,
                  summary="per identity, uniformly at random (seeded by --seed)")
 def select_rand(rec: Records, cfg) -> Selection:
     """Per identity, a uniformly random share of the images."""

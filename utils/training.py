@@ -59,6 +59,10 @@ def load_selection(cfg, fingerprint: Fingerprint, labels: np.ndarray):
     if not cfg.kept_index and cfg.coreset_method not in RETRAIN_ONLY:
         get_method(cfg.coreset_method)  # an unknown method is refused here, naming the valid ones
     kept_path = paths.kept_index_path(cfg)
+    legacy = paths.legacy_coreset_dir(cfg) / "kept_index.npy"
+    if not cfg.kept_index and not kept_path.exists() and legacy.exists():
+        raise ArtifactError(f"{legacy} is where earlier versions wrote kept lists; they now live under the model "
+                            f"that scored them: {kept_path}. Move the folder there, or give --kept_index {legacy}")
     kept = load_kept_index(kept_path, fingerprint)
     map_path = paths.label_map_path(cfg)
     if map_path.exists():
@@ -409,7 +413,7 @@ class VerificationCallback:
 
 def assemble_history(cfg, fingerprint: Fingerprint):
     """probs/epoch_XXX.npz -> prob_history.npy (E, N) and topk_logits.npz (E, N, k), with manifests."""
-    out = paths.original_dir(cfg, cfg.loss)
+    out = paths.original_dir(cfg, cfg.network, cfg.loss)
     files = [out / "probs" / f"epoch_{e:03d}.npz" for e in range(1, cfg.num_epoch + 1)]
     missing = [str(f) for f in files if not is_complete(f, fingerprint)]
     if missing:
