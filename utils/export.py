@@ -1,0 +1,528 @@
+"""Export a selection of a dataset as a dataset folder of its own, copying records byte for byte.
+
+A kept list (and the label map that goes with it) becomes a folder that any stage opens with no
+kept list: `open_dataset(DST)` lists exactly the kept images, with the renumbered labels, in the
+order training on the source with the kept list sees them (see `export_dataset`).
+
+RecordIO sources are written in the InsightFace layout: record 0 is the header
+(flag 2, label [first_identity_key, end_key]), image records 1..N keep their payload bytes (only
+the label in the IRHeader changes), then one record per identity whose label is its [start, end)
+range of image keys. The copy streams: records are read in chunks of at most `CHUNK_BYTES` by their
+byte offsets and written sequentially, so memory does not grow with the dataset.
+
+Beside the records: `origin_index.npy` (new sample index -> source sample index, int64), the
+verification `.bin` files and `ijb/` (hard links, or copies where a hard link is refused), `noise.json`
+remapped to the new sample indices when the source has one, and the manifest `export.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.artifacts import (ArtifactError, Fingerprint, atomic_save_npy, atomic_write_json, label_map_array,
+                             load_array, load_kept_index, load_label_map, validate_kept_index)
+from utils.recordio import (MAGIC, IRHeader, RecordIOError, _read_record, frame_record, pack, read_index,
+                            read_property, unpack)
+
+CHUNK_BYTES = 16 << 20  # source bytes read per chunk: bounds the memory of the copy
+ORIGIN_INDEX = "origin_index.npy"
+NOISE_FILE = "noise.json"
+EXPORT_MANIFEST = "export.json"
+_LENGTH_BITS, _LENGTH_MASK = 29, (1 << 29) - 1
+_REC_HEAD_BYTES = 8
+
+
+# ----------------------------------------------------------------------------------- destination folder
+def check_destination(src, dst, overwrite: bool) -> Path:
+    """The absolute destination; refuses one that exists (unless `overwrite`), overlaps `src`, or cannot be made."""
+    src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ArtifactError(f"--out {dst} must lie outside the source dataset {src} (and not contain it)")
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir():
+            raise ArtifactError(f"{dst} exists and is not a folder; choose another --out")
+        if any(dst.iterdir()) and not overwrite:
+            raise ArtifactError(f"{dst} already exists; pass --overwrite true to replace it")
+    ancestor = dst.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArtifactError(f"cannot create {dst}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot create {dst}: {ancestor} is not writable")
+    return dst
+
+
+@contextlib.contextmanager
+def staged_folder(dst: Path):
+    """Yield a hidden folder beside `dst`; it becomes `dst` only if the block finishes (all or nothing).
+
+    An existing `dst` (allowed by `check_destination`) is replaced only after the new folder is complete.
+    """
+    dst = Path(os.path.abspath(dst))
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise ArtifactError(f"cannot create {dst}: {exc.strerror} ({exc.filename})") from None
+    try:
+        yield tmp
+        old = tmp.with_name(tmp.name + ".old") if dst.exists() else None
+        if old is not None:
+            os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            if old is not None:
+                os.rename(old, dst)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def link_or_copy(src, dst) -> str:
+    """Hard-link `src` to `dst` ('hard link'); copy it ('copy') where the file system refuses the link."""
+    try:
+        os.link(src, dst)
+        return "hard link"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def carry_files(src_dir: Path, dst_dir: Path, folders=("ijb",)) -> dict:
+    """The verification `.bin` files and the named folders of `src_dir`, linked (or copied) into `dst_dir`.
+
+    Returns {name: 'hard link' | 'copy' | 'hard link and copy'}. Hard links take no space and survive the
+    source folder being moved or deleted; this toolkit replaces files (never edits them in place), so a
+    write to one side never shows on the other.
+    """
+    carried = {}
+    for path in sorted(src_dir.glob("*.bin")):
+        if path.is_file():
+            carried[path.name] = link_or_copy(path, dst_dir / path.name)
+    for name in folders:
+        if (src_dir / name).is_dir():
+            modes = set()
+            shutil.copytree(src_dir / name, dst_dir / name,
+                            copy_function=lambda s, d: modes.add(link_or_copy(s, d)))
+            carried[name + "/"] = " and ".join(sorted(modes)) or "empty"
+    return carried
+
+
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ------------------------------------------------------------------------------------ RecordIO writing
+def _framed_lengths(layout) -> np.ndarray:
+    """Bytes each image record spans in the .rec: up to the next indexed record (or the end of the file).
+
+    dmlc writes records back to back, so this is the record's framed size; the copy checks it against
+    each record's own length word and copies only the record where anything unindexed follows it.
+    """
+    _, offsets = read_index(layout.idx_path, layout.rec_path)
+    bounds = np.unique(np.append(offsets, layout.rec_path.stat().st_size))
+    nxt = bounds[np.minimum(np.searchsorted(bounds, layout.image_offsets, side="right"), bounds.size - 1)]
+    return nxt - layout.image_offsets
+
+
+def _chunks(lengths: np.ndarray, limit: int):
+    """[a, b) ranges of consecutive records whose lengths add up to at most `limit` (at least one record)."""
+    ends = np.cumsum(lengths)
+    a = 0
+    while a < lengths.size:
+        base = ends[a - 1] if a else 0
+        b = max(int(np.searchsorted(ends, base + limit, side="right")), a + 1)
+        yield a, b
+        a = b
+
+
+def _read_runs(fd: int, buf: bytearray, offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray, path):
+    """Fill `buf` with the records at `offsets`: one read per run of records adjacent in the source."""
+    ends = offsets + lengths
+    first = np.r_[0, np.flatnonzero(offsets[1:] != ends[:-1]) + 1]
+    last = np.r_[first[1:], offsets.size] - 1
+    sizes = starts[last] + lengths[last] - starts[first]
+    view = memoryview(buf)
+    for offset, start, size in zip(offsets[first].tolist(), starts[first].tolist(), sizes.tolist()):
+        got = os.preadv(fd, [view[start:start + size]], offset)
+        if got != size:
+            raise RecordIOError(f"truncated file {os.fspath(path)!r}: {size} bytes expected at byte offset "
+                                f"{offset}, found {got}")
+
+
+def relabelled_record(payload: bytes, label: int, image: bytes = None) -> bytes:
+    """`payload` (a packed record) with its identity label set to `label` (element 0 of a label
+    vector), and its image replaced by `image` when given; flag, id and id2 are kept."""
+    header, img = unpack(payload)
+    if header.flag:
+        vector = np.array(header.label, dtype=np.float32)
+        vector[0] = label
+        header = header._replace(label=vector)
+    else:
+        header = header._replace(label=float(label))
+    return pack(header, img if image is None else image)
+
+
+def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, replace=None,
+                   progress: bool = True, desc: str = "export") -> int:
+    """Write `train.rec`/`train.idx` (InsightFace layout) of the source records `origin_index`, in that order.
+
+    `layout` is the source's `RecordLayout`; `labels[j]` (int, sorted ascending, every class of
+    0..num_classes-1 present) is the label of new sample j. Payloads are copied byte for byte; only the
+    IRHeader label changes. `replace = (positions, fetch)` gives new samples `positions` (sorted) the
+    image bytes `fetch(k)` for the k-th position instead (their header, label included, is kept).
+    Returns the size of `train.rec` in bytes.
+    """
+    from tqdm import tqdm
+
+    origin_index = np.asarray(origin_index, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = origin_index.size
+    counts = np.bincount(labels, minlength=num_classes) if n else np.zeros(num_classes, np.int64)
+    if n == 0 or labels.shape != origin_index.shape or np.any(np.diff(labels) < 0) or \
+            counts.size != num_classes or (counts == 0).any():
+        raise ValueError("write_recordio: labels must be sorted, one per record, with every class of "
+                         f"0..{num_classes - 1} present (found {np.count_nonzero(counts)} classes in {n} records)")
+    offsets = layout.image_offsets[origin_index]
+    spans = _framed_lengths(layout)[origin_index]
+    keys = layout.image_keys[origin_index]
+    replace_pos, fetch = replace if replace is not None else (np.zeros(0, np.int64), None)
+    out_dir = Path(out_dir)
+    header = frame_record(pack(IRHeader(2, [n + 1, n + 1 + num_classes], 0, 0), b""))
+    with open(out_dir / "train.rec", "wb") as out, open(out_dir / "train.idx", "w") as idx, \
+            open(layout.rec_path, "rb") as src, tqdm(total=n, unit="img", desc=desc, disable=not progress) as bar:
+        out.write(header)
+        idx.write("0\t0\n")
+        pos = len(header)
+        for a, b in _chunks(spans, CHUNK_BYTES):
+            starts = np.r_[0, np.cumsum(spans[a:b])[:-1]]
+            buf = bytearray(int(spans[a:b].sum()))
+            _read_runs(src.fileno(), buf, offsets[a:b], spans[a:b], starts, layout.rec_path)
+            first, last = np.searchsorted(replace_pos, [a, b])
+            pieces = _relabel_chunk(buf, starts, spans[a:b], labels[a:b], keys[a:b], offsets[a:b], layout.rec_path,
+                                    replace_pos[first:last] - a, range(first, last), fetch)
+            sizes = spans[a:b] if pieces is None else np.array([len(p) for p in pieces], dtype=np.int64)
+            out.write(buf if pieces is None else b"".join(pieces))
+            record_at = pos + np.r_[0, np.cumsum(sizes)[:-1]]
+            idx.write("".join(f"{k}\t{o}\n" for k, o in zip(range(a + 1, b + 1), record_at.tolist())))
+            pos += int(sizes.sum())
+            bar.update(b - a)
+        ends = np.cumsum(counts) + 1
+        identity_records = [frame_record(pack(IRHeader(2, [s, e], 0, 0), b""))
+                            for s, e in zip((ends - counts).tolist(), ends.tolist())]
+        idx.write("".join(f"{n + 1 + c}\t{pos + c * len(r)}\n" for c, r in enumerate(identity_records)))
+        out.write(b"".join(identity_records))
+        pos += sum(len(r) for r in identity_records)
+    return pos
+
+
+def _relabel_chunk(buf, starts, spans, labels, keys, offsets, rec_path, replace_at, replace_ids, fetch):
+    """Set the labels of the records read into `buf` (in place, vectorised) and check their framing.
+
+    Returns None when `buf` is the output as it is, else the list of output pieces (records split by
+    the dmlc writer, replaced images, or records followed by unindexed bytes take their own piece).
+    """
+    words = np.frombuffer(buf, dtype="<u4")
+    w = starts // 4
+    magic, lrec = words[w], words[w + 1]
+    cflag, length = lrec >> _LENGTH_BITS, (lrec & _LENGTH_MASK).astype(np.int64)
+    framed = _REC_HEAD_BYTES + ((length + 3) & ~3)
+    whole = cflag == 0
+    bad = (magic != MAGIC) | (whole & (framed > spans)) | ~np.isin(cflag, (0, 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RecordIOError(f"record is not where the index says (bad magic word, continuation flag or length): "
+                            f"file {os.fspath(rec_path)!r}, key {int(keys[i])}, byte offset {int(offsets[i])}")
+    flag = words[np.minimum(w + 2, words.size - 1)]
+    label_word = np.where(flag == 0, w + 3, w + 8)  # scalar label in the header, else label vector element 0
+    words.view("<f4")[label_word[whole]] = labels[whole].astype(np.float32)
+    special = {int(i): None for i in np.flatnonzero(~whole | (framed != spans))}
+    special.update(zip(replace_at.tolist(), map(fetch, replace_ids)))
+    if not special:
+        return None
+    view = memoryview(buf)
+    pieces = [view[s:s + f] for s, f in zip(starts.tolist(), framed.tolist())]
+    for i, image in special.items():
+        start = int(starts[i])
+        if whole[i]:
+            payload = view[start + _REC_HEAD_BYTES:start + _REC_HEAD_BYTES + int(length[i])]
+        else:  # split by the writer: rejoin its parts
+            payload, _ = _read_record(io.BytesIO(view[start:start + int(spans[i])]), 0, int(spans[i]), rec_path,
+                                      int(keys[i]))
+        if image is not None or not whole[i]:
+            pieces[i] = frame_record(relabelled_record(payload, int(labels[i]), image))
+    return pieces
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass
+class ExportPlan:
+    """What the exported folder holds: new sample j is source sample `origin_index[j]` with label `labels[j]`."""
+    origin_index: np.ndarray  # int64 (M,)
+    labels: np.ndarray  # int64 (M,), sorted ascending
+    num_classes: int
+    label_table: np.ndarray  # int64 (source classes,): old label -> new label, -1 for identities that vanish
+    assigned: np.ndarray  # int64 (source images,): each source sample's label after --relabel (old numbering)
+    inputs: dict  # what the manifest records about the selection, label map and relabel file
+
+
+def _describe(path, what: str, count=None) -> dict:
+    info = {"path": os.path.abspath(path), "sha256": file_sha256(path)} if path is not None else {"path": None}
+    if count is not None:
+        info[what] = count
+    return info
+
+
+def _as_path(value):
+    return value if isinstance(value, (str, os.PathLike)) else None
+
+
+def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> ExportPlan:
+    """Resolve the selection against `dataset` (a `FaceDataset`); every input is checked before a byte is written.
+
+    `kept_index`: a file (toolkit `.npy` with manifest, or the paper's `kept_index = [...]` text), an array
+    of sample indices, or None (every sample). `label_map`: a label-map JSON, a dict, or None (the
+    contiguous map of the labels that survive). `relabel`: cleaning's `relabel.npz` (index, label,
+    suggested_label) or None; its samples take the suggested label before renumbering.
+    """
+    from utils.pruning import label_map_for
+
+    fp = dataset.fingerprint
+    assigned = dataset.all_labels.copy()
+    inputs = {"relabel": None}
+    if relabel is not None:
+        rel = load_array(relabel, fp)
+        missing = {"index", "label", "suggested_label"} - set(rel if isinstance(rel, dict) else ())
+        if missing:
+            raise ArtifactError(f"{relabel}: expected a relabel.npz with arrays index, label, suggested_label "
+                                f"(clean_trainset.py --relabel true); missing {sorted(missing)}")
+        order = np.argsort(rel["index"], kind="stable")
+        index = rel["index"][order].astype(np.int64)
+        if index.size and (index[0] < 0 or index[-1] >= fp.num_images or np.any(np.diff(index) == 0)):
+            raise ArtifactError(f"{relabel}: 'index' must hold distinct sample indices in [0, {fp.num_images})")
+        if not np.array_equal(assigned[index], rel["label"][order]):
+            raise ArtifactError(f"{relabel}: its 'label' array does not hold this dataset's labels of its samples")
+        suggested = rel["suggested_label"][order].astype(np.int64)
+        if suggested.size and (suggested.min() < 0 or suggested.max() >= dataset.source_num_classes):
+            raise ArtifactError(f"{relabel}: suggested labels must be in [0, {dataset.source_num_classes})")
+        assigned[index] = suggested
+        inputs["relabel"] = _describe(relabel, "relabelled", int(index.size))
+
+    if kept_index is None:
+        kept = np.arange(fp.num_images, dtype=np.int64)
+    elif _as_path(kept_index) is not None:
+        kept = load_kept_index(kept_index, fp)
+    else:
+        kept = validate_kept_index(kept_index, fp.num_images)
+    inputs["selection"] = _describe(_as_path(kept_index), "kept", int(kept.size))
+
+    if label_map is None:
+        label_map = label_map_for(kept, assigned)
+        inputs["label_map"] = {"path": None, "derived": "contiguous map of the surviving labels (ascending)"}
+    else:
+        map_path = _as_path(label_map)
+        label_map = load_label_map(map_path, fp) if map_path is not None else dict(label_map)
+        inputs["label_map"] = _describe(map_path, "num_classes", len(label_map))
+    table = label_map_array(label_map, dataset.source_num_classes)
+    new = table[assigned[kept]]
+    where = _as_path(inputs["label_map"]["path"]) or "the label map"
+    if (new < 0).any():
+        i = int(np.flatnonzero(new < 0)[0])
+        raise ArtifactError(f"{where}: has no new label for identity {int(assigned[kept[i]])} of kept sample "
+                            f"{int(kept[i])} ({int((new < 0).sum())} kept samples unmapped); it does not go with "
+                            f"this kept list")
+    empty = np.setdiff1d(np.arange(len(label_map)), new)
+    if empty.size:
+        raise ArtifactError(f"{where}: new label {int(empty[0])} has no kept sample ({empty.size} such labels); the "
+                            f"InsightFace layout has no empty identities")
+    order = np.argsort(new, kind="stable")
+    return ExportPlan(kept[order], new[order], len(label_map), table, assigned, inputs)
+
+
+# ------------------------------------------------------------------------------------------ noise.json
+def remap_noise(noise: dict, plan: ExportPlan, source_labels: np.ndarray) -> dict:
+    """The source's `noise.json` for the exported samples: surviving samples only, new indices and labels.
+
+    A sample is noisy in the export when its true identity (from the source's ground truth) is not its
+    exported label: an open-set outlier stays one, and a flipped sample whose true identity vanished
+    becomes one (no class of the export shows it); with --relabel, a sample moved to its true identity
+    is clean again and a clean sample moved elsewhere is a flip.
+    """
+    from utils.noise import noise_record, true_identities
+
+    truth = true_identities(source_labels, noise)[plan.origin_index]
+    known = truth >= 0
+    true_new = np.full(truth.shape, -1, dtype=np.int64)
+    true_new[known] = plan.label_table[truth[known]]
+    return noise_record(plan.labels, true_new, noise.get("flip_rate"), noise.get("open_rate"), noise.get("seed"),
+                        plan.num_classes)
+
+
+# ------------------------------------------------------------------------------------------ export
+def _dataset_bytes(dataset) -> int:
+    if hasattr(dataset, "layout"):
+        return sum((dataset.rec_dir / name).stat().st_size for name in ("train.rec", "train.idx"))
+    return sum((dataset.root / f).stat().st_size for f in dataset.files)
+
+
+def _export_image_folder(dataset, plan: ExportPlan, tmp: Path) -> tuple[np.ndarray, dict]:
+    """Link (or copy) the kept images into `tmp/<identity>/<file>`; returns (origin index in listing order, modes).
+
+    An identity folder keeps the name of the source identity its new label came from; where those
+    names would not sort in new-label order (a label map that reorders, or --relabel), the name gets a
+    zero-padded new-label prefix, since `ImageFolderDataset` numbers identities in sorted folder order.
+    """
+    identities = sorted(d.name for d in dataset.root.iterdir() if d.is_dir())  # as ImageFolderDataset numbers them
+    ident_of_file = np.array([f.split("/", 1)[0] for f in dataset.files])
+    basename = np.array([f.split("/", 1)[1] for f in dataset.files])
+    source_of = np.zeros(plan.num_classes, dtype=np.int64)  # new label -> the source label it renumbers
+    mapped = np.flatnonzero(plan.label_table >= 0)
+    source_of[plan.label_table[mapped]] = mapped
+    names = [identities[old] for old in source_of.tolist()]
+    if any(a >= b for a, b in zip(names[:-1], names[1:])):
+        width = len(str(plan.num_classes - 1))
+        names = [f"{c:0{width}d}_{name}" for c, name in enumerate(names)]
+    origin = plan.origin_index
+    # A file --relabel moved to another identity is prefixed with the identity it came from (no name clash).
+    moved = dataset.all_labels[origin] != source_of[plan.labels]
+    files = np.where(moved, np.char.add(np.char.add(ident_of_file[origin], "__"), basename[origin]), basename[origin])
+    order = np.lexsort((files, plan.labels))  # the order ImageFolderDataset lists them in
+    for name in names:
+        (tmp / name).mkdir()
+    modes = {link_or_copy(dataset.root / dataset.files[origin[i]], tmp / names[plan.labels[i]] / files[i])
+             for i in order.tolist()}
+    return origin[order], {"images": " and ".join(sorted(modes))}
+
+
+def export_dataset(src, kept_index, label_map, dst, relabel=None, overwrite: bool = False,
+                   progress: bool = True) -> dict:
+    """Write the selection of dataset `src` as the dataset folder `dst` (all of it or nothing); returns a summary.
+
+    `kept_index`, `label_map`, `relabel`: see `plan_export`. New samples are sorted by new label, stable in
+    source order; for an InsightFace-layout source (images contiguous per identity, as in CASIA-WebFace)
+    with a label map that keeps the label order (the derived one does), that is exactly the kept order.
+    A RecordIO source exports as RecordIO (InsightFace layout), an image folder as an image folder.
+    """
+    from utils.data import open_dataset
+    from utils.selection import load_noise
+
+    t0 = time.time()
+    src = Path(src)
+    dataset = open_dataset(src)
+    plan = plan_export(dataset, kept_index, label_map, relabel)
+    dst = check_destination(src, dst, overwrite)
+    noise = load_noise(src)
+    is_recordio = hasattr(dataset, "layout")
+    try:
+        with staged_folder(dst) as tmp:
+            if is_recordio:
+                write_recordio(dataset.layout, tmp, plan.origin_index, plan.labels, plan.num_classes,
+                               progress=progress)
+                prop = read_property(src / "property")
+                if prop is not None:
+                    (tmp / "property").write_text(f"{plan.num_classes},{prop[1]},{prop[2]}\n")
+                origin, carried = plan.origin_index, carry_files(src, tmp)
+            else:
+                origin, carried = _export_image_folder(dataset, plan, tmp)
+                carried.update(carry_files(src, tmp, folders=()))
+                plan.origin_index = origin
+            atomic_save_npy(tmp / ORIGIN_INDEX, origin)
+            exported_noise = remap_noise(noise, plan, dataset.all_labels) if noise is not None else None
+            if exported_noise is not None:
+                atomic_write_json(tmp / NOISE_FILE, exported_noise)
+            out = open_dataset(tmp)
+            if not np.array_equal(out.all_labels, plan.labels):
+                raise RecordIOError(f"read-back of {tmp} does not give the labels written (internal error)")
+            summary = _summary(src, dst, dataset, out, plan, carried, exported_noise, t0, tmp)
+            atomic_write_json(tmp / EXPORT_MANIFEST, _manifest(src, dataset, out, plan, summary))
+    except OSError as exc:
+        raise ArtifactError(f"writing {dst} failed: {exc.strerror or exc} ({exc.filename})") from None
+    return summary
+
+
+def _summary(src, dst, dataset, out, plan, carried, noise, t0, tmp) -> dict:
+    before, after = _dataset_bytes(dataset), _dataset_bytes(out)
+    kept_sorted = np.sort(plan.origin_index)
+    return {
+        "out": str(dst), "source": os.path.abspath(src),
+        "format": "recordio" if hasattr(dataset, "layout") else "image_folder",
+        "images_before": dataset.num_images, "images_after": len(out),
+        "identities_before": dataset.source_num_classes, "identities_after": out.source_num_classes,
+        "bytes_before": before, "bytes_after": after, "saving_percent": 100.0 * (1 - after / before),
+        "kept_order": bool(np.array_equal(plan.origin_index, kept_sorted)),
+        "carried": carried, "noise": None if noise is None else
+        {"flipped": len(noise["flipped"]), "open_set": len(noise["open_set"])},
+        "seconds": time.time() - t0,
+    }
+
+
+def _manifest(src, dataset, out, plan, summary) -> dict:
+    return {
+        "stage": "export_trainset", "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "source": {"path": os.path.abspath(src), "fingerprint": dataset.fingerprint.to_dict()},
+        "fingerprint": out.fingerprint.to_dict(), **plan.inputs,
+        "counts": {k: summary[k] for k in ("images_before", "images_after", "identities_before", "identities_after")},
+        "bytes": {"before": summary["bytes_before"], "after": summary["bytes_after"]},
+        "order": "kept order" if summary["kept_order"] else "sorted by new label, stable in source order",
+        "carried": summary["carried"], "noise": summary["noise"],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The lines `export_trainset.py` prints."""
+    mb = 1 << 20
+    carried = ", ".join(f"{k} ({v})" for k, v in summary["carried"].items()) or "nothing"
+    lines = [
+        f"exported {summary['source']} -> {summary['out']} ({summary['format']})",
+        f"images {summary['images_before']} -> {summary['images_after']}, identities "
+        f"{summary['identities_before']} -> {summary['identities_after']}",
+        f"bytes {summary['bytes_before'] / mb:.1f} MB -> {summary['bytes_after'] / mb:.1f} MB "
+        f"(saving {summary['saving_percent']:.1f}%), in {summary['seconds']:.1f} s",
+        f"order: {'the kept order' if summary['kept_order'] else 'sorted by new label (see origin_index.npy)'}; "
+        f"carried: {carried}",
+    ]
+    if summary["noise"] is not None:
+        lines.append(f"noise.json remapped: {summary['noise']['flipped']} flipped, "
+                     f"{summary['noise']['open_set']} open-set samples survive")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- export_trainset.py
+def add_export_args(parser):
+    parser.add_argument("--out", default=None, help="dataset folder to create (refused if it exists, unless "
+                                                    "--overwrite true)")
+    parser.add_argument("--overwrite", default="false", type=str.lower, choices=("true", "false"),
+                        help="replace an existing --out folder")
+    parser.add_argument("--relabel_file", default=None,
+                        help="cleaning's relabel.npz: its samples take the suggested label before renumbering")
+
+
+def run_export(cfg, ctx, args) -> dict:
+    """export_trainset.py: the kept samples of --rec as the new dataset folder --out."""
+    from utils.runtime import UserError
+
+    if not args.out:
+        raise UserError("--out DST is required: the dataset folder to create")
+    if not cfg.kept_index and not args.relabel_file:
+        raise UserError("--kept_index FILE is required: a kept list (.npy with its manifest, or the paper's "
+                        "'kept_index = [...]' text)")
+    summary = export_dataset(cfg.rec, cfg.kept_index or None, cfg.label_map or None, args.out,
+                             relabel=args.relabel_file, overwrite=args.overwrite == "true")
+    print(format_summary(summary))
+    return summary
