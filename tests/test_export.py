@@ -60,7 +60,7 @@ def assert_recordio_copy(src, dst, origin, labels, image_size, replaced=()):
     for c in range(num_classes):
         header, payload = out[n + 1 + c]
         assert header.flag == 2 and header.label.tolist() == [ends[c] - counts[c], ends[c]] and payload == b""
-    assert (dst / "property").read_text() == f"{num_classes},{image_size},{image_size}\n"
+    assert (dst / "property").read_text().strip() == f"{num_classes},{image_size},{image_size}"
     assert np.array_equal(np.load(dst / "origin_index.npy"), origin)
     assert np.load(dst / "origin_index.npy").dtype == np.int64
 

@@ -42,8 +42,11 @@ _REC_HEAD_BYTES = 8
 
 
 # ----------------------------------------------------------------------------------- destination folder
-def check_destination(src, dst, overwrite: bool) -> Path:
-    """The absolute destination; refuses one that exists (unless `overwrite`), overlaps `src`, or cannot be made."""
+def check_destination(src, dst, overwrite: bool, overwrite_flag: str = "--overwrite true") -> Path:
+    """The absolute destination; refuses one that exists (unless `overwrite`), overlaps `src`, or cannot be made.
+
+    `overwrite_flag` is how the command that calls this spells `overwrite`, for the message.
+    """
     src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
     if dst == src or src in dst.parents or dst in src.parents:
         raise ArtifactError(f"--out {dst} must lie outside the source dataset {src} (and not contain it)")
@@ -51,7 +54,7 @@ def check_destination(src, dst, overwrite: bool) -> Path:
         if not dst.is_dir():
             raise ArtifactError(f"{dst} exists and is not a folder; choose another --out")
         if any(dst.iterdir()) and not overwrite:
-            raise ArtifactError(f"{dst} already exists; pass --overwrite true to replace it")
+            raise ArtifactError(f"{dst} already exists; pass {overwrite_flag} to replace it")
     ancestor = dst.parent
     while not ancestor.exists():
         ancestor = ancestor.parent

@@ -15,7 +15,7 @@ all or nothing), with
 - `noise_injection.json` (source, OTHER, their fingerprints, counts), the `.bin` files and `ijb/`.
 
 Only samples that are clean in SRC are drawn (SRC's own `noise.json` entries carry over, remapped, so
-`noise.json` describes all the noise DST holds), and an identity's first image is never flipped, so no
+`noise.json` describes all the noise DST holds), and an identity's first image is never drawn, so no
 identity is left without images. The same arguments and seed give byte-identical files. Flips go to
 a uniformly drawn identity; a "similar identity" target is not offered, since without a model any
 similarity between identities would be a guess.
@@ -114,6 +114,7 @@ def inject_noise(src, dst, flip_rate: float = 0.0, open_rate: float = 0.0, open_
     check_rates(flip_rate, open_rate, open_from)
     t0 = time.time()
     src = Path(src)
+    dst = check_destination(src, dst, overwrite, overwrite_flag="--overwrite")
     layout = _recordio_layout(src, "--rec")
     other = _open_set_source(layout, open_from) if open_rate > 0 else None
     labels, num_classes, n = layout.labels, layout.num_classes, layout.num_images
@@ -124,6 +125,7 @@ def inject_noise(src, dst, flip_rate: float = 0.0, open_rate: float = 0.0, open_
     from utils.selection import load_noise
 
     truth = true_identities(labels, load_noise(src))
+    source_noise_kept = int(np.count_nonzero(truth != labels))
     first_of_identity = np.zeros(n, bool)
     first_of_identity[np.unique(labels, return_index=True)[1]] = True
     pool = np.flatnonzero((truth == labels) & ~first_of_identity)
@@ -148,8 +150,6 @@ def inject_noise(src, dst, flip_rate: float = 0.0, open_rate: float = 0.0, open_
     by_position = np.argsort(replaced_at)
     replaced_at, picks = replaced_at[by_position], picks[by_position]
 
-    source_noise_kept = int(np.count_nonzero(truth != labels)) - n_flip - n_open
-    dst = check_destination(src, dst, overwrite)
     try:
         with staged_folder(dst) as tmp:
             with _image_fetcher(other) as fetch_image:
@@ -172,8 +172,7 @@ def inject_noise(src, dst, flip_rate: float = 0.0, open_rate: float = 0.0, open_
     except OSError as exc:
         raise ArtifactError(f"writing {dst} failed: {exc.strerror or exc} ({exc.filename})") from None
     return {"out": str(dst), "images": n, "identities": num_classes, "flipped": n_flip, "open_set": n_open,
-            "source_noise_kept": source_noise_kept,
-            "carried": carried, "seconds": time.time() - t0}
+            "source_noise_kept": source_noise_kept, "carried": carried, "seconds": time.time() - t0}
 
 
 @contextlib.contextmanager
