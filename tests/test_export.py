@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import struct
 
 import cv2
 import numpy as np
@@ -139,6 +140,33 @@ def test_export_golden_with_the_papers_text_list(golden_dir, tmp_path):
     exported = open_dataset(tmp_path / "out")
     for j in (0, len(kept) - 1):
         assert torch.equal(exported[j][0], source[int(kept[j])][0])
+
+
+def test_split_records_and_label_vectors(tmp_path):
+    """A payload holding the RecordIO magic word (the writer splits that record) and an image record with a
+    label vector: both keep their payload, the label (vector element 0) is renumbered."""
+    from utils.recordio import MAGIC, IRHeader, frame_record, pack
+
+    payloads = [bytes([i]) * 40 + (struct.pack("<I", MAGIC) + b"tail" if i == 2 else b"") for i in range(6)]
+    src = tmp_path / "src"
+    src.mkdir()
+    with MXIndexedRecordIO(src / "train.idx", src / "train.rec", "w") as rec:
+        rec.write_idx(0, pack(IRHeader(2, [7, 10], 0, 0), b""))
+        for key, (payload, label) in enumerate(zip(payloads, [0, 0, 1, 1, 2, 2]), start=1):
+            rec.write_idx(key, pack(IRHeader(0, [label, 7.0] if key == 4 else float(label), key, 0), payload))
+        for c, (start, end) in enumerate([(1, 3), (3, 5), (5, 7)]):
+            rec.write_idx(7 + c, pack(IRHeader(2, [start, end], 0, 0), b""))
+    (src / "property").write_text("3,8,8\n")
+    split = frame_record(pack(IRHeader(0, 1.0, 3, 0), payloads[2]))
+    assert split in (src / "train.rec").read_bytes() and len(split) > len(payloads[2]) + 32  # really split
+
+    export_dataset(src, np.array([2, 3, 4, 5]), None, tmp_path / "out", progress=False)
+    out = records(tmp_path / "out")
+    assert out[1] == (IRHeader(0, 0.0, 3, 0), payloads[2])
+    assert out[2][0].flag == 2 and out[2][0].label.tolist() == [0.0, 7.0] and out[2][1] == payloads[3]
+    assert frame_record(pack(IRHeader(0, 0.0, 3, 0), payloads[2])) in (tmp_path / "out" / "train.rec").read_bytes()
+    assert read_layout(tmp_path / "out").labels.tolist() == [0, 0, 1, 1]
+    assert [out[k][0].label.tolist() for k in (5, 6)] == [[1, 3], [3, 5]]
 
 
 def test_export_relabel_moves_samples_before_renumbering(tiny, tmp_path):

@@ -30,8 +30,7 @@ import numpy as np
 
 from utils.artifacts import (ArtifactError, Fingerprint, atomic_save_npy, atomic_write_json, label_map_array,
                              load_array, load_kept_index, load_label_map, validate_kept_index)
-from utils.recordio import (MAGIC, IRHeader, RecordIOError, _read_record, frame_record, pack, read_index,
-                            read_property, unpack)
+from utils.recordio import MAGIC, IRHeader, RecordIOError, _read_record, frame_record, pack, read_property, unpack
 
 CHUNK_BYTES = 16 << 20  # source bytes read per chunk: bounds the memory of the copy
 ORIGIN_INDEX = "origin_index.npy"
@@ -132,16 +131,15 @@ def file_sha256(path) -> str:
 
 
 # ------------------------------------------------------------------------------------ RecordIO writing
-def _framed_lengths(layout) -> np.ndarray:
-    """Bytes each image record spans in the .rec: up to the next indexed record (or the end of the file).
+def _spans(layout) -> np.ndarray:
+    """Bytes from each image record to the next image record (or the end of the file) in the .rec.
 
-    dmlc writes records back to back, so this is the record's framed size; the copy checks it against
-    each record's own length word and copies only the record where anything unindexed follows it.
+    dmlc writes records back to back, so that is the record's framed size, except where a record of
+    another kind follows (the identity records after the last image); the copy checks each span
+    against the record's own length word and copies only the record.
     """
-    _, offsets = read_index(layout.idx_path, layout.rec_path)
-    bounds = np.unique(np.append(offsets, layout.rec_path.stat().st_size))
-    nxt = bounds[np.minimum(np.searchsorted(bounds, layout.image_offsets, side="right"), bounds.size - 1)]
-    return nxt - layout.image_offsets
+    bounds = np.sort(np.append(layout.image_offsets, layout.rec_path.stat().st_size))
+    return bounds[np.searchsorted(bounds, layout.image_offsets, side="right")] - layout.image_offsets
 
 
 def _chunks(lengths: np.ndarray, limit: int):
@@ -203,7 +201,7 @@ def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, repl
         raise ValueError("write_recordio: labels must be sorted, one per record, with every class of "
                          f"0..{num_classes - 1} present (found {np.count_nonzero(counts)} classes in {n} records)")
     offsets = layout.image_offsets[origin_index]
-    spans = _framed_lengths(layout)[origin_index]
+    spans = _spans(layout)[origin_index]
     keys = layout.image_keys[origin_index]
     replace_pos, fetch = replace if replace is not None else (np.zeros(0, np.int64), None)
     out_dir = Path(out_dir)
@@ -213,9 +211,13 @@ def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, repl
         out.write(header)
         idx.write("0\t0\n")
         pos = len(header)
+        scratch = bytearray(0)
         for a, b in _chunks(spans, CHUNK_BYTES):
             starts = np.r_[0, np.cumsum(spans[a:b])[:-1]]
-            buf = bytearray(int(spans[a:b].sum()))
+            size = int(spans[a:b].sum())
+            if size > len(scratch):
+                scratch = bytearray(size)
+            buf = memoryview(scratch)[:size]  # one buffer for every chunk: no fresh pages to fault in
             _read_runs(src.fileno(), buf, offsets[a:b], spans[a:b], starts, layout.rec_path)
             first, last = np.searchsorted(replace_pos, [a, b])
             pieces = _relabel_chunk(buf, starts, spans[a:b], labels[a:b], keys[a:b], offsets[a:b], layout.rec_path,
@@ -226,13 +228,31 @@ def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, repl
             idx.write("".join(f"{k}\t{o}\n" for k, o in zip(range(a + 1, b + 1), record_at.tolist())))
             pos += int(sizes.sum())
             bar.update(b - a)
-        ends = np.cumsum(counts) + 1
-        identity_records = [frame_record(pack(IRHeader(2, [s, e], 0, 0), b""))
-                            for s, e in zip((ends - counts).tolist(), ends.tolist())]
-        idx.write("".join(f"{n + 1 + c}\t{pos + c * len(r)}\n" for c, r in enumerate(identity_records)))
-        out.write(b"".join(identity_records))
-        pos += sum(len(r) for r in identity_records)
-    return pos
+        identities = _identity_records(counts)
+        size = len(identities) // num_classes
+        idx.write("".join(f"{n + 1 + c}\t{pos + c * size}\n" for c in range(num_classes)))
+        out.write(identities)
+    return pos + len(identities)
+
+
+_IDENTITY_RECORD = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                             ("id2", "<u8"), ("range", "<f4", 2)])
+
+
+def _identity_records(counts: np.ndarray) -> bytes:
+    """The framed identity records (flag 2, label [start, end) of image keys), built at once: Glint360K has 360K.
+
+    Same bytes as `frame_record(pack(IRHeader(2, [start, end], 0, 0), b""))` (checked on the first): no word
+    of them can be the magic word, so the writer never splits one.
+    """
+    ends = np.cumsum(counts) + 1
+    table = np.zeros(counts.size, dtype=_IDENTITY_RECORD)
+    table["magic"], table["lrec"], table["flag"] = MAGIC, _IDENTITY_RECORD.itemsize - _REC_HEAD_BYTES, 2
+    table["range"] = np.stack([ends - counts, ends], 1)
+    data = table.tobytes()
+    if data[:table.itemsize] != frame_record(pack(IRHeader(2, [int(ends[0] - counts[0]), int(ends[0])], 0, 0), b"")):
+        raise RecordIOError("identity record layout differs from utils.recordio's writer (internal error)")
+    return data
 
 
 def _relabel_chunk(buf, starts, spans, labels, keys, offsets, rec_path, replace_at, replace_ids, fetch):
