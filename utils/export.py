@@ -33,6 +33,7 @@ from utils.artifacts import (ArtifactError, Fingerprint, atomic_save_npy, atomic
 from utils.recordio import MAGIC, IRHeader, RecordIOError, _read_record, frame_record, pack, read_property, unpack
 
 CHUNK_BYTES = 16 << 20  # source bytes read per chunk: bounds the memory of the copy
+GAP_BYTES = 32 << 10  # records this close in the source are read with one call (see _read_records)
 ORIGIN_INDEX = "origin_index.npy"
 NOISE_FILE = "noise.json"
 EXPORT_MANIFEST = "export.json"
@@ -153,18 +154,32 @@ def _chunks(lengths: np.ndarray, limit: int):
         a = b
 
 
-def _read_runs(fd: int, buf: bytearray, offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray, path):
-    """Fill `buf` with the records at `offsets`: one read per run of records adjacent in the source."""
-    ends = offsets + lengths
-    first = np.r_[0, np.flatnonzero(offsets[1:] != ends[:-1]) + 1]
-    last = np.r_[first[1:], offsets.size] - 1
-    sizes = starts[last] + lengths[last] - starts[first]
+def _read_records(fd: int, buf, offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray, merged: np.ndarray,
+                  spare: bytearray, path) -> bytearray:
+    """Fill `buf` with the records at source `offsets` (back to back, record i at `starts[i]`).
+
+    A record `merged` with the one before it (it follows it in the source after a gap of at most
+    GAP_BYTES) is read in the same call, the gap read and dropped: a few KB of copying cost less than a
+    system call. Returns `spare`, the scratch buffer of the gapped reads (grown as needed).
+    """
+    first = np.flatnonzero(~merged)
+    last = np.r_[first[1:], offsets.size]  # exclusive
     view = memoryview(buf)
-    for offset, start, size in zip(offsets[first].tolist(), starts[first].tolist(), sizes.tolist()):
-        got = os.preadv(fd, [view[start:start + size]], offset)
+    for f, e in zip(first.tolist(), last.tolist()):
+        base, size = int(offsets[f]), int(offsets[e - 1] + lengths[e - 1] - offsets[f])
+        gapless = size == starts[e - 1] + lengths[e - 1] - starts[f]
+        if not gapless and size > len(spare):
+            spare = bytearray(size)
+        target = view[starts[f]:starts[f] + size] if gapless else memoryview(spare)[:size]
+        got = os.preadv(fd, [target], base)
         if got != size:
-            raise RecordIOError(f"truncated file {os.fspath(path)!r}: {size} bytes expected at byte offset "
-                                f"{offset}, found {got}")
+            raise RecordIOError(f"truncated file {os.fspath(path)!r}: {size} bytes expected at byte offset {base}, "
+                                f"found {got}")
+        if not gapless:
+            for start, at, length in zip(starts[f:e].tolist(), (offsets[f:e] - base).tolist(),
+                                         lengths[f:e].tolist()):
+                view[start:start + length] = target[at:at + length]
+    return spare
 
 
 def relabelled_record(payload: bytes, label: int, image: bytes = None) -> bytes:
@@ -211,14 +226,17 @@ def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, repl
         out.write(header)
         idx.write("0\t0\n")
         pos = len(header)
-        scratch = bytearray(0)
-        for a, b in _chunks(spans, CHUNK_BYTES):
+        gap = np.r_[-1, offsets[1:] - (offsets + spans)[:-1]]  # source bytes between a record and the one before
+        merged = (gap >= 0) & (gap <= GAP_BYTES)
+        scratch, spare = bytearray(0), bytearray(0)  # reused for every chunk: no fresh pages to fault in
+        for a, b in _chunks(spans + np.where(merged, gap, 0), CHUNK_BYTES):  # bytes read per chunk
             starts = np.r_[0, np.cumsum(spans[a:b])[:-1]]
             size = int(spans[a:b].sum())
             if size > len(scratch):
                 scratch = bytearray(size)
-            buf = memoryview(scratch)[:size]  # one buffer for every chunk: no fresh pages to fault in
-            _read_runs(src.fileno(), buf, offsets[a:b], spans[a:b], starts, layout.rec_path)
+            buf = memoryview(scratch)[:size]
+            spare = _read_records(src.fileno(), buf, offsets[a:b], spans[a:b], starts, np.r_[False, merged[a + 1:b]],
+                                  spare, layout.rec_path)
             first, last = np.searchsorted(replace_pos, [a, b])
             pieces = _relabel_chunk(buf, starts, spans[a:b], labels[a:b], keys[a:b], offsets[a:b], layout.rec_path,
                                     replace_pos[first:last] - a, range(first, last), fetch)
@@ -301,7 +319,6 @@ class ExportPlan:
     labels: np.ndarray  # int64 (M,), sorted ascending
     num_classes: int
     label_table: np.ndarray  # int64 (source classes,): old label -> new label, -1 for identities that vanish
-    assigned: np.ndarray  # int64 (source images,): each source sample's label after --relabel (old numbering)
     inputs: dict  # what the manifest records about the selection, label map and relabel file
 
 
@@ -316,6 +333,26 @@ def _as_path(value):
     return value if isinstance(value, (str, os.PathLike)) else None
 
 
+def _load_relabel(path, dataset):
+    """(sample indices, suggested labels) of cleaning's relabel.npz, checked against `dataset`."""
+    fp = dataset.fingerprint
+    rel = load_array(path, fp)
+    missing = {"index", "label", "suggested_label"} - set(rel if isinstance(rel, dict) else ())
+    if missing:
+        raise ArtifactError(f"{path}: expected a relabel.npz with arrays index, label, suggested_label "
+                            f"(clean_trainset.py --relabel true); missing {sorted(missing)}")
+    order = np.argsort(rel["index"], kind="stable")
+    index = rel["index"][order].astype(np.int64)
+    if index.size and (index[0] < 0 or index[-1] >= fp.num_images or np.any(np.diff(index) == 0)):
+        raise ArtifactError(f"{path}: 'index' must hold distinct sample indices in [0, {fp.num_images})")
+    if not np.array_equal(dataset.all_labels[index], rel["label"][order]):
+        raise ArtifactError(f"{path}: its 'label' array does not hold this dataset's labels of its samples")
+    suggested = rel["suggested_label"][order].astype(np.int64)
+    if suggested.size and (suggested.min() < 0 or suggested.max() >= dataset.source_num_classes):
+        raise ArtifactError(f"{path}: suggested labels must be in [0, {dataset.source_num_classes})")
+    return index, suggested
+
+
 def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> ExportPlan:
     """Resolve the selection against `dataset` (a `FaceDataset`); every input is checked before a byte is written.
 
@@ -327,23 +364,10 @@ def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> Expor
     from utils.pruning import label_map_for
 
     fp = dataset.fingerprint
-    assigned = dataset.all_labels.copy()
+    assigned = dataset.all_labels.copy()  # each sample's label after --relabel, in the source's numbering
     inputs = {"relabel": None}
     if relabel is not None:
-        rel = load_array(relabel, fp)
-        missing = {"index", "label", "suggested_label"} - set(rel if isinstance(rel, dict) else ())
-        if missing:
-            raise ArtifactError(f"{relabel}: expected a relabel.npz with arrays index, label, suggested_label "
-                                f"(clean_trainset.py --relabel true); missing {sorted(missing)}")
-        order = np.argsort(rel["index"], kind="stable")
-        index = rel["index"][order].astype(np.int64)
-        if index.size and (index[0] < 0 or index[-1] >= fp.num_images or np.any(np.diff(index) == 0)):
-            raise ArtifactError(f"{relabel}: 'index' must hold distinct sample indices in [0, {fp.num_images})")
-        if not np.array_equal(assigned[index], rel["label"][order]):
-            raise ArtifactError(f"{relabel}: its 'label' array does not hold this dataset's labels of its samples")
-        suggested = rel["suggested_label"][order].astype(np.int64)
-        if suggested.size and (suggested.min() < 0 or suggested.max() >= dataset.source_num_classes):
-            raise ArtifactError(f"{relabel}: suggested labels must be in [0, {dataset.source_num_classes})")
+        index, suggested = _load_relabel(relabel, dataset)
         assigned[index] = suggested
         inputs["relabel"] = _describe(relabel, "relabelled", int(index.size))
 
@@ -375,7 +399,7 @@ def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> Expor
         raise ArtifactError(f"{where}: new label {int(empty[0])} has no kept sample ({empty.size} such labels); the "
                             f"InsightFace layout has no empty identities")
     order = np.argsort(new, kind="stable")
-    return ExportPlan(kept[order], new[order], len(label_map), table, assigned, inputs)
+    return ExportPlan(kept[order], new[order], len(label_map), table, inputs)
 
 
 # ------------------------------------------------------------------------------------------ noise.json
@@ -437,17 +461,18 @@ def export_dataset(src, kept_index, label_map, dst, relabel=None, overwrite: boo
                    progress: bool = True) -> dict:
     """Write the selection of dataset `src` as the dataset folder `dst` (all of it or nothing); returns a summary.
 
+    `src`: a dataset folder, or a `FaceDataset` already opened on one (its own selection is ignored).
     `kept_index`, `label_map`, `relabel`: see `plan_export`. New samples are sorted by new label, stable in
     source order; for an InsightFace-layout source (images contiguous per identity, as in CASIA-WebFace)
     with a label map that keeps the label order (the derived one does), that is exactly the kept order.
     A RecordIO source exports as RecordIO (InsightFace layout), an image folder as an image folder.
     """
-    from utils.data import open_dataset
+    from utils.data import FaceDataset, open_dataset
     from utils.selection import load_noise
 
     t0 = time.time()
-    src = Path(src)
-    dataset = open_dataset(src)
+    dataset = src if isinstance(src, FaceDataset) else open_dataset(src)
+    src = Path(dataset.rec_dir if hasattr(dataset, "layout") else dataset.root)
     plan = plan_export(dataset, kept_index, label_map, relabel)
     dst = check_destination(src, dst, overwrite)
     noise = load_noise(src)
@@ -463,43 +488,51 @@ def export_dataset(src, kept_index, label_map, dst, relabel=None, overwrite: boo
                 origin, carried = plan.origin_index, carry_files(src, tmp)
             else:
                 origin, carried = _export_image_folder(dataset, plan, tmp)
-                carried.update(carry_files(src, tmp, folders=()))
-                plan.origin_index = origin
+                carried.update(carry_files(src, tmp, folders=()))  # no ijb/: it would read as an identity
+                plan.origin_index = origin  # the listing order (labels stay sorted)
             atomic_save_npy(tmp / ORIGIN_INDEX, origin)
             exported_noise = remap_noise(noise, plan, dataset.all_labels) if noise is not None else None
             if exported_noise is not None:
                 atomic_write_json(tmp / NOISE_FILE, exported_noise)
-            out = open_dataset(tmp)
-            if not np.array_equal(out.all_labels, plan.labels):
-                raise RecordIOError(f"read-back of {tmp} does not give the labels written (internal error)")
-            summary = _summary(src, dst, dataset, out, plan, carried, exported_noise, t0, tmp)
-            atomic_write_json(tmp / EXPORT_MANIFEST, _manifest(src, dataset, out, plan, summary))
+            fingerprint, bytes_after = _written(tmp, plan, is_recordio)
+            summary = _summary(src, dst, dataset, plan, bytes_after, carried, exported_noise, t0)
+            atomic_write_json(tmp / EXPORT_MANIFEST, _manifest(src, dataset, fingerprint, plan, summary))
     except OSError as exc:
         raise ArtifactError(f"writing {dst} failed: {exc.strerror or exc} ({exc.filename})") from None
     return summary
 
 
-def _summary(src, dst, dataset, out, plan, carried, noise, t0, tmp) -> dict:
-    before, after = _dataset_bytes(dataset), _dataset_bytes(out)
-    kept_sorted = np.sort(plan.origin_index)
+def _written(tmp: Path, plan: ExportPlan, is_recordio: bool) -> tuple[Fingerprint, int]:
+    """(fingerprint, bytes) of the exported dataset, as `open_dataset` will see it (without reading it back)."""
+    if is_recordio:
+        sizes = [(tmp / name).stat().st_size for name in ("train.rec", "train.idx")]
+        return Fingerprint(int(plan.labels.size), plan.num_classes, sizes[1]), sum(sizes)
+    from utils.data import ImageFolderDataset
+
+    out = ImageFolderDataset(tmp)
+    return out.fingerprint, _dataset_bytes(out)
+
+
+def _summary(src, dst, dataset, plan, bytes_after, carried, noise, t0) -> dict:
+    before = _dataset_bytes(dataset)
     return {
         "out": str(dst), "source": os.path.abspath(src),
         "format": "recordio" if hasattr(dataset, "layout") else "image_folder",
-        "images_before": dataset.num_images, "images_after": len(out),
-        "identities_before": dataset.source_num_classes, "identities_after": out.source_num_classes,
-        "bytes_before": before, "bytes_after": after, "saving_percent": 100.0 * (1 - after / before),
-        "kept_order": bool(np.array_equal(plan.origin_index, kept_sorted)),
+        "images_before": dataset.num_images, "images_after": int(plan.labels.size),
+        "identities_before": dataset.source_num_classes, "identities_after": plan.num_classes,
+        "bytes_before": before, "bytes_after": bytes_after, "saving_percent": 100.0 * (1 - bytes_after / before),
+        "kept_order": bool(np.all(np.diff(plan.origin_index) > 0)),
         "carried": carried, "noise": None if noise is None else
         {"flipped": len(noise["flipped"]), "open_set": len(noise["open_set"])},
         "seconds": time.time() - t0,
     }
 
 
-def _manifest(src, dataset, out, plan, summary) -> dict:
+def _manifest(src, dataset, fingerprint, plan, summary) -> dict:
     return {
         "stage": "export_trainset", "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "source": {"path": os.path.abspath(src), "fingerprint": dataset.fingerprint.to_dict()},
-        "fingerprint": out.fingerprint.to_dict(), **plan.inputs,
+        "fingerprint": fingerprint.to_dict(), **plan.inputs,
         "counts": {k: summary[k] for k in ("images_before", "images_after", "identities_before", "identities_after")},
         "bytes": {"before": summary["bytes_before"], "after": summary["bytes_after"]},
         "order": "kept order" if summary["kept_order"] else "sorted by new label, stable in source order",
