@@ -246,7 +246,7 @@ def test_a_failure_midway_leaves_nothing(tiny, selection, tmp_path, monkeypatch)
     from utils import export
 
     kept, kept_path, map_path = selection
-    real, calls = export._read_records, []
+    real, calls = export._read_chunk, []
 
     def fails_on_the_second_chunk(*args):
         calls.append(1)
@@ -255,7 +255,7 @@ def test_a_failure_midway_leaves_nothing(tiny, selection, tmp_path, monkeypatch)
         return real(*args)
 
     monkeypatch.setattr(export, "CHUNK_BYTES", 20_000)
-    monkeypatch.setattr(export, "_read_records", fails_on_the_second_chunk)
+    monkeypatch.setattr(export, "_read_chunk", fails_on_the_second_chunk)
     (tmp_path / "parent").mkdir()
     with pytest.raises(ArtifactError, match="No space left on device"):
         export_dataset(tiny, kept_path, map_path, tmp_path / "parent" / "out", progress=False)

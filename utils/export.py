@@ -33,7 +33,7 @@ from utils.artifacts import (ArtifactError, Fingerprint, atomic_save_npy, atomic
 from utils.recordio import MAGIC, IRHeader, RecordIOError, _read_record, frame_record, pack, read_property, unpack
 
 CHUNK_BYTES = 16 << 20  # source bytes read per chunk: bounds the memory of the copy
-GAP_BYTES = 32 << 10  # records this close in the source are read with one call (see _read_records)
+GAP_BYTES = 32 << 10  # records this close in the source are read with one call (see _read_chunk)
 ORIGIN_INDEX = "origin_index.npy"
 NOISE_FILE = "noise.json"
 EXPORT_MANIFEST = "export.json"
@@ -154,32 +154,27 @@ def _chunks(lengths: np.ndarray, limit: int):
         a = b
 
 
-def _read_records(fd: int, buf, offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray, merged: np.ndarray,
-                  spare: bytearray, path) -> bytearray:
-    """Fill `buf` with the records at source `offsets` (back to back, record i at `starts[i]`).
-
-    A record `merged` with the one before it (it follows it in the source after a gap of at most
-    GAP_BYTES) is read in the same call, the gap read and dropped: a few KB of copying cost less than a
-    system call. Returns `spare`, the scratch buffer of the gapped reads (grown as needed).
-    """
+def _read_chunk(fd: int, scratch: bytearray, offsets: np.ndarray, spans: np.ndarray, merged: np.ndarray, path):
+    """Read the records at source `offsets` into `scratch` (grown as needed): one call per group of records
+    `merged` with the one before (they follow it in the source within GAP_BYTES; the gap is read too, since
+    a few KB of copying cost less than a system call). Returns (scratch, view of the bytes read, position of
+    each record in it)."""
     first = np.flatnonzero(~merged)
-    last = np.r_[first[1:], offsets.size]  # exclusive
-    view = memoryview(buf)
-    for f, e in zip(first.tolist(), last.tolist()):
-        base, size = int(offsets[f]), int(offsets[e - 1] + lengths[e - 1] - offsets[f])
-        gapless = size == starts[e - 1] + lengths[e - 1] - starts[f]
-        if not gapless and size > len(spare):
-            spare = bytearray(size)
-        target = view[starts[f]:starts[f] + size] if gapless else memoryview(spare)[:size]
-        got = os.preadv(fd, [target], base)
+    last = np.r_[first[1:], offsets.size] - 1
+    sizes = offsets[last] + spans[last] - offsets[first]
+    group_at = np.r_[0, np.cumsum(sizes)[:-1]]
+    group = np.repeat(np.arange(first.size), last - first + 1)
+    record_at = group_at[group] + offsets - offsets[first][group]
+    total = int(sizes.sum())
+    if total > len(scratch):
+        scratch = bytearray(total)  # reused by the next chunks: no fresh pages to fault in
+    view = memoryview(scratch)[:total]
+    for base, at, size in zip(offsets[first].tolist(), group_at.tolist(), sizes.tolist()):
+        got = os.preadv(fd, [view[at:at + size]], base)
         if got != size:
             raise RecordIOError(f"truncated file {os.fspath(path)!r}: {size} bytes expected at byte offset {base}, "
                                 f"found {got}")
-        if not gapless:
-            for start, at, length in zip(starts[f:e].tolist(), (offsets[f:e] - base).tolist(),
-                                         lengths[f:e].tolist()):
-                view[start:start + length] = target[at:at + length]
-    return spare
+    return scratch, view, record_at
 
 
 def relabelled_record(payload: bytes, label: int, image: bytes = None) -> bytes:
@@ -193,6 +188,70 @@ def relabelled_record(payload: bytes, label: int, image: bytes = None) -> bytes:
     else:
         header = header._replace(label=float(label))
     return pack(header, img if image is None else image)
+
+
+def _relabel_chunk(view, record_at, spans, labels, keys, offsets, rec_path, replaced: dict):
+    """Set the labels of the records in `view` (in place, vectorised) after checking their framing.
+
+    Returns (framed size of each record, {record: new bytes}) where the bytes in `view` cannot be written
+    as they are: records the dmlc writer split (rejoined and written again with the new label) and the
+    records of `replaced` ({record: image bytes}: the record keeps its header, label included).
+    """
+    words = np.frombuffer(view, dtype="<u4")
+    w = record_at // 4
+    magic, lrec = words[w], words[w + 1]
+    cflag, length = lrec >> _LENGTH_BITS, (lrec & _LENGTH_MASK).astype(np.int64)
+    framed = _REC_HEAD_BYTES + ((length + 3) & ~3)
+    whole = cflag == 0
+    bad = (magic != MAGIC) | (whole & (framed > spans)) | ~np.isin(cflag, (0, 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RecordIOError(f"record is not where the index says (bad magic word, continuation flag or length): "
+                            f"file {os.fspath(rec_path)!r}, key {int(keys[i])}, byte offset {int(offsets[i])}")
+    flag = words[np.minimum(w + 2, words.size - 1)]
+    label_word = np.where(flag == 0, w + 3, w + 8)  # scalar label in the header, else label vector element 0
+    words.view("<f4")[label_word[whole]] = labels[whole].astype(np.float32)
+    special = {}
+    for i in sorted(set(np.flatnonzero(~whole).tolist()) | set(replaced)):
+        at = int(record_at[i])
+        if whole[i]:
+            payload = view[at + _REC_HEAD_BYTES:at + _REC_HEAD_BYTES + int(length[i])]
+        else:  # split by the writer: rejoin its parts
+            payload, _ = _read_record(io.BytesIO(view[at:at + int(spans[i])]), 0, int(spans[i]), rec_path,
+                                      int(keys[i]))
+        special[i] = frame_record(relabelled_record(payload, int(labels[i]), replaced.get(i)))
+    return framed, special
+
+
+def _write_chunk(fd: int, view, record_at, framed, special: dict) -> np.ndarray:
+    """Write the records of `view` (at `record_at`, `framed` bytes each; `special` ones from their own bytes)
+    in order, one slice per run of records adjacent in `view`. Returns the bytes written per record."""
+    is_special = np.zeros(record_at.size, bool)
+    is_special[list(special)] = True
+    joined = (record_at[1:] == record_at[:-1] + framed[:-1]) & ~is_special[1:] & ~is_special[:-1]
+    first = np.flatnonzero(np.r_[True, ~joined])
+    last = np.r_[first[1:], record_at.size] - 1
+    pieces = [special[f] if is_special[f] else view[a:e] for f, a, e in
+              zip(first.tolist(), record_at[first].tolist(), (record_at[last] + framed[last]).tolist())]
+    write_all(fd, pieces)
+    sizes = framed.copy()
+    for i, data in special.items():
+        sizes[i] = len(data)
+    return sizes
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def write_all(fd: int, pieces) -> None:
+    """Write the bytes-like `pieces` in order with gathered writes (`os.writev`), whatever they return."""
+    for k in range(0, len(pieces), _IOV_MAX):
+        batch = pieces[k:k + _IOV_MAX]
+        done = os.writev(fd, batch)
+        if done < sum(len(p) for p in batch):  # a short write (a signal, a full disk): finish byte by byte
+            rest = memoryview(b"".join(batch))[done:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
 
 
 def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, replace=None,
@@ -218,38 +277,33 @@ def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, repl
     offsets = layout.image_offsets[origin_index]
     spans = _spans(layout)[origin_index]
     keys = layout.image_keys[origin_index]
+    gap = np.r_[-1, offsets[1:] - (offsets + spans)[:-1]]  # source bytes between a record and the one before
+    merged = (gap >= 0) & (gap <= GAP_BYTES)
     replace_pos, fetch = replace if replace is not None else (np.zeros(0, np.int64), None)
     out_dir = Path(out_dir)
     header = frame_record(pack(IRHeader(2, [n + 1, n + 1 + num_classes], 0, 0), b""))
-    with open(out_dir / "train.rec", "wb") as out, open(out_dir / "train.idx", "w") as idx, \
+    with open(out_dir / "train.rec", "wb", buffering=0) as out, open(out_dir / "train.idx", "w") as idx, \
             open(layout.rec_path, "rb") as src, tqdm(total=n, unit="img", desc=desc, disable=not progress) as bar:
-        out.write(header)
+        write_all(out.fileno(), [header])
         idx.write("0\t0\n")
         pos = len(header)
-        gap = np.r_[-1, offsets[1:] - (offsets + spans)[:-1]]  # source bytes between a record and the one before
-        merged = (gap >= 0) & (gap <= GAP_BYTES)
-        scratch, spare = bytearray(0), bytearray(0)  # reused for every chunk: no fresh pages to fault in
+        scratch = bytearray(0)
         for a, b in _chunks(spans + np.where(merged, gap, 0), CHUNK_BYTES):  # bytes read per chunk
-            starts = np.r_[0, np.cumsum(spans[a:b])[:-1]]
-            size = int(spans[a:b].sum())
-            if size > len(scratch):
-                scratch = bytearray(size)
-            buf = memoryview(scratch)[:size]
-            spare = _read_records(src.fileno(), buf, offsets[a:b], spans[a:b], starts, np.r_[False, merged[a + 1:b]],
-                                  spare, layout.rec_path)
+            scratch, view, record_at = _read_chunk(src.fileno(), scratch, offsets[a:b], spans[a:b],
+                                                   np.r_[False, merged[a + 1:b]], layout.rec_path)
             first, last = np.searchsorted(replace_pos, [a, b])
-            pieces = _relabel_chunk(buf, starts, spans[a:b], labels[a:b], keys[a:b], offsets[a:b], layout.rec_path,
-                                    replace_pos[first:last] - a, range(first, last), fetch)
-            sizes = spans[a:b] if pieces is None else np.array([len(p) for p in pieces], dtype=np.int64)
-            out.write(buf if pieces is None else b"".join(pieces))
-            record_at = pos + np.r_[0, np.cumsum(sizes)[:-1]]
-            idx.write("".join(f"{k}\t{o}\n" for k, o in zip(range(a + 1, b + 1), record_at.tolist())))
+            replaced = {int(replace_pos[k]) - a: fetch(k) for k in range(first, last)}
+            framed, special = _relabel_chunk(view, record_at, spans[a:b], labels[a:b], keys[a:b], offsets[a:b],
+                                             layout.rec_path, replaced)
+            sizes = _write_chunk(out.fileno(), view, record_at, framed, special)
+            record_pos = pos + np.r_[0, np.cumsum(sizes)[:-1]]
+            idx.write("".join(f"{k}\t{o}\n" for k, o in zip(range(a + 1, b + 1), record_pos.tolist())))
             pos += int(sizes.sum())
             bar.update(b - a)
         identities = _identity_records(counts)
         size = len(identities) // num_classes
         idx.write("".join(f"{n + 1 + c}\t{pos + c * size}\n" for c in range(num_classes)))
-        out.write(identities)
+        write_all(out.fileno(), [identities])
     return pos + len(identities)
 
 
@@ -271,44 +325,6 @@ def _identity_records(counts: np.ndarray) -> bytes:
     if data[:table.itemsize] != frame_record(pack(IRHeader(2, [int(ends[0] - counts[0]), int(ends[0])], 0, 0), b"")):
         raise RecordIOError("identity record layout differs from utils.recordio's writer (internal error)")
     return data
-
-
-def _relabel_chunk(buf, starts, spans, labels, keys, offsets, rec_path, replace_at, replace_ids, fetch):
-    """Set the labels of the records read into `buf` (in place, vectorised) and check their framing.
-
-    Returns None when `buf` is the output as it is, else the list of output pieces (records split by
-    the dmlc writer, replaced images, or records followed by unindexed bytes take their own piece).
-    """
-    words = np.frombuffer(buf, dtype="<u4")
-    w = starts // 4
-    magic, lrec = words[w], words[w + 1]
-    cflag, length = lrec >> _LENGTH_BITS, (lrec & _LENGTH_MASK).astype(np.int64)
-    framed = _REC_HEAD_BYTES + ((length + 3) & ~3)
-    whole = cflag == 0
-    bad = (magic != MAGIC) | (whole & (framed > spans)) | ~np.isin(cflag, (0, 1))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise RecordIOError(f"record is not where the index says (bad magic word, continuation flag or length): "
-                            f"file {os.fspath(rec_path)!r}, key {int(keys[i])}, byte offset {int(offsets[i])}")
-    flag = words[np.minimum(w + 2, words.size - 1)]
-    label_word = np.where(flag == 0, w + 3, w + 8)  # scalar label in the header, else label vector element 0
-    words.view("<f4")[label_word[whole]] = labels[whole].astype(np.float32)
-    special = {int(i): None for i in np.flatnonzero(~whole | (framed != spans))}
-    special.update(zip(replace_at.tolist(), map(fetch, replace_ids)))
-    if not special:
-        return None
-    view = memoryview(buf)
-    pieces = [view[s:s + f] for s, f in zip(starts.tolist(), framed.tolist())]
-    for i, image in special.items():
-        start = int(starts[i])
-        if whole[i]:
-            payload = view[start + _REC_HEAD_BYTES:start + _REC_HEAD_BYTES + int(length[i])]
-        else:  # split by the writer: rejoin its parts
-            payload, _ = _read_record(io.BytesIO(view[start:start + int(spans[i])]), 0, int(spans[i]), rec_path,
-                                      int(keys[i]))
-        if image is not None or not whole[i]:
-            pieces[i] = frame_record(relabelled_record(payload, int(labels[i]), image))
-    return pieces
 
 
 # ------------------------------------------------------------------------------------------ the plan
