@@ -248,7 +248,7 @@ def write_all(fd: int, pieces) -> None:
     for k in range(0, len(pieces), _IOV_MAX):
         batch = pieces[k:k + _IOV_MAX]
         done = os.writev(fd, batch)
-        if done < sum(len(p) for p in batch):  # a short write (a signal, a full disk): finish byte by byte
+        if done < sum(len(p) for p in batch):  # a short write (a signal, a full disk): finish with plain writes
             rest = memoryview(b"".join(batch))[done:]
             while rest:
                 rest = rest[os.write(fd, rest):]
