@@ -214,8 +214,8 @@ def test_export_image_folder(tmp_path):
 def test_training_on_export_equals_training_on_source_with_kept_list(tiny, selection, tmp_path):
     from config.config import parse_config
     from utils import paths
-    from utils.runtime import Context
-    from utils.training import train
+    from utils.context import Context
+    from train_everything import train
 
     kept, kept_path, map_path = selection
     export_dataset(tiny, kept_path, map_path, tmp_path / "out", progress=False)
@@ -243,7 +243,7 @@ def test_training_on_export_equals_training_on_source_with_kept_list(tiny, selec
 
 
 def test_a_failure_midway_leaves_nothing(tiny, selection, tmp_path, monkeypatch):
-    from utils import export
+    from utils import dataset_writer as export
 
     kept, kept_path, map_path = selection
     real, calls = export._read_chunk, []

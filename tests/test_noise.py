@@ -60,7 +60,7 @@ def test_noise_on_synthetic_record_by_record(data, tmp_path):
         assert out[j + 1][1] in other_payloads and labels[j] == source.labels[origin[j]]
     assert (dst / "property").read_bytes() == (src / "property").read_bytes()
     injection = json.loads((dst / "noise_injection.json").read_text())
-    assert injection["source_fingerprint"] == source.fingerprint and injection["flip_to"] == "uniform"
+    assert injection["source_fingerprint"] == source.fingerprint.to_dict() and injection["flip_to"] == "uniform"
     assert injection["source_noise_kept"] == len(source_noise["flipped"]) + len(source_noise["open_set"])
 
 

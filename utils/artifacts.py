@@ -129,6 +129,8 @@ def _json_default(o):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if isinstance(o, Fingerprint):
+        return o.to_dict()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 

@@ -22,51 +22,23 @@ similarity between identities would be a guess.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from utils.artifacts import ArtifactError, atomic_save_npy, atomic_write_json
-from utils.export import (NOISE_FILE, ORIGIN_INDEX, carry_files, check_destination, link_or_copy, staged_folder,
-                          write_recordio)
+from utils.dataset_writer import (NOISE_FILE, ORIGIN_INDEX, carry_files, check_destination, link_or_copy,
+                                  staged_folder, write_recordio)
 from utils.recordio import _read_record, read_layout, unpack, unpack_img
+from utils.records import load_noise, noise_record, true_identities
 
 INJECTION_FILE = "noise_injection.json"
 
 
 # ---------------------------------------------------------------------------------- noise.json format
-def true_identities(labels, noise: dict = None) -> np.ndarray:
-    """Each sample's true identity by a `noise.json` (int64; -1 for open-set outliers); `labels` where clean."""
-    truth = np.array(labels, dtype=np.int64)
-    if not noise:
-        return truth
-    flipped, open_set = noise.get("flipped", []), noise.get("open_set", [])
-    index = np.array([e["index"] for e in flipped] + [e["index"] for e in open_set], dtype=np.int64)
-    if index.size and (index.min() < 0 or index.max() >= truth.size):
-        raise ArtifactError(f"{NOISE_FILE}: sample index outside [0, {truth.size}); it belongs to another dataset")
-    truth[index[:len(flipped)]] = [e["true_label"] for e in flipped]
-    truth[index[len(flipped):]] = -1
-    return truth
-
-
-def noise_record(labels, true_labels, flip_rate, open_rate, seed, num_classes: int) -> dict:
-    """`noise.json` as `utils/synthetic.py` writes it: a sample is flipped where its true identity is
-    another class, open-set where it has none (true label -1)."""
-    labels, truth = np.asarray(labels), np.asarray(true_labels)
-    flipped = np.flatnonzero((truth >= 0) & (truth != labels))
-    return {
-        "flipped": [{"index": int(i), "label": int(labels[i]), "true_label": int(truth[i])} for i in flipped],
-        "open_set": [{"index": int(i), "label": int(labels[i])} for i in np.flatnonzero(truth < 0)],
-        "flip_rate": flip_rate, "open_rate": open_rate, "seed": seed,
-        "num_images": int(labels.size), "num_classes": int(num_classes),
-    }
-
-
 # ---------------------------------------------------------------------------------------- injection
 def check_rates(flip_rate: float, open_rate: float, open_from=None):
     """Raise ValueError (worded for the command line) unless the rates make sense together."""
@@ -122,7 +94,7 @@ def inject_noise(src, dst, flip_rate: float = 0.0, open_rate: float = 0.0, open_
     if present.size != num_classes:
         raise ArtifactError(f"{src}: {num_classes - present.size} of its {num_classes} labels have no image; "
                             f"export it first (export_trainset.py renumbers the labels)")
-    from utils.selection import load_noise
+
 
     truth = true_identities(labels, load_noise(src))
     source_noise_kept = int(np.count_nonzero(truth != labels))
@@ -191,36 +163,3 @@ def _image_fetcher(layout):
 
 
 # ------------------------------------------------------------------------------ make_noisy_dataset.py
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Write a copy of a RecordIO dataset with injected closed-set label flips and open-set "
-                    "replacements, plus noise.json (their ground truth) and origin_index.npy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rec", required=True, help="source dataset folder (train.rec, train.idx, property)")
-    parser.add_argument("--out", required=True, help="dataset folder to create (refused if it exists)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--flip-rate", type=float, default=0.0,
-                        help="share of images relabelled to another identity of the dataset, drawn uniformly")
-    parser.add_argument("--open-rate", type=float, default=0.0,
-                        help="share of images whose image is replaced by one of --open-from (label kept)")
-    parser.add_argument("--open-from", default=None,
-                        help="RecordIO dataset of identities the training set does not contain, same image size")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed and arguments give byte-identical files")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    args = parser.parse_args(argv)
-    try:
-        check_rates(args.flip_rate, args.open_rate, args.open_from)
-    except ValueError as exc:
-        parser.error(str(exc))  # exit 2, nothing written
-    try:
-        summary = inject_noise(args.rec, args.out, args.flip_rate, args.open_rate, args.open_from, args.seed,
-                               overwrite=args.overwrite, progress=not args.quiet)
-    except (ArtifactError, ValueError, FileNotFoundError) as exc:  # ValueError: RecordIOError, bad JSON
-        print(f"make_noisy_dataset.py: error: {exc}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(f"wrote {summary['out']}: {summary['images']} images of {summary['identities']} identities, "
-              f"{summary['flipped']} flipped, {summary['open_set']} open-set from {args.open_from}, "
-              f"{summary['source_noise_kept']} noisy samples of the source kept in noise.json, "
-              f"in {summary['seconds']:.1f} s")
-    return 0
