@@ -1167,7 +1167,7 @@ def _redundancy_record(cfg, plan) -> dict:
         "num_images": n, "num_classes": cfg.num_ids,
         "redundant_identities": plan.redundant_ids.tolist(),
         "per_image_probability": float(plan.dup_probability),
-        # re-shoot `index[k]` re-shoots the scene of `source[k]` (an earlier clean image of its identity)
+        # sample `index[k]` re-shoots the scene of sample `source[k]` (an earlier clean image of its identity)
         "index": dup.tolist(), "source": source.tolist(),
         "share": dup.size / n if n else 0.0,
         # images with a near-identical twin (re-shoots and the originals they re-shoot): what a
@@ -1176,9 +1176,8 @@ def _redundancy_record(cfg, plan) -> dict:
     }
 
 
-def _description(cfg, plan, bins, ijb_summaries) -> dict:
-    """The content of dataset.json."""
-    redundancy = _redundancy_record(cfg, plan)
+def _description(cfg, plan, redundancy, bins, ijb_summaries) -> dict:
+    """The content of dataset.json (`redundancy`: the content of redundancy.json)."""
     return {
         "generator": "utils/synthetic.py",
         "config": dataclasses.asdict(cfg),
@@ -1252,8 +1251,9 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
         bar.close()
 
         _write_json(os.path.join(tmp, "noise.json"), _noise_record(cfg, plan))
-        _write_json(os.path.join(tmp, "redundancy.json"), _redundancy_record(cfg, plan))
-        _write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, bins, ijb_summaries))
+        redundancy = _redundancy_record(cfg, plan)
+        _write_json(os.path.join(tmp, "redundancy.json"), redundancy)
+        _write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, redundancy, bins, ijb_summaries))
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
