@@ -12,13 +12,13 @@ import pytest
 
 from utils import recordio
 from utils.alignment import align_face
-from utils.synthetic import (PROFILES, SyntheticConfig, generate_dataset, ijb_image, plan_ijb, plan_pairs,
-                             plan_training_set, render_aligned, render_image, identity_render, image_landmarks,
-                             pose_matrix, sample_variation, training_variation)
+from utils.synthetic import (IJB_TARGETS, PROFILES, SyntheticConfig, generate_dataset, ijb_image, plan_ijb,
+                             plan_pairs, plan_training_set, render_aligned, render_image, identity_render,
+                             image_landmarks, pose_matrix, sample_identity, sample_variation, training_variation)
 from utils.verification import load_bin
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = SyntheticConfig(num_ids=12, image_size=32, seed=3, flip_rate=0.1, open_rate=0.05, dup_rate=0.1,
+TINY = SyntheticConfig(num_ids=12, image_size=32, seed=3, flip_rate=0.1, open_rate=0.05, redundancy=0.1,
                        min_images=5, max_images=30, median_images=10, num_val_ids=6, val_pairs=20,
                        ijb_ids=4, ijb_templates=10)
 
@@ -104,21 +104,71 @@ def test_plan_draws_each_population_from_its_own_identities():
             & (plan.source_uid[plan.open_set] < cfg.open_uid0 + cfg.num_open_ids)).all()
     # held-out identities never appear in training, and verification and IJB sets are disjoint
     for b in (0, 1):
-        uids, issame = plan_pairs(cfg, b)
+        pairs = plan_pairs(cfg, b)
+        uids = pairs.pool_uid[pairs.position]
         assert ((uids >= cfg.val_uid0) & (uids < cfg.val_uid0 + cfg.num_val_ids)).all()
-        pairs = uids.reshape(-1, 2)
-        assert np.array_equal(pairs[:, 0] == pairs[:, 1], issame) and issame.sum() == cfg.val_pairs
-    ijb = plan_ijb(cfg)
-    assert ((ijb.uid >= cfg.ijb_uid0) & (ijb.uid < cfg.ijb_uid0 + cfg.ijb_ids)).all()
-    assert not np.isin(plan.source_uid, np.r_[ijb.uid, np.arange(cfg.val_uid0, cfg.ijb_uid0)]).any()
+        uids = uids.reshape(-1, 2)
+        assert np.array_equal(uids[:, 0] == uids[:, 1], pairs.issame) and pairs.issame.sum() == cfg.val_pairs
+    held_out = [np.arange(cfg.val_uid0, cfg.ijb_uid0)]
+    for target in IJB_TARGETS:
+        ijb = plan_ijb(cfg, target)
+        lo, hi = cfg.ijb_uid_range(target)
+        assert ((ijb.uid >= lo) & (ijb.uid < hi)).all()
+        held_out.append(ijb.uid)
+    assert not np.isin(plan.source_uid, np.concatenate(held_out)).any()
+    assert not np.isin(plan_ijb(cfg, "ijbb").uid, plan_ijb(cfg, "ijbc").uid).any()
     # long-tailed identity sizes, like CASIA-WebFace
     assert plan.counts.max() >= 5 * np.median(plan.counts)
     # near-duplicates re-shoot an earlier clean image of their own identity
     dup = np.flatnonzero(plan.dup_source >= 0)
     src = plan.dup_source[dup]
-    assert 0.5 * cfg.dup_rate * n < dup.size < 2 * cfg.dup_rate * n
+    assert 0.5 * cfg.redundancy * n < dup.size < 2 * cfg.redundancy * n
     assert (src < dup).all() and np.array_equal(plan.labels[src], plan.labels[dup])
     assert np.array_equal(plan.source_uid[src], plan.labels[src]) and (plan.dup_source[src] == -1).all()
+
+
+def test_redundancy_is_the_share_of_each_identity_that_re_shoots():
+    cfg = SyntheticConfig(num_ids=300, image_size=32, redundancy=0.4, redundant_id_share=1.0)
+    plan = plan_training_set(cfg)
+    assert np.array_equal(plan.redundant_ids, np.arange(cfg.num_ids)) and plan.dup_probability == 0.4
+    is_dup = plan.dup_source >= 0
+    # an identity's first clean image and its noisy images never re-shoot: the realised share is a bit lower
+    assert 0.8 * cfg.redundancy < is_dup.mean() <= cfg.redundancy
+    per_id = np.bincount(plan.labels[is_dup], minlength=cfg.num_ids) / plan.counts
+    big = plan.counts >= 40
+    assert abs(np.median(per_id[big]) - cfg.redundancy) < 0.06
+    none = plan_training_set(dataclasses.replace(cfg, redundancy=0.0))
+    assert (none.dup_source == -1).all()
+    # the knob moves nothing but the re-shoots: same sizes and label noise
+    assert np.array_equal(none.labels, plan.labels) and np.array_equal(none.source_uid, plan.source_uid)
+
+
+def test_redundancy_needs_enough_redundant_identities():
+    with pytest.raises(ValueError, match="redundant_id_share"):
+        SyntheticConfig(redundancy=0.5).validate()
+    SyntheticConfig(redundancy=0.5, redundant_id_share=1.0).validate()
+    with pytest.raises(ValueError, match="ijb_targets"):
+        SyntheticConfig(ijb_targets="ijbc,ijba").validate()
+
+
+def test_redundancy_json_is_the_ground_truth(tiny):
+    plan = plan_training_set(TINY)
+    truth = json.loads((tiny / "redundancy.json").read_text())
+    dup = np.flatnonzero(plan.dup_source >= 0)
+    assert truth["index"] == dup.tolist() and truth["source"] == plan.dup_source[dup].tolist()
+    assert (truth["redundancy"], truth["redundant_id_share"]) == (TINY.redundancy, TINY.redundant_id_share)
+    assert truth["num_images"] == plan.num_images and truth["share"] == dup.size / plan.num_images
+    assert truth["with_twin_share"] == np.union1d(dup, plan.dup_source[dup]).size / plan.num_images
+    assert truth["redundant_identities"] == plan.redundant_ids.tolist()
+    described = json.loads((tiny / "dataset.json").read_text())
+    assert described["redundancy"]["share"] == truth["share"] and described["config"]["redundancy"] == TINY.redundancy
+
+
+def test_ijbb_changes_no_other_file(tiny, tmp_path):
+    generate_dataset(tmp_path / "ijbc_only", dataclasses.replace(TINY, ijb_targets="ijbc"), progress=False)
+    first, only = _files(tiny), _files(tmp_path / "ijbc_only")
+    assert [name for name in only if name != "dataset.json" and only[name] != first[name]] == []
+    assert not [name for name in only if "ijbb" in name]
 
 
 def test_near_duplicates_look_alike():
@@ -137,6 +187,22 @@ def test_near_duplicates_look_alike():
     assert dup_diff < 0.5 * other_diff
 
 
+def test_default_verification_pairs_are_distinct_and_spread_over_identities():
+    cfg = SyntheticConfig(num_ids=150, image_size=32)
+    for b in (0, 1):
+        pairs = plan_pairs(cfg, b)
+        assert pairs.issame.size == 6000 and pairs.issame.sum() == 3000  # LFW's size: 3000 + 3000
+        ab = np.sort(pairs.position.reshape(-1, 2), axis=1)
+        genuine, impostor = ab[pairs.issame], ab[~pairs.issame]
+        assert (genuine[:, 0] != genuine[:, 1]).all()  # two different images of one identity
+        assert len(np.unique(genuine, axis=0)) == len(genuine) and len(np.unique(impostor, axis=0)) == len(impostor)
+        per_id = np.bincount(pairs.pool_uid[genuine[:, 0]] - cfg.val_uid0, minlength=cfg.num_val_ids)
+        assert per_id.max() - per_id.min() <= 1
+        kin = [sample_identity(cfg, int(a)).family == sample_identity(cfg, int(b)).family
+               for a, b in pairs.pool_uid[impostor]]
+        assert 0.45 < np.mean(kin) < 0.6  # half hard negatives, plus chance family matches
+
+
 def test_verification_bins_hold_balanced_pairs(tiny):
     for name in ("syn_frontal", "syn_pose"):
         (images, flipped), issame = load_bin(tiny / f"{name}.bin", image_size=(32, 32))
@@ -148,16 +214,25 @@ def _read_meta(meta, name):
     return [line.split() for line in (meta / name).read_text().splitlines()]
 
 
-def test_ijb_meta_files_are_consistent(tiny):
+def test_ijb_targets_share_loose_crop_with_disjoint_images(tiny):
+    names = {t: [row[0] for row in _read_meta(tiny / "ijb" / "meta", f"{t}_face_tid_mid.txt")] for t in IJB_TARGETS}
+    assert not set(names["ijbc"]) & set(names["ijbb"])
+    assert sorted(names["ijbc"] + names["ijbb"]) == sorted(p.name for p in (tiny / "ijb" / "loose_crop").iterdir())
+    # IJB-C's files come first and do not depend on whether IJB-B is written beside them
+    assert names["ijbc"][0] == "1.jpg" and names["ijbb"][0] == f"{len(names['ijbc']) + 1}.jpg"
+
+
+@pytest.mark.parametrize("target", list(IJB_TARGETS))
+def test_ijb_meta_files_are_consistent(tiny, target):
     root, meta = tiny / "ijb", tiny / "ijb" / "meta"
-    tid_mid = _read_meta(meta, "ijbc_face_tid_mid.txt")
+    tid_mid = _read_meta(meta, f"{target}_face_tid_mid.txt")
     names = [row[0] for row in tid_mid]
-    assert sorted(names) == sorted(p.name for p in (root / "loose_crop").iterdir())
+    assert set(names) <= {p.name for p in (root / "loose_crop").iterdir()}
     template_of = {row[0]: int(row[1]) for row in tid_mid}
     templates = set(template_of.values())
     assert len(templates) == TINY.ijb_templates
 
-    five = _read_meta(meta, "ijbc_name_5pts_score.txt")
+    five = _read_meta(meta, f"{target}_name_5pts_score.txt")
     assert [row[0] for row in five] == names
     for row in five:
         img = cv2.imread(str(root / "loose_crop" / row[0]))
@@ -167,11 +242,14 @@ def test_ijb_meta_files_are_consistent(tiny):
         assert pts[0, 0] < pts[1, 0] and pts[3, 0] < pts[4, 0]  # image-left eye and mouth corner first
         assert 0.6 <= float(row[11]) <= 1.0
 
-    pairs = np.array(_read_meta(meta, "ijbc_template_pair_label.txt"), int)
+    pairs = np.array(_read_meta(meta, f"{target}_template_pair_label.txt"), int)
     assert set(pairs[:, :2].ravel()) <= templates and set(pairs[:, 2]) == {0, 1}
 
+    # 1:N files in the real release's naming: galleries G1/G2 (IJB-C), S1/S2 (IJB-B)
+    g1, g2 = (f"{target}_1N_gallery_{g}.csv" for g in IJB_TARGETS[target]["galleries"])
+    probe = f"{target}_1N_probe_mixed.csv"
     rows = {}
-    for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_gallery_G2.csv", "ijbc_1N_probe_mixed.csv"):
+    for name in (g1, g2, probe):
         with open(meta / name, newline="") as f:
             reader = csv.DictReader(f)
             assert reader.fieldnames == ["TEMPLATE_ID", "SUBJECT_ID", "FILENAME"]
@@ -179,18 +257,20 @@ def test_ijb_meta_files_are_consistent(tiny):
         for r in rows[name]:
             assert template_of[r["FILENAME"]] == int(r["TEMPLATE_ID"])
     subjects = {k: {r["SUBJECT_ID"] for r in v} for k, v in rows.items()}
-    assert not subjects["ijbc_1N_gallery_G1.csv"] & subjects["ijbc_1N_gallery_G2.csv"]
-    assert subjects["ijbc_1N_probe_mixed.csv"] <= subjects["ijbc_1N_gallery_G1.csv"] | subjects["ijbc_1N_gallery_G2.csv"]
+    assert not subjects[g1] & subjects[g2]
+    assert subjects[probe] <= subjects[g1] | subjects[g2]
     subject_of = {int(r["TEMPLATE_ID"]): r["SUBJECT_ID"] for v in rows.values() for r in v}
     assert set(subject_of) == templates
     # a pair is genuine exactly when both templates show the same subject
     assert all((subject_of[a] == subject_of[b]) == bool(lab) for a, b, lab in pairs)
 
 
-def test_ijb_landmarks_written_are_the_rendered_ones(tiny):
-    ijb = plan_ijb(TINY)
-    _, _, detected, score = ijb_image(TINY, 1, int(ijb.uid[0]), int(ijb.media[0]), int(ijb.frame[0]))
-    row = _read_meta(tiny / "ijb" / "meta", "ijbc_name_5pts_score.txt")[0]
+@pytest.mark.parametrize("target", list(IJB_TARGETS))
+def test_ijb_landmarks_written_are_the_rendered_ones(tiny, target):
+    ijb = plan_ijb(TINY, target)
+    k = ijb.uid.size - 1  # the target's last image
+    _, _, detected, score = ijb_image(TINY, k + 1, int(ijb.uid[k]), int(ijb.media[k]), int(ijb.frame[k]), target)
+    row = _read_meta(tiny / "ijb" / "meta", f"{target}_name_5pts_score.txt")[k]
     assert np.allclose(np.array(row[1:11], float), detected.reshape(-1), atol=1e-3)
     assert float(row[11]) == pytest.approx(score, abs=1e-4)
 
@@ -244,3 +324,10 @@ def test_command_line(tmp_path):
     assert again.returncode == 1 and "--overwrite" in again.stderr
     bad = subprocess.run(cmd + ["--flip-rate", "0.7"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "flip_rate" in bad.stderr
+    bad = subprocess.run(cmd + ["--redundancy", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "redundant_id_share" in bad.stderr
+    knobs = subprocess.run(cmd + ["--ijb-targets", "ijbb", "--redundancy", "0.3", "--redundant-id-share", "1",
+                                  "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert knobs.returncode == 0, knobs.stderr
+    assert json.loads((out / "redundancy.json").read_text())["redundancy"] == 0.3
+    assert sorted(p.name for p in (out / "ijb" / "meta").iterdir() if "ijbc" in p.name) == []

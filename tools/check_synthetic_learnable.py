@@ -189,7 +189,12 @@ def main(argv=None):
     parser.add_argument("--median-images", type=float, default=20.0)
     parser.add_argument("--flip-rate", type=float, default=0.05)
     parser.add_argument("--open-rate", type=float, default=0.02)
-    parser.add_argument("--val-pairs", type=int, default=600)
+    parser.add_argument("--val-pairs", type=int, default=SyntheticConfig.val_pairs,
+                        help="genuine (and as many impostor) pairs per verification .bin")
+    parser.add_argument("--redundancy", type=float, default=SyntheticConfig.redundancy,
+                        help="expected share of re-shot (near-duplicate) training images")
+    parser.add_argument("--redundant-id-share", type=float, default=SyntheticConfig.redundant_id_share,
+                        help="share of identities holding the re-shoots (1: all)")
     parser.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generation processes")
     parser.add_argument("--labels", choices=("given", "true"), default="given",
@@ -210,7 +215,8 @@ def main(argv=None):
             data_dir = os.path.join(tmp, "data")
             cfg = SyntheticConfig(num_ids=args.num_ids, image_size=args.image_size, seed=args.seed,
                                   flip_rate=args.flip_rate, open_rate=args.open_rate,
-                                  median_images=args.median_images, val_pairs=args.val_pairs, ijb_templates=0)
+                                  median_images=args.median_images, val_pairs=args.val_pairs, ijb_templates=0,
+                                  redundancy=args.redundancy, redundant_id_share=args.redundant_id_share)
             summary = generate_dataset(data_dir, cfg, workers=args.workers, progress=False)
             print(f"generated {summary['images']} images of {summary['identities']} identities in "
                   f"{summary['seconds']:.1f} s ({summary['flipped']} flipped, {summary['open_set']} open-set)")

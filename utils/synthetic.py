@@ -14,8 +14,10 @@ Folder written by `generate_dataset` (see `make_synthetic_dataset.py --help`):
 
     train.rec, train.idx, property    InsightFace RecordIO layout, images contiguous per label
     syn_frontal.bin, syn_pose.bin     verification pairs of held-out identities
-    ijb/loose_crop/<n>.jpg, ijb/meta/ijbc_*   IJB-C release layout, held-out identities
+    ijb/loose_crop/<n>.jpg, ijb/meta/ijbc_*, ijb/meta/ijbb_*
+                                      IJB-C and IJB-B release layouts, held-out subjects (disjoint)
     noise.json                        injected label flips and open-set outliers (sample indices)
+    redundancy.json                   near-duplicates: which sample re-shoots which (sample indices)
     dataset.json                      generator arguments, per-identity counts, held-out identities
 """
 from __future__ import annotations
@@ -36,6 +38,9 @@ from utils.alignment import ARCFACE_TEMPLATE_112
 from utils import recordio
 
 JPEG_QUALITY = 95
+# Within a redundant identity, at most this share of images re-shoot an earlier image (the rest are the
+# originals they re-shoot).
+MAX_DUP_SHARE = 0.7
 # The painted canonical frame, in units of the 112 x 112 ArcFace frame: wider than 0..112 so that
 # a loose crop (face smaller than its crop) still shows hair, ears and neck instead of an edge.
 CANVAS_MIN, CANVAS_MAX = -40.0, 152.0
@@ -47,12 +52,16 @@ PITCH_SHIFT = 5.0
 # Verification sets of held-out identities and the variation profile each one is rendered with.
 BIN_PROFILES = {"syn_frontal": "frontal", "syn_pose": "pose"}
 VERIFICATION_BINS = tuple(BIN_PROFILES)
-IJB_TARGET = "ijbc"
+# IJB targets the generator writes under ijb/ (one loose_crop/ folder, disjoint image sets and subjects):
+# the prefix of the random streams of each, and the names of its two 1:N galleries in the real release.
+IJB_TARGETS = {"ijbc": {"stream": "ijb", "galleries": ("G1", "G2")},
+               "ijbb": {"stream": "ijbb", "galleries": ("S1", "S2")}}
 
 # One number per random stream; a generator is seeded by (seed, stream, keys...).
 _STREAM = {
     "plan": 1, "identity": 2, "family": 3, "train": 4, "train_dup": 5, "pairs": 6, "pair_image": 7,
     "ijb_plan": 8, "ijb_image": 9, "ijb_frame": 10, "ijb_detector": 11,
+    "ijbb_plan": 12, "ijbb_image": 13, "ijbb_frame": 14, "ijbb_detector": 15,
 }
 
 
@@ -72,25 +81,31 @@ class SyntheticConfig:
     seed: int = 0
     flip_rate: float = 0.05
     open_rate: float = 0.02
-    dup_rate: float = 0.05
+    redundancy: float = 0.05
+    redundant_id_share: float = 0.3
     min_images: int = 5
     max_images: int = 200
     median_images: float = 20.0
     num_val_ids: int = 100
-    val_pairs: int = 600
+    val_pairs: int = 3000
     ijb_ids: int = 50
     ijb_templates: int = 200
+    ijb_targets: str = "ijbc,ijbb"
     ijb_crop_scale: float = 1.6
     family_size: float = 4.0
 
     def validate(self):
+        asked_ijb = self._asked_ijb_targets()
         checks = [
             (self.num_ids >= 2, "num_ids must be >= 2"),
             (self.image_size >= 16, "image_size must be >= 16"),
             (self.seed >= 0, "seed must be >= 0"),
             (0 <= self.flip_rate < 0.5 and 0 <= self.open_rate < 0.5, "flip_rate and open_rate must lie in [0, 0.5)"),
             (self.flip_rate + self.open_rate < 0.5, "flip_rate + open_rate must be < 0.5"),
-            (0 <= self.dup_rate < 0.5, "dup_rate must lie in [0, 0.5)"),
+            (0 < self.redundant_id_share <= 1, "redundant_id_share must lie in (0, 1]"),
+            (0 <= self.redundancy <= MAX_DUP_SHARE * self.redundant_id_share,
+             f"redundancy must lie in [0, {MAX_DUP_SHARE} * redundant_id_share] (at most {MAX_DUP_SHARE:.0%} of a "
+             f"redundant identity's images re-shoot; for more, raise redundant_id_share, 1: all identities)"),
             (1 <= self.min_images <= self.max_images, "need 1 <= min_images <= max_images"),
             (self.median_images > 0, "median_images must be > 0"),
             (self.num_val_ids >= 2 or self.val_pairs == 0, "num_val_ids must be >= 2 (or val_pairs 0)"),
@@ -98,6 +113,9 @@ class SyntheticConfig:
             (self.ijb_ids >= 2 or self.ijb_templates == 0, "ijb_ids must be >= 2 (or ijb_templates 0)"),
             (self.ijb_templates == 0 or self.ijb_templates >= 2 * self.ijb_ids,
              "ijb_templates must be >= 2 * ijb_ids (two templates per subject make genuine pairs)"),
+            (self.ijb_templates == 0 or (asked_ijb and set(asked_ijb) <= set(IJB_TARGETS)
+                                         and len(set(asked_ijb)) == len(asked_ijb)),
+             f"ijb_targets must be a comma-separated list of distinct names among {', '.join(IJB_TARGETS)}"),
             (self.ijb_crop_scale >= 1.2, "ijb_crop_scale must be >= 1.2 (loose crops hold background)"),
             (self.family_size >= 1, "family_size must be >= 1"),
         ]
@@ -106,7 +124,18 @@ class SyntheticConfig:
             raise ValueError("invalid synthetic dataset config: " + "; ".join(bad))
         return self
 
+    def _asked_ijb_targets(self) -> list:
+        return [t.strip().lower() for t in self.ijb_targets.split(",") if t.strip()]
+
+    @property
+    def ijb_target_list(self) -> tuple:
+        """The IJB targets to write, in the order of IJB_TARGETS whatever the order asked (it fixes the
+        image numbers: IJB-C's files are the same with or without IJB-B)."""
+        asked = self._asked_ijb_targets()
+        return tuple(t for t in IJB_TARGETS if t in asked)
+
     # Identity numbers (uids) of the disjoint populations; appearance is a function of the uid.
+    # IJB-B subjects come last, so that adding them moves no other population (nor the family count).
     @property
     def num_open_ids(self) -> int:
         return max(1, math.ceil(self.num_ids / 10))
@@ -124,8 +153,16 @@ class SyntheticConfig:
         return self.num_ids + self.num_val_ids + self.ijb_ids
 
     @property
+    def ijbb_uid0(self) -> int:
+        return self.open_uid0 + self.num_open_ids
+
+    def ijb_uid_range(self, target: str) -> tuple:
+        uid0 = {"ijbc": self.ijb_uid0, "ijbb": self.ijbb_uid0}[target]
+        return uid0, uid0 + self.ijb_ids
+
+    @property
     def num_families(self) -> int:
-        total = self.open_uid0 + self.num_open_ids
+        total = self.open_uid0 + self.num_open_ids  # IJB-B subjects join these families
         return max(1, round(total / self.family_size))
 
 
@@ -691,11 +728,6 @@ def render_aligned(cfg: SyntheticConfig, uid: int, var: dict) -> np.ndarray:
 # Planning: who is in which image (vectorised, in the main process)
 # ----------------------------------------------------------------------------------------------
 
-# Share of identities that hold near-duplicate groups (the redundancy DiffProb removes).
-DUP_IDENTITY_SHARE = 0.3
-# Within such an identity, at most this share of images re-shoot an earlier image.
-MAX_DUP_SHARE = 0.7
-
 
 @dataclass
 class TrainingPlan:
@@ -706,6 +738,8 @@ class TrainingPlan:
     flipped: np.ndarray      # sorted sample indices rendered from another in-set identity
     open_set: np.ndarray     # sorted sample indices rendered from an identity outside the label set
     dup_source: np.ndarray   # (N,) sample index whose scene the image re-shoots, -1 if none
+    redundant_ids: np.ndarray  # sorted labels of the identities that may hold re-shoots
+    dup_probability: float   # probability that a clean image of a redundant identity re-shoots
 
     @property
     def num_images(self) -> int:
@@ -742,41 +776,88 @@ def plan_training_set(cfg: SyntheticConfig) -> TrainingPlan:
     source_uid[flipped] = (labels[flipped] + rng.integers(1, cfg.num_ids, flipped.size)) % cfg.num_ids
     source_uid[open_set] = cfg.open_uid0 + rng.integers(0, cfg.num_open_ids, open_set.size)
 
-    # Near-duplicates: in a share of identities, an image re-shoots the nearest earlier clean original.
+    # Near-duplicates (redundancy): in the redundant identities (a share `redundant_id_share` of them),
+    # each clean image re-shoots the nearest earlier clean original of its identity with probability p,
+    # p chosen so that `redundancy` is the expected share of all images; with every identity redundant,
+    # p = redundancy, the share of each identity's images. An identity's first clean image and the noisy
+    # images are never re-shoots, so the realised share is a little lower (see redundancy.json).
     clean = source_uid == labels
-    dup_ids = rng.random(cfg.num_ids) < DUP_IDENTITY_SHARE
-    share = counts[dup_ids].sum() / n
-    p_dup = min(MAX_DUP_SHARE, cfg.dup_rate / share) if share > 0 else 0.0
-    is_dup = clean & dup_ids[labels] & (rng.random(n) < p_dup)
+    redundant = rng.random(cfg.num_ids) < cfg.redundant_id_share
+    share = counts[redundant].sum() / n
+    p_dup = min(MAX_DUP_SHARE, cfg.redundancy / share) if share > 0 else 0.0
+    is_dup = clean & redundant[labels] & (rng.random(n) < p_dup)
     original = np.maximum.accumulate(np.where(clean & ~is_dup, np.arange(n), -1))
     is_dup &= (original >= 0) & (labels[np.maximum(original, 0)] == labels)
     dup_source = np.where(is_dup, original, -1)
-    return TrainingPlan(counts, labels, source_uid, flipped, open_set, dup_source)
+    return TrainingPlan(counts, labels, source_uid, flipped, open_set, dup_source, np.flatnonzero(redundant), p_dup)
 
 
-def plan_pairs(cfg: SyntheticConfig, bin_no: int):
-    """(uid per image (2P*2,), issame (2P,)) of verification set `bin_no`: P genuine and P impostor pairs.
+@dataclass
+class PairPlan:
+    """One verification set: a pool of rendered images of the held-out identities, and the pairs.
 
-    Half of the impostor pairs join two identities of the same family (shared colouring and face
-    shape) when the held-out identities hold such pairs: the hard negatives.
+    As in LFW, an image may appear in several pairs; the .bin still holds two images per pair.
+    """
+    pool_uid: np.ndarray     # (M,) identity of pool image k; identities in order, val_images_per_id each
+    position: np.ndarray     # (4P,) pool image at .bin position 2i, 2i+1 of pair i
+    issame: np.ndarray       # (2P,) bool
+
+    @property
+    def used(self) -> np.ndarray:
+        """The pool images some pair holds, sorted (the ones rendered)."""
+        return np.unique(self.position)
+
+
+def val_images_per_id(cfg: SyntheticConfig) -> int:
+    """Pool images per held-out identity: about two pairs per image, and at least 4 (6 genuine pairs)."""
+    return max(4, math.ceil(2 * cfg.val_pairs / max(cfg.num_val_ids, 1)))
+
+
+def plan_pairs(cfg: SyntheticConfig, bin_no: int) -> PairPlan:
+    """Verification set `bin_no`: P genuine and P impostor pairs, P = cfg.val_pairs, in random order.
+
+    Genuine pairs are spread evenly over the held-out identities, each two distinct images, no pair twice.
+    Impostor pairs join two different identities, one image of each (no pair twice where the identities
+    allow); half of them join two identities of the same family (shared colouring and face shape) when
+    the held-out identities hold such pairs: the hard negatives. Pool images that no pair uses are not
+    rendered.
     """
     rng = _rng(cfg.seed, "pairs", bin_no)
-    P = cfg.val_pairs
-    uids = np.arange(cfg.val_uid0, cfg.val_uid0 + cfg.num_val_ids)
+    P, V, m = cfg.val_pairs, cfg.num_val_ids, val_images_per_id(cfg)
+    uids = np.arange(cfg.val_uid0, cfg.val_uid0 + V)
+    first_image = np.arange(V) * m
+
+    # Genuine: identity of each pair (balanced), then per identity distinct image pairs (a < b), taken
+    # as the first ones of a random order of all its m (m - 1) / 2 pairs; m >= 2 P / V makes enough.
+    owner = rng.permutation(np.arange(P) % V)
+    per_owner = np.bincount(owner, minlength=V)
+    a_img, b_img = np.triu_indices(m, 1)
+    order = np.argsort(rng.random((V, a_img.size)), axis=1)[:, :max(per_owner.max(initial=0), 1)]
+    rank = _rank_within_groups(owner, np.r_[0, np.cumsum(per_owner)[:-1]])
+    combo = order[owner, rank]
+    genuine = first_image[owner, None] + np.stack([a_img[combo], b_img[combo]], 1)
+
+    # Impostor: two different identities (half of them from one family), a random image of each.
     family = np.array([sample_identity(cfg, u).family for u in uids])
-    a, b = np.triu_indices(uids.size, 1)
-    kin = np.flatnonzero(family[a] == family[b])
-    genuine = np.repeat(rng.choice(uids, P), 2).reshape(P, 2)
-    first = rng.integers(0, uids.size, P)
-    second = (first + rng.integers(1, uids.size, P)) % uids.size
-    impostor = np.stack([uids[first], uids[second]], 1)
+    a_id, b_id = np.triu_indices(V, 1)
+    kin = np.flatnonzero(family[a_id] == family[b_id])
+    first = rng.integers(0, V, P)
+    second = (first + rng.integers(1, V, P)) % V
     if kin.size:
         hard = rng.choice(kin, P // 2)
-        impostor[: P // 2] = np.stack([uids[a[hard]], uids[b[hard]]], 1)
+        first[: P // 2], second[: P // 2] = a_id[hard], b_id[hard]
+    impostor = np.stack([first, second], 1) * m + rng.integers(0, m, (P, 2))
+    for _ in range(100):  # draw the images of a repeated pair again (a few of thousands)
+        key = impostor.min(1) * V * m + impostor.max(1)
+        again = np.setdiff1d(np.arange(P), np.unique(key, return_index=True)[1])
+        if not again.size:
+            break
+        impostor[again] = np.stack([first[again], second[again]], 1) * m + rng.integers(0, m, (again.size, 2))
+
     pairs = np.concatenate([genuine, impostor])
     issame = np.concatenate([np.ones(P, bool), np.zeros(P, bool)])
-    order = rng.permutation(2 * P)
-    return pairs[order].reshape(-1), issame[order]
+    shuffle = rng.permutation(2 * P)
+    return PairPlan(pool_uid=np.repeat(uids, m), position=pairs[shuffle].reshape(-1), issame=issame[shuffle])
 
 
 @dataclass
@@ -787,11 +868,18 @@ class IJBPlan:
     media: np.ndarray        # media id (1-based); frames of a video share it
     frame: np.ndarray        # frame number within its media (0: the media's first image)
     template_subject: np.ndarray  # (T,) subject id (1-based) of template t+1
+    target: str = "ijbc"
 
 
-def plan_ijb(cfg: SyntheticConfig) -> IJBPlan:
-    """Templates of 1-3 media, a media being a still image or 2-4 frames of a video."""
-    rng = _rng(cfg.seed, "ijb_plan")
+def _ijb_rng(cfg: SyntheticConfig, target: str, kind: str, *keys: int) -> np.random.Generator:
+    """The generator of `kind` (plan, image, frame, detector) for IJB target `target`."""
+    return _rng(cfg.seed, f"{IJB_TARGETS[target]['stream']}_{kind}", *keys)
+
+
+def plan_ijb(cfg: SyntheticConfig, target: str = "ijbc") -> IJBPlan:
+    """Templates of 1-3 media, a media being a still image or 2-4 frames of a video; the subjects of
+    each target are their own held-out identities (cfg.ijb_uid_range)."""
+    rng = _ijb_rng(cfg, target, "plan")
     n, T = cfg.ijb_ids, cfg.ijb_templates
     per_subject = 2 + rng.multinomial(T - 2 * n, np.full(n, 1.0 / n)) if n else np.zeros(0, np.int64)
     template_subject = np.repeat(np.arange(1, n + 1), per_subject)
@@ -803,17 +891,19 @@ def plan_ijb(cfg: SyntheticConfig) -> IJBPlan:
     first = np.concatenate([[0], np.cumsum(frames)[:-1]])
     frame = np.arange(media.size) - np.repeat(first, frames)
     template = media_template[media - 1]
-    uid = cfg.ijb_uid0 + template_subject[template - 1] - 1
-    return IJBPlan(uid=uid, template=template, media=media, frame=frame, template_subject=template_subject)
+    uid = cfg.ijb_uid_range(target)[0] + template_subject[template - 1] - 1
+    return IJBPlan(uid=uid, template=template, media=media, frame=frame, template_subject=template_subject,
+                   target=target)
 
 
-def ijb_template_pairs(cfg: SyntheticConfig, template_subject: np.ndarray, max_impostors: int = 50000):
+def ijb_template_pairs(cfg: SyntheticConfig, template_subject: np.ndarray, max_impostors: int = 50000,
+                       target: str = "ijbc"):
     """(pairs (K, 2) of template ids, labels (K,)): every genuine pair and up to `max_impostors` impostor pairs."""
     a, b = np.triu_indices(template_subject.size, 1)
     same = template_subject[a] == template_subject[b]
     impostor = np.flatnonzero(~same)
     if impostor.size > max_impostors:
-        impostor = np.sort(_rng(cfg.seed, "ijb_plan", 1).choice(impostor, max_impostors, replace=False))
+        impostor = np.sort(_ijb_rng(cfg, target, "plan", 1).choice(impostor, max_impostors, replace=False))
     keep = np.concatenate([np.flatnonzero(same), impostor])
     keep.sort()
     return np.stack([a[keep], b[keep]], 1) + 1, same[keep].astype(np.int64)
@@ -843,27 +933,28 @@ def _render_training(cfg, indices, source_uid, dup_source):
             for i, u, d in zip(indices, source_uid, dup_source)]
 
 
-def _render_pairs(cfg, positions, uids, bin_no, profile):
-    return [encode_jpeg(render_aligned(cfg, int(u), sample_variation(_rng(cfg.seed, "pair_image", bin_no, int(j)),
+def _render_pairs(cfg, pool_images, uids, bin_no, profile):
+    return [encode_jpeg(render_aligned(cfg, int(u), sample_variation(_rng(cfg.seed, "pair_image", bin_no, int(k)),
                                                                       PROFILES[profile])))
-            for j, u in zip(positions, uids)]
+            for k, u in zip(pool_images, uids)]
 
 
-def ijb_image(cfg: SyntheticConfig, number: int, uid: int, media: int, frame: int):
-    """(RGB crop, (5, 2) true landmarks, (5, 2) detected landmarks, detector score) of IJB image `number`.
+def ijb_image(cfg: SyntheticConfig, number: int, uid: int, media: int, frame: int, target: str = "ijbc"):
+    """(RGB crop, (5, 2) true landmarks, (5, 2) detected landmarks, detector score) of image `number`
+    (1-based within `target`) of IJB target `target`.
 
     The frames of a video share the media's scene and placement, re-shot with a small jitter.
     """
-    rng = _rng(cfg.seed, "ijb_image", media)
+    rng = _ijb_rng(cfg, target, "image", media)
     var = sample_variation(rng, PROFILES["ijb"])
     k = cfg.image_size / 112.0 * rng.uniform(0.8, 1.15)
     crop = int(round(cfg.ijb_crop_scale * cfg.image_size))
     centre = crop / 2 + rng.uniform(-0.1, 0.1, 2) * crop
     if frame > 0:
-        var = jitter_variation(var, _rng(cfg.seed, "ijb_frame", number), amount=3.0)
+        var = jitter_variation(var, _ijb_rng(cfg, target, "frame", number), amount=3.0)
     M = pose_matrix(var, k, centre)
     img, landmarks = render_loose_crop(cfg, uid, var, M, crop)
-    det = _rng(cfg.seed, "ijb_detector", number)
+    det = _ijb_rng(cfg, target, "detector", number)
     detected = landmarks + det.normal(0, 0.4 * cfg.image_size / 112.0, landmarks.shape)
     score = 0.98 - 0.2 * abs(var["yaw"]) - 0.12 * (var["occluder"] >= 0) - 0.05 * var["blur"] + det.normal(0, 0.03)
     return img, landmarks, detected, float(np.clip(score, 0.6, 1.0))
@@ -875,10 +966,10 @@ def render_loose_crop(cfg: SyntheticConfig, uid: int, var: dict, M: np.ndarray, 
     return render_image(base, scale, p, var, M, (crop, crop)), image_landmarks(p, var, M)
 
 
-def _render_ijb(cfg, numbers, uids, media, frames):
+def _render_ijb(cfg, numbers, uids, media, frames, target):
     out = []
     for number, u, m, f in zip(numbers, uids, media, frames):
-        img, _, detected, score = ijb_image(cfg, int(number), int(u), int(m), int(f))
+        img, _, detected, score = ijb_image(cfg, int(number), int(u), int(m), int(f), target)
         out.append((encode_jpeg(img), detected, score))
     return out
 
@@ -946,13 +1037,14 @@ def _noise_record(cfg, plan):
     }
 
 
-def _write_ijb(out, cfg, ijb, results):
-    """ijb/loose_crop/<n>.jpg and the IJB-C meta files; returns a summary."""
+def _write_ijb(out, cfg, ijb: IJBPlan, results, first_number: int):
+    """ijb/loose_crop/<n>.jpg (n from `first_number`) and the meta files of target `ijb.target`, in its real
+    release's naming (1:N galleries G1/G2 for IJB-C, S1/S2 for IJB-B); returns a summary."""
     crops = os.path.join(out, "ijb", "loose_crop")
     meta = os.path.join(out, "ijb", "meta")
-    os.makedirs(crops)
-    os.makedirs(meta)
-    names = [f"{n}.jpg" for n in range(1, ijb.uid.size + 1)]
+    os.makedirs(crops, exist_ok=True)
+    os.makedirs(meta, exist_ok=True)
+    names = [f"{n}.jpg" for n in range(first_number, first_number + ijb.uid.size)]
     five = []
     number = 0
     for batch in results:
@@ -961,24 +1053,25 @@ def _write_ijb(out, cfg, ijb, results):
                 f.write(jpeg)
             five.append(f"{names[number]} " + " ".join(f"{x:.3f}" for x in landmarks.reshape(-1)) + f" {score:.4f}")
             number += 1
-    t = IJB_TARGET
+    t = ijb.target
     _write_lines(os.path.join(meta, f"{t}_name_5pts_score.txt"), five)
     _write_lines(os.path.join(meta, f"{t}_face_tid_mid.txt"),
                  [f"{nm} {tid} {mid}" for nm, tid, mid in zip(names, ijb.template, ijb.media)])
-    pairs, labels = ijb_template_pairs(cfg, ijb.template_subject)
+    pairs, labels = ijb_template_pairs(cfg, ijb.template_subject, target=t)
     _write_lines(os.path.join(meta, f"{t}_template_pair_label.txt"),
                  [f"{a} {b} {lab}" for (a, b), lab in zip(pairs, labels)])
 
-    # 1:N: each subject's first template is its gallery template, in G1 or G2 (disjoint halves);
-    # every other template is a probe.
+    # 1:N: each subject's first template is its gallery template, in the first or the second gallery
+    # (disjoint halves); every other template is a probe.
     subjects = np.unique(ijb.template_subject)
     in_g1 = np.zeros(subjects.max() + 1 if subjects.size else 1, bool)
-    in_g1[_rng(cfg.seed, "ijb_plan", 2).permutation(subjects)[: subjects.size // 2]] = True
+    in_g1[_ijb_rng(cfg, t, "plan", 2).permutation(subjects)[: subjects.size // 2]] = True
     tids = np.arange(1, ijb.template_subject.size + 1)
     first_of_subject = np.r_[True, ijb.template_subject[1:] != ijb.template_subject[:-1]]
+    g1, g2 = IJB_TARGETS[t]["galleries"]
     sets = {
-        f"{t}_1N_gallery_G1.csv": first_of_subject & in_g1[ijb.template_subject],
-        f"{t}_1N_gallery_G2.csv": first_of_subject & ~in_g1[ijb.template_subject],
+        f"{t}_1N_gallery_{g1}.csv": first_of_subject & in_g1[ijb.template_subject],
+        f"{t}_1N_gallery_{g2}.csv": first_of_subject & ~in_g1[ijb.template_subject],
         f"{t}_1N_probe_mixed.csv": ~first_of_subject,
     }
     for filename, chosen in sets.items():
@@ -986,8 +1079,9 @@ def _write_ijb(out, cfg, ijb, results):
                 for tid in tids[chosen] for i in np.flatnonzero(ijb.template == tid)]
         _write_lines(os.path.join(meta, filename), ["TEMPLATE_ID,SUBJECT_ID,FILENAME"] + rows)
     return {"subjects": int(subjects.size), "templates": int(tids.size), "media": int(ijb.media.max(initial=0)),
-            "images": int(ijb.uid.size), "genuine_pairs": int(labels.sum()),
-            "impostor_pairs": int(labels.size - labels.sum()), "crop_size": int(round(cfg.ijb_crop_scale * cfg.image_size))}
+            "images": int(ijb.uid.size), "image_names": [names[0], names[-1]] if names else [],
+            "genuine_pairs": int(labels.sum()), "impostor_pairs": int(labels.size - labels.sum()),
+            "crop_size": int(round(cfg.ijb_crop_scale * cfg.image_size))}
 
 
 def _prepare_out_dir(out: str, overwrite: bool) -> str:
@@ -1016,7 +1110,7 @@ def _move_into_place(tmp: str, out: str):
         shutil.rmtree(old)
 
 
-def _job_groups(cfg, plan, pair_plans, ijb) -> dict:
+def _job_groups(cfg, plan, pair_plans, ijb_plans) -> dict:
     """Rendering jobs by the file they end in: {group: [(function, (cfg, indices, ...)), ...]}.
 
     A job holds a few dozen images grouped by the identity they show, so that a worker paints an
@@ -1033,15 +1127,16 @@ def _job_groups(cfg, plan, pair_plans, ijb) -> dict:
 
     groups = {"train_noisy": [train_job(noisy[s:e]) for s, e in _chunks(noisy.size, 64)],
               "train": [train_job(np.arange(s, e)[is_clean[s:e]]) for s, e in _identity_chunks(plan.counts, 64)]}
-    for b, (uids, _) in enumerate(pair_plans):
+    for b, pairs in enumerate(pair_plans):  # pool images are grouped by identity
         name = VERIFICATION_BINS[b]
-        by_uid = np.argsort(uids, kind="stable")
-        groups[name] = [(_render_pairs, (cfg, by_uid[s:e], uids[by_uid[s:e]], b, BIN_PROFILES[name]))
-                        for s, e in _chunks(uids.size, 64)]
-    if ijb is not None:  # templates, hence images, are already grouped by subject
+        used = pairs.used
+        groups[name] = [(_render_pairs, (cfg, used[s:e], pairs.pool_uid[used[s:e]], b, BIN_PROFILES[name]))
+                        for s, e in _chunks(used.size, 64)]
+    for ijb in ijb_plans:  # templates, hence images, are already grouped by subject
         numbers = np.arange(1, ijb.uid.size + 1)
-        groups["ijb"] = [(_render_ijb, (cfg, numbers[s:e], ijb.uid[s:e], ijb.media[s:e], ijb.frame[s:e]))
-                         for s, e in _chunks(ijb.uid.size, 16)]
+        groups[f"ijb_{ijb.target}"] = [
+            (_render_ijb, (cfg, numbers[s:e], ijb.uid[s:e], ijb.media[s:e], ijb.frame[s:e], ijb.target))
+            for s, e in _chunks(ijb.uid.size, 16)]
     return groups
 
 
@@ -1062,9 +1157,27 @@ def _in_sample_order(noisy, clean, num_images):
         following += 1
 
 
-def _description(cfg, plan, bins, ijb_summary) -> dict:
-    """The content of dataset.json."""
+def _redundancy_record(cfg, plan) -> dict:
+    """The content of redundancy.json: the near-duplicate ground truth (sample indices)."""
     dup = np.flatnonzero(plan.dup_source >= 0)
+    source = plan.dup_source[dup]
+    n = plan.num_images
+    return {
+        "redundancy": cfg.redundancy, "redundant_id_share": cfg.redundant_id_share, "seed": cfg.seed,
+        "num_images": n, "num_classes": cfg.num_ids,
+        "redundant_identities": plan.redundant_ids.tolist(),
+        "per_image_probability": float(plan.dup_probability),
+        # sample `index[k]` re-shoots the scene of sample `source[k]` (an earlier clean image of its identity)
+        "index": dup.tolist(), "source": source.tolist(),
+        "share": dup.size / n if n else 0.0,
+        # images with a near-identical twin (re-shoots and the originals they re-shoot): what a
+        # nearest-neighbour statistic (utils/redundancy.py) finds
+        "with_twin_share": np.union1d(dup, source).size / n if n else 0.0,
+    }
+
+
+def _description(cfg, plan, redundancy, bins, ijb_summaries) -> dict:
+    """The content of dataset.json (`redundancy`: the content of redundancy.json)."""
     return {
         "generator": "utils/synthetic.py",
         "config": dataclasses.asdict(cfg),
@@ -1072,14 +1185,16 @@ def _description(cfg, plan, bins, ijb_summary) -> dict:
         "num_classes": cfg.num_ids,
         "image_size": [cfg.image_size, cfg.image_size],
         "identity_counts": plan.counts.tolist(),
-        "near_duplicates": {"index": dup.tolist(), "original": plan.dup_source[dup].tolist()},
+        "redundancy": {k: redundancy[k] for k in ("redundancy", "redundant_id_share", "per_image_probability",
+                                                   "share", "with_twin_share")}
+                      | {"near_duplicates": len(redundancy["index"]), "ground_truth": "redundancy.json"},
         "held_out_uids": {
             "verification": [cfg.val_uid0, cfg.val_uid0 + cfg.num_val_ids],
-            "ijb": [cfg.ijb_uid0, cfg.ijb_uid0 + cfg.ijb_ids],
+            **{t: list(cfg.ijb_uid_range(t)) for t in IJB_TARGETS},
             "open_set": [cfg.open_uid0, cfg.open_uid0 + cfg.num_open_ids],
         },
         "verification": bins,
-        "ijb": ijb_summary,
+        "ijb": ijb_summaries,
         "profiles": {k: dataclasses.asdict(v) for k, v in PROFILES.items()},
     }
 
@@ -1100,8 +1215,8 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
     try:
         plan = plan_training_set(cfg)
         pair_plans = [plan_pairs(cfg, b) for b in range(len(VERIFICATION_BINS))] if cfg.val_pairs else []
-        ijb = plan_ijb(cfg) if cfg.ijb_templates else None
-        groups = _job_groups(cfg, plan, pair_plans, ijb)
+        ijb_plans = [plan_ijb(cfg, t) for t in cfg.ijb_target_list] if cfg.ijb_templates else []
+        groups = _job_groups(cfg, plan, pair_plans, ijb_plans)
         jobs = [job for group in groups.values() for job in group]
         if workers > 1:
             import multiprocessing
@@ -1121,19 +1236,24 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
         _write_training_set(tmp, cfg, plan, _in_sample_order(rendered("train_noisy"), rendered("train"),
                                                              plan.num_images))
         bins = {}
-        for b, (uids, issame) in enumerate(pair_plans):
+        for b, pairs in enumerate(pair_plans):
             name = VERIFICATION_BINS[b]
-            images = [b""] * uids.size
-            for idx, batch in rendered(name):
-                for i, jpeg in zip(idx.tolist(), batch):
-                    images[i] = jpeg
-            save_bin(os.path.join(tmp, f"{name}.bin"), images, issame)
-            bins[name] = {"profile": BIN_PROFILES[name], "pairs": int(issame.size), "genuine": int(issame.sum())}
-        ijb_summary = _write_ijb(tmp, cfg, ijb, (batch for _, batch in rendered("ijb"))) if ijb is not None else None
+            jpeg_of = dict(zip(pairs.used.tolist(), (jpeg for _, batch in rendered(name) for jpeg in batch)))
+            # one bytes object per pool image: pickle stores an image once however many pairs hold it
+            save_bin(os.path.join(tmp, f"{name}.bin"), [jpeg_of[k] for k in pairs.position.tolist()], pairs.issame)
+            bins[name] = {"profile": BIN_PROFILES[name], "pairs": int(pairs.issame.size),
+                          "genuine": int(pairs.issame.sum()), "images": len(jpeg_of)}
+        ijb_summaries, first_number = {}, 1
+        for ijb in ijb_plans:
+            ijb_summaries[ijb.target] = _write_ijb(tmp, cfg, ijb, (batch for _, batch in rendered(f"ijb_{ijb.target}")),
+                                                   first_number)
+            first_number += ijb.uid.size
         bar.close()
 
         _write_json(os.path.join(tmp, "noise.json"), _noise_record(cfg, plan))
-        _write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, bins, ijb_summary))
+        redundancy = _redundancy_record(cfg, plan)
+        _write_json(os.path.join(tmp, "redundancy.json"), redundancy)
+        _write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, redundancy, bins, ijb_summaries))
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1147,7 +1267,7 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
         "flipped": int(plan.flipped.size), "open_set": int(plan.open_set.size),
         "near_duplicates": int((plan.dup_source >= 0).sum()),
         "verification_pairs": {k: v["pairs"] for k, v in bins.items()},
-        "ijb_images": ijb_summary["images"] if ijb_summary else 0, "seconds": round(time.time() - t0, 2),
+        "ijb_images": {t: v["images"] for t, v in ijb_summaries.items()}, "seconds": round(time.time() - t0, 2),
     }
 
 
@@ -1161,14 +1281,20 @@ CONFIG_HELP = {
     "seed": "random seed: the same seed and arguments give byte-identical files",
     "flip_rate": "share of training images rendered from another in-set identity (closed-set label flips)",
     "open_rate": "share of training images rendered from identities outside the label set (open-set outliers)",
-    "dup_rate": "share of training images that re-shoot an earlier image of the identity (near-duplicates)",
+    "redundancy": "expected share of training images that re-shoot an earlier image of their identity (near-"
+                  "duplicates: one photo shoot, tiny pose/light/crop changes); spread over --redundant-id-share of "
+                  "the identities, so with --redundant-id-share 1 it is the share of each identity's images",
+    "redundant_id_share": "share of identities that hold re-shoots (0.3: the earlier datasets; 1: all identities)",
     "min_images": "fewest images of an identity (identity sizes are log-normal, clipped)",
     "max_images": "most images of an identity",
     "median_images": "median images per identity before clipping",
     "num_val_ids": "held-out identities of the verification .bin files",
-    "val_pairs": "genuine pairs, and as many impostor pairs, in each verification .bin (0: no .bin)",
-    "ijb_ids": "held-out subjects of the ijb/ set",
-    "ijb_templates": "templates in ijb/ (>= 2 per subject; 0: no ijb/)",
+    "val_pairs": "genuine pairs, and as many impostor pairs, in each verification .bin (3000: LFW's 6000 pairs; "
+                 "0: no .bin)",
+    "ijb_ids": "held-out subjects of each IJB target in ijb/ (the targets' subjects are disjoint)",
+    "ijb_templates": "templates of each IJB target in ijb/ (>= 2 per subject; 0: no ijb/)",
+    "ijb_targets": "IJB release layouts written under ijb/ (comma-separated: ijbc, ijbb); they share loose_crop/ "
+                   "with disjoint images",
     "ijb_crop_scale": "side of an ijb loose crop relative to --image-size (face placed by a random similarity)",
     "family_size": "mean identities per family (families share colouring and face shape: hard impostors)",
 }
@@ -1179,8 +1305,9 @@ def build_arg_parser():
 
     parser = argparse.ArgumentParser(
         description="Write a synthetic face-recognition dataset in the real formats: train.rec/.idx/property "
-                    "(InsightFace layout), syn_frontal.bin and syn_pose.bin (held-out pairs), ijb/ (IJB-C release "
-                    "layout, held-out subjects), noise.json (injected label noise) and dataset.json.",
+                    "(InsightFace layout), syn_frontal.bin and syn_pose.bin (held-out pairs), ijb/ (IJB-C and IJB-B "
+                    "release layout, held-out subjects), noise.json (injected label noise), redundancy.json "
+                    "(near-duplicates) and dataset.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="dataset folder to create (must be empty or absent)")
     for f in dataclasses.fields(SyntheticConfig):
@@ -1210,5 +1337,5 @@ def main(argv=None) -> int:
         print(f"wrote {summary['out']}: {summary['images']} images of {summary['identities']} identities "
               f"({summary['flipped']} label flips, {summary['open_set']} open-set, {summary['near_duplicates']} "
               f"near-duplicates), verification pairs {summary['verification_pairs']}, "
-              f"{summary['ijb_images']} ijb images, in {summary['seconds']:.1f} s")
+              f"ijb images {summary['ijb_images']}, in {summary['seconds']:.1f} s")
     return 0
