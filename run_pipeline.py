@@ -28,7 +28,7 @@ import torch
 
 from config.config import ConfigError, parse_config, parse_value
 from utils import paths
-from utils.artifacts import is_complete
+from utils.artifacts import is_complete, read_manifest
 from utils.data import dataset_fingerprint
 from utils.locking import LOCK_NAME, LockError, OutputLock
 from utils.records import load_noise
@@ -68,20 +68,21 @@ PROFILES = {
         "a few seconds per stage (tests)",
         data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--val-pairs", "200"],
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
-                   num_workers=0, record_topk=4, window=2, frequent=20),
+                   num_workers=0, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
         fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
     # The default demo: 2 CPU cores, under 10 minutes.
     "cpu": Profile(
         "the default: 2 CPU cores, under 10 minutes",
         data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
-                   num_workers=0, record_topk=10, window=4, frequent=20)),
+                   num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
     # One GPU: the paper's backbone at 112x112 on a larger synthetic set (or the real data with --rec).
     "gpu": Profile(
         "one GPU: iresnet50 at 112x112",
         data=["--num-ids", "2000", "--image-size", "112", "--seed", "0", "--workers", "8"],
         train=dict(network="iresnet50", embedding_size=512, batch_size=256, num_epoch=20, lr_steps=[12, 16, 18],
-                   lr=0.1, num_workers=8, record_topk=10, window=10, frequent=50)),
+                   lr=0.1, num_workers=8, record_topk=10, window=10, frequent=50,
+                   verify_every_epoch=False)),
 }
 
 
@@ -261,7 +262,7 @@ class Pipeline:
                 "requested_fraction": key.fraction, "seed_offset": key.seed, "seed": int(base.seed) + key.seed,
                 "scorer": paths.scorer_tag(base), "trainee": key.trainee or f"{base.network}_{base.loss}",
                 "num_images": summary["num_images"], "num_classes": summary["num_classes"],
-                "verification": summary["verification"],
+                "verification": summary["verification"], "verification_pairs": summary.get("verification_pairs", {}),
                 "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
                 "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
                 "train_seconds": summary["train_seconds"],
@@ -270,7 +271,10 @@ class Pipeline:
                    "synthetic": self.synthetic, "num_images": fp.num_images,
                    "num_classes": fp.num_classes, "profile": self.profile.description}
         if self.synthetic and (self.rec / "dataset.json").exists():
-            dataset["generator"] = json.loads((self.rec / "dataset.json").read_text()).get("args")
+            dataset["generator"] = json.loads((self.rec / "dataset.json").read_text()).get("config")
+        scores = paths.scores_path(base)
+        if scores.exists():  # measured by eval_trainset.py with the original model
+            dataset["redundancy"] = read_manifest(scores).get("info", {}).get("redundancy")
         results = {"dataset": dataset, "runs": runs}
         clean_summary = paths.clean_dir(self.cfg()) / "summary.json"
         if load_noise(self.rec) is not None and clean_summary.exists():

@@ -59,7 +59,8 @@ def train(cfg, ctx) -> dict:
             raise UserError(f"the loss became {loss} in epoch {epoch + 1}; lower --lr or use --dtype fp32")
         if recorder is not None:
             recorder.write(run, epoch + 1)  # probs/epoch_XXX.npz, gathered exactly across ranks
-        results = verify(run)
+        if cfg.verify_every_epoch or epoch + 1 == cfg.num_epoch:
+            results = verify(run)
         progress.write({"type": "epoch", "epoch": epoch + 1, "loss": loss, "step": run.global_step,
                         "seconds": time.time() - t0, **_accuracies(results)})
         save_epoch(run, epoch + 1)  # epoch_XXX.pt, backbone.pth, last.pt, per-rank resume state
@@ -72,6 +73,7 @@ def train(cfg, ctx) -> dict:
                "epochs": cfg.num_epoch, "steps": run.global_step, "train_seconds": seconds,
                "world_size": ctx.world_size, "inputs": [str(p) for p in run.inputs],
                "verification": {k: v["accuracy_mean"] for k, v in results.items()},
+               "verification_pairs": {vs.name: len(vs) for vs in verify.sets},
                "best": run.best, "skipped_bad_images_last_epoch": run.skipped_images}
     if ctx.is_main:
         atomic_write_json(out / "train_summary.json", summary)

@@ -54,6 +54,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False  # continue from the last complete checkpoint of this run
     eval_step: int = 0  # verification every N steps (0: at each epoch end only)
+    verify_every_epoch: bool = True  # verification on the .bin targets after every epoch (false: after the last)
     frequent: int = 50  # log a line every N steps
     max_steps_per_epoch: int = 0  # 0: the whole epoch (a positive value is for smoke tests)
     # ---- original training and scoring -------------------------------------------------------

@@ -301,3 +301,19 @@ def test_verification_set_and_table(tmp_path):
     assert results["toy"]["accuracy_folds"] == results["again"]["accuracy_folds"]
     table = format_table(results)
     assert "toy" in table and "again" in table and table.splitlines()[-1].startswith("mean")
+
+
+def test_an_image_shared_by_pairs_is_embedded_once_with_the_same_result(tmp_path):
+    images = _images(8, seed=5)
+    positions = [0, 1, 0, 2, 3, 4, 3, 5, 6, 7, 1, 6] * 2  # every image appears in several pairs
+    encoded = [_encode(images[i], ".png") for i in positions]
+    issame = [True, False, True, False, True, False] * 2
+    save_bin(tmp_path / "shared.bin", encoded, issame)
+    vset = VerificationSet("shared", tmp_path / "shared.bin")
+    assert vset.images.shape[0] == 8 and vset.positions.tolist() == positions
+    model = TinyNet().eval()
+    result = vset.run(model, batch_size=4)
+    data, _ = load_bin(tmp_path / "shared.bin")
+    summed = embed(model, data[0], batch_size=4).astype(np.float64)
+    expect = evaluate_full(summed, np.array(issame), 10)
+    assert result["accuracy_folds"] == expect["accuracy_folds"] and result["accuracy_mean"] == expect["accuracy_mean"]

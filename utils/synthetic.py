@@ -23,7 +23,6 @@ Folder written by `generate_dataset` (see `make_synthetic_dataset.py --help`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ import numpy as np
 
 from utils.alignment import ARCFACE_TEMPLATE_112
 from utils import recordio
+from utils.artifacts import atomic_write_json
 
 JPEG_QUALITY = 95
 # Within a redundant identity, at most this share of images re-shoot an earlier image (the rest are the
@@ -1000,12 +1000,6 @@ def _identity_chunks(counts: np.ndarray, size: int):
 # Writing the dataset folder
 # ----------------------------------------------------------------------------------------------
 
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-
-
 def _write_lines(path, lines):
     with open(path, "w") as f:
         f.write("".join(line + "\n" for line in lines))
@@ -1250,10 +1244,10 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
             first_number += ijb.uid.size
         bar.close()
 
-        _write_json(os.path.join(tmp, "noise.json"), _noise_record(cfg, plan))
+        atomic_write_json(os.path.join(tmp, "noise.json"), _noise_record(cfg, plan))
         redundancy = _redundancy_record(cfg, plan)
-        _write_json(os.path.join(tmp, "redundancy.json"), redundancy)
-        _write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, redundancy, bins, ijb_summaries))
+        atomic_write_json(os.path.join(tmp, "redundancy.json"), redundancy)
+        atomic_write_json(os.path.join(tmp, "dataset.json"), _description(cfg, plan, redundancy, bins, ijb_summaries))
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1298,44 +1292,3 @@ CONFIG_HELP = {
     "ijb_crop_scale": "side of an ijb loose crop relative to --image-size (face placed by a random similarity)",
     "family_size": "mean identities per family (families share colouring and face shape: hard impostors)",
 }
-
-
-def build_arg_parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Write a synthetic face-recognition dataset in the real formats: train.rec/.idx/property "
-                    "(InsightFace layout), syn_frontal.bin and syn_pose.bin (held-out pairs), ijb/ (IJB-C and IJB-B "
-                    "release layout, held-out subjects), noise.json (injected label noise), redundancy.json "
-                    "(near-duplicates) and dataset.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="dataset folder to create (must be empty or absent)")
-    for f in dataclasses.fields(SyntheticConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=CONFIG_HELP[f.name])
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="rendering processes (does not change the files)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticConfig)}).validate()
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        summary = generate_dataset(args.out, cfg, workers=args.workers, overwrite=args.overwrite,
-                                   progress=not args.quiet)
-    except FileExistsError as exc:
-        print(f"make_synthetic_dataset.py: {exc}", file=__import__("sys").stderr)
-        return 1
-    if not args.quiet:
-        print(f"wrote {summary['out']}: {summary['images']} images of {summary['identities']} identities "
-              f"({summary['flipped']} label flips, {summary['open_set']} open-set, {summary['near_duplicates']} "
-              f"near-duplicates), verification pairs {summary['verification_pairs']}, "
-              f"ijb images {summary['ijb_images']}, in {summary['seconds']:.1f} s")
-    return 0

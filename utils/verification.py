@@ -342,14 +342,21 @@ class VerificationSet:
     """A `.bin` set loaded once (e.g. at the start of training) and evaluated with `.run(model)`.
 
     Only the unflipped images are kept (uint8, N x 3 x H x W); flipped copies are made per batch on the
-    device, which halves host memory compared with keeping `load_bin`'s two copies.
+    device, which halves host memory compared with keeping `load_bin`'s two copies. An image that several
+    pairs share (LFW-style sets reuse images) is embedded once: `images` holds the distinct images and
+    `positions` maps each pair position to its row.
     """
 
     def __init__(self, name, path, image_size=(112, 112)):
         self.name = name
         self.path = os.fspath(path)
         data_list, self.issame = load_bin(self.path, image_size)
-        self.images = data_list[0]
+        all_images = data_list[0]
+        first = {}
+        rows = np.array([first.setdefault(img.tobytes(), i) for i, img in enumerate(all_images.numpy())])
+        distinct = np.unique(rows)
+        self.images = all_images[torch.from_numpy(distinct)] if distinct.size < rows.size else all_images
+        self.positions = np.searchsorted(distinct, rows)
 
     def __len__(self):
         return len(self.issame)
@@ -361,6 +368,7 @@ class VerificationSet:
         """
         start = time.perf_counter()
         emb, emb_flip = embed_views(model, self.images, batch_size, device, flip, dtype, progress, desc=self.name)
+        emb, emb_flip = emb[self.positions], (emb_flip[self.positions] if flip else None)
         views = np.concatenate([emb, emb_flip]) if flip else emb
         xnorm = float(np.mean(np.linalg.norm(views.astype(np.float64), axis=1)))
         # InsightFace sums the two views in float64 before normalising
