@@ -119,6 +119,11 @@ class MobileFaceNet(nn.Module):
         self.features = GDC(num_features, map_size)
         init_fan_out(self)
 
+    @staticmethod
+    def adapt_state_dict(state: dict) -> dict:
+        """Checkpoints of the DiffProb paper repository's MobileFaceNet load too (`from_paper_layout`)."""
+        return from_paper_layout(state)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.input_size, "mobilefacenet")
         with mixed_precision(self.fp16, x.device.type):
@@ -132,3 +137,47 @@ class MobileFaceNet(nn.Module):
 def mobilefacenet(**kwargs) -> MobileFaceNet:
     """arcface_torch `mbf`: MobileFaceNet, blocks (1, 4, 6, 2), width scale 2, 512-d GDC embedding."""
     return MobileFaceNet(**kwargs)
+
+
+@register_model
+def mfn(**kwargs) -> MobileFaceNet:
+    """The DiffProb paper repository's `mfn`: the original MobileFaceNet (width 64, blocks (1, 4, 6, 2), 512-d
+    GDC). Its checkpoints (named conv1, conv2_dw, conv_23 ... conv_6_sep, conv_6_dw, linear, bn) load through
+    `from_paper_layout`."""
+    kwargs.setdefault("scale", 1)
+    return MobileFaceNet(**kwargs)
+
+
+# The paper repository's MobileFaceNet (the widely used TreB1eN / FaceX-Zoo naming) -> ours.
+_PAPER_STAGES = {"conv1": "layers.0", "conv2_dw": "layers.1", "conv_23": "layers.2", "conv_3": "layers.3",
+                 "conv_34": "layers.4", "conv_4": "layers.5", "conv_45": "layers.6", "conv_5": "layers.7",
+                 "conv_6_sep": "conv_sep", "conv_6_dw": "features.layers.0", "linear": "features.layers.2",
+                 "bn": "features.layers.3"}
+# inside a block: conv/bn/prelu of a conv block, conv/conv_dw/project of a depthwise block, model of a residual
+_PAPER_PARTS = {"conv": "layers.0", "bn": "layers.1", "prelu": "layers.2", "conv_dw": "layers.1",
+                "project": "layers.2", "model": "layers"}
+
+
+def from_paper_layout(state: dict) -> dict:
+    """A state dict of the paper repository's MobileFaceNet, renamed to this module's parameter names.
+
+    `conv_3.model.1.conv_dw.bn.weight` -> `layers.3.layers.1.layers.1.layers.1.weight`: each stage is renamed by
+    `_PAPER_STAGES`; within it, `model` (a residual's blocks), `conv`/`conv_dw`/`project` (a depthwise block's
+    three convolutions) and `conv`/`bn`/`prelu` (a conv block's parts) become positions. In a depthwise block
+    `conv` is its first conv block, in a conv block its convolution: the position is the same (0), so one
+    table serves both. A state dict already in this module's names is returned as it is.
+    """
+    if not any(k.split(".", 1)[0] in ("conv1", "conv_6_sep") for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head not in _PAPER_STAGES:
+            raise ValueError(f"{key}: not a parameter of the paper's MobileFaceNet (stages: {', '.join(_PAPER_STAGES)})")
+        parts = rest.split(".")
+        if head in ("linear", "bn"):  # a plain Linear / BatchNorm1d: parameter names stay
+            out[f"{_PAPER_STAGES[head]}.{rest}"] = value
+            continue
+        renamed = [_PAPER_PARTS.get(p, p) if i < len(parts) - 1 else p for i, p in enumerate(parts)]
+        out[".".join([_PAPER_STAGES[head], *renamed])] = value
+    return out

@@ -52,9 +52,12 @@ def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int
             raise ArtifactError("a plain backbone.pth does not say which network it is: give --network")
         model = get_model(network, num_features=embedding_size, **model_kwargs)
         state = ckpt_or_state
+    state = _strip_prefix(state)
     try:
-        model.load_state_dict(_strip_prefix(state), strict=True)
-    except RuntimeError as e:
+        if hasattr(model, "adapt_state_dict"):  # another repository's parameter names (the paper's MobileFaceNet)
+            state = model.adapt_state_dict(state)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as e:
         raise ArtifactError(f"the backbone weights do not fit {getattr(model, 'model_name', network)}: {e}") from None
     return model
 
