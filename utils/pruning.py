@@ -883,12 +883,15 @@ def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
     E, n, k = lg.shape
     L = E * k
     val = np.ascontiguousarray(lg.transpose(1, 0, 2), dtype=np.float64)  # (n, E, k)
-    cls = ix.transpose(1, 0, 2)
-    if int(cls.max()) >= C:
-        raise ValueError(f"topk_index must be in [0, {C}), found {int(cls.max())} (samples {offset}..)")
+    # Keys class * L + (epoch * k + slot), one row of L per sample; an unseen epoch's slot j gets class
+    # C + j, so its keys stay distinct, sort last and are dropped.
+    kdt = np.int32 if (C + k) * L < 2 ** 31 else np.int64
+    key = np.ascontiguousarray(ix.transpose(1, 0, 2), dtype=kdt)
+    if int(key.max()) >= C:
+        raise ValueError(f"topk_index must be in [0, {C}), found {int(key.max())} (samples {offset}..)")
     # seen: every slot of that epoch has a class and a finite logit
-    bad = ~np.isfinite(val)
-    bad |= cls < 0
+    bad = key < 0
+    bad |= ~np.isfinite(val)
     seen = np.ones((n, E), dtype=bool)
     rows_bad = bad.reshape(n, L).any(axis=1)
     if rows_bad.any():
@@ -899,22 +902,18 @@ def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
         raise ValueError(f"rest_mean_logit must be finite when k < num_classes (samples {offset}..)")
     d = val
     d -= r[:, :, None]  # logit above its epoch's rest mean
-    d[~seen] = 0.0
-    n_seen = seen.sum(axis=1)
-    # Packed keys (class, epoch, slot); unseen epochs get class C, which sorts last and is dropped.
-    kb, eb = max(1, (k - 1).bit_length()), max(1, (E - 1).bit_length())
-    kdt = np.int32 if (C + 1) << (eb + kb) < 2 ** 31 else np.int64
-    key = cls.astype(kdt)
-    key[~seen] = C
-    key <<= eb + kb
-    key |= (np.arange(E, dtype=kdt)[:, None] << kb) | np.arange(k, dtype=kdt)
+    unseen = ~seen
+    d[unseen] = 0.0
+    key[unseen] = C + np.arange(k, dtype=kdt)
+    key *= L
+    key += np.arange(L, dtype=kdt).reshape(E, k)
     key = key.reshape(n, L)
     key.sort(axis=1)
-    q = key >> (eb + kb)  # class
-    q_e = key >> kb  # (class, epoch)
-    if ((q_e[:, 1:] == q_e[:, :-1]) & (q[:, 1:] < C)).any():
+    q = key // L  # class
+    q_e = key // k  # class * E + epoch
+    if (q_e[:, 1:] == q_e[:, :-1]).any():
         raise ValueError("topk_index repeats a class within one epoch's top k")
-    entry = (q_e & ((1 << eb) - 1)) * k + (key & ((1 << kb) - 1))
+    entry = key - q * L
     entry += np.arange(0, n * L, L, dtype=kdt if n * L < 2 ** 31 else np.int64)[:, None]
     ds = d.ravel().take(entry.ravel())
     new = np.empty((n, L), dtype=bool)
@@ -924,9 +923,9 @@ def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
     x = np.add.reduceat(ds, starts)
     real = q.ravel()[starts] < C
     grow = starts[real] // L  # sample of each (sample, class) group
-    x = x[real] / n_seen[grow]
+    x = x[real] / seen.sum(axis=1)[grow]
     n_u = np.bincount(grow, minlength=n)
-    ok = n_seen > 0  # a seen sample has at least one class group
+    ok = seen.any(axis=1)  # a seen sample has at least one class group
     seg = np.zeros(n, dtype=np.int64)
     np.cumsum(n_u[:-1], out=seg[1:])
     seg = seg[ok]
