@@ -275,37 +275,36 @@ def aum_scores(topk_logits, topk_index, rest_mean_logit, label_logit, labels, nu
 
 
 # ============================================================================ margin and least confidence
-def _epoch_softmax(topk_logits, topk_index, rest_mean_logit, num_classes, epoch):
-    """(p1, p2, 1 - p1, seen) of one epoch, float64 (N,), over the approximated softmax."""
+def _epoch_uncertainty(topk_logits, topk_index, rest_mean_logit, num_classes, epoch, margin: bool):
+    """p2 - p1 (``margin``) or 1 - p1 of one epoch, float64 (N,), over the approximated softmax."""
     lg, ix, rest, C, _, _ = _check_records(topk_logits, topk_index, rest_mean_logit, num_classes)
     if lg is None or (rest is None and C > ix.shape[2]):
         raise ValueError("needs topk_logits, and rest_mean_logit when k < num_classes")
     E, N, k = ix.shape
     row = _epoch_row(epoch, E)
-    p1, p2, not_p1 = (np.empty(N) for _ in range(3))
-    seen = np.empty(N, dtype=bool)
+    out = np.empty(N)
     n_rest = C - k
     for a, b in _spans(N, k):
-        sn = _seen(ix[row:row + 1, a:b], C, a)[0]
+        seen = _seen(ix[row:row + 1, a:b], C, a)[0]
         t = lg[row, a:b].astype(np.float64)
         r = rest[row, a:b].astype(np.float64) if n_rest else np.full(b - a, -np.inf)
         with np.errstate(invalid="ignore"):
             m = np.maximum(t[:, 0], r)
             ex = np.exp(t - m[:, None])
-            tail = n_rest * np.exp(r - m) if n_rest else 0.0
-            Z = ex.sum(axis=1) + tail
-            # the second largest entry of the approximated vector: top-2, or the rest mean if it is above
-            second = np.maximum(ex[:, 1], np.exp(r - m)) if k > 1 else np.exp(r - m)
-            p1[a:b] = ex[:, 0] / Z
-            p2[a:b] = second / Z
-            not_p1[a:b] = (ex[:, 1:].sum(axis=1) + tail) / Z
-        if not (np.isfinite(p1[a:b][sn]).all() and np.isfinite(not_p1[a:b][sn]).all()):
+            a_rest = np.exp(r - m)
+            others = ex[:, 1:].sum(axis=1) + n_rest * a_rest  # 1 - p1 from the other entries: exact near p1 = 1
+            Z = ex[:, 0] + others
+            if margin:  # the second largest entry: top-2, or a rest-mean copy if it is above (or k == 1)
+                second = np.maximum(ex[:, 1], a_rest) if k > 1 else a_rest
+                value = (second - ex[:, 0]) / Z
+            else:
+                value = others / Z
+        if not np.isfinite(value[seen]).all():
             raise ValueError(f"topk_logits / rest_mean_logit of epoch {row + 1} are not finite where a sample was "
                              f"seen (samples {a}..)")
-        seen[a:b] = sn
-    for arr in (p1, p2, not_p1):
-        arr[~seen] = np.nan
-    return p1, p2, not_p1
+        value[~seen] = np.nan
+        out[a:b] = value
+    return out
 
 
 def margin_scores(topk_logits, topk_index, rest_mean_logit, num_classes, epoch=-1) -> np.ndarray:
@@ -317,8 +316,7 @@ def margin_scores(topk_logits, topk_index, rest_mean_logit, num_classes, epoch=-
     margin means an uncertain prediction near a decision boundary: the sample is important. NaN where the
     sample was not seen in that epoch.
     """
-    p1, p2, _ = _epoch_softmax(topk_logits, topk_index, rest_mean_logit, num_classes, epoch)
-    return p2 - p1
+    return _epoch_uncertainty(topk_logits, topk_index, rest_mean_logit, num_classes, epoch, margin=True)
 
 
 def least_confidence_scores(topk_logits, topk_index, rest_mean_logit, num_classes, epoch=-1) -> np.ndarray:
@@ -329,8 +327,7 @@ def least_confidence_scores(topk_logits, topk_index, rest_mean_logit, num_classe
     the rest mean; 1 - p1 is summed from the other entries (exact near p1 = 1). NaN where the sample was
     not seen in that epoch. (The scoring stage's ``pred_prob`` gives the exact 1 - p1 of a checkpoint.)
     """
-    _, _, not_p1 = _epoch_softmax(topk_logits, topk_index, rest_mean_logit, num_classes, epoch)
-    return not_p1
+    return _epoch_uncertainty(topk_logits, topk_index, rest_mean_logit, num_classes, epoch, margin=False)
 
 
 # ============================================================================ CCS
@@ -388,13 +385,13 @@ def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50
     random_rank = np.random.default_rng(seed).permutation(n)  # drawn before excluding: same order either way
     mask = _excluded_mask(excluded, n)
     sel = None if mask is None else np.flatnonzero(~mask)
-    priority = np.zeros(n, dtype=np.int64)
-    if sel is not None:
-        if sel.size == 0:
-            return np.empty(0, dtype=np.int64)
-        priority[sel] = _ccs_priority(sc[sel], labels[sel], random_rank[sel], fraction, min_k, beta_f, S)
-    else:
+    if sel is None:
         priority = _ccs_priority(sc, labels, random_rank, fraction, min_k, beta_f, S)
+    elif sel.size == 0:
+        return np.empty(0, dtype=np.int64)
+    else:  # excluded samples get any priority: keep_top_per_identity leaves them out
+        priority = np.zeros(n, dtype=np.int64)
+        priority[sel] = _ccs_priority(sc[sel], labels[sel], random_rank[sel], fraction, min_k, beta_f, S)
     return keep_top_per_identity(priority, labels, fraction, min_k, excluded)
 
 
