@@ -252,8 +252,9 @@ def aum_scores(topk_logits, topk_index, rest_mean_logit, label_logit, labels, nu
     margin-free logits z (``label_logit`` for z_y). The largest other logit is the top-1 logit, or the
     top-2 logit when the top-1 class is the label. With k == 1 and the label on top, the second logit
     was not recorded: the rest mean stands in for it, which is at most the true second logit, so that
-    epoch's margin is overestimated. Low AUM marks mislabeled or hard samples; returning -AUM keeps the
-    hard ones first (DeepCore's convention). To drop likely mislabeled samples instead, rank ascending.
+    epoch's margin is overestimated. Low AUM marks mislabeled or hard samples; -AUM puts them first, the
+    direction of every score here (keep the hard ones). To drop likely mislabeled samples instead, rank
+    ascending.
     """
     lg, ix, rest, C, y, ll = _check_records(topk_logits, topk_index, rest_mean_logit, num_classes, labels,
                                             label_logit)
