@@ -76,7 +76,10 @@ class Config:
     threshold: Optional[float] = None  # DiffProb threshold t (None: searched for `fraction`)
     window: int = 10  # DynUnc window J (epochs)
     min_samples_per_id: int = 5
-    coreset_order: str = "descending"  # dynunc/entropy: keep the highest (descending) or lowest scores
+    coreset_order: str = "descending"  # score methods: keep the highest (descending) or lowest scores
+    score_epoch: int = -1  # EL2N averages the epochs up to it; margin / least confidence read it (1-based; -1: last)
+    ccs_beta: float = 0.1  # CCS: share of the hardest samples dropped first, per identity
+    ccs_strata: int = 50  # CCS: equal-width score strata the budget is spread over
     relabel: bool = False  # cleaning: also write the suggested label of each flagged sample
     write_text_kept_index: bool = False  # also write the paper repository's `kept_index = [...]` text form
     kept_index: str = ""  # explicit kept list (.npy or the paper's text form) for retraining
@@ -164,6 +167,10 @@ def _check(cfg: Config):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if not 0 <= cfg.ccs_beta < 1 or cfg.ccs_strata < 1:
+        raise ConfigError(f"ccs_beta={cfg.ccs_beta} must be in [0, 1) and ccs_strata={cfg.ccs_strata} >= 1")
+    if cfg.score_epoch == 0 or cfg.score_epoch < -1:
+        raise ConfigError(f"score_epoch={cfg.score_epoch} must be -1 (the last) or an epoch >= 1")
     if not 0 < cfg.fraction <= 1:
         raise ConfigError(f"fraction={cfg.fraction} must be in (0, 1]")
     if cfg.threshold is not None and cfg.threshold < 0:

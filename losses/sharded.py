@@ -241,8 +241,9 @@ class ShardedClassifier(nn.Module):
               topk: int = 0) -> Dict[str, torch.Tensor]:
         """Per local sample (detached): 'gt_prob_with_margin', 'gt_prob' (margin-free), 'pred' (int64
         global arg-max class, margin-free; ties -> lowest class id), 'pred_prob'; with topk > 0 also
-        'topk_logits' (n, k) float32 and 'topk_index' (n, k) int64 (margin-free, descending) and
-        'rest_mean_logit' (n,), the mean margin-free logit of the other classes (NaN if none).
+        'topk_logits' (n, k) float32 and 'topk_index' (n, k) int64 (margin-free, descending),
+        'rest_mean_logit' (n,), the mean margin-free logit of the other classes (NaN if none), and
+        'label_logit' (n,), the margin-free logit s * cos_y of the labelled class (the scale of topk_logits).
         The head's statistics are not updated and Elastic heads use their mean margin."""
         if not 0 <= topk <= self.num_classes:
             raise ValueError(f"score: topk={topk} must be in [0, {self.num_classes}]")
@@ -271,6 +272,7 @@ class ShardedClassifier(nn.Module):
                 rest = self.num_classes - topk
                 out["rest_mean_logit"] = ((total - values.sum(dim=1)) / rest if rest
                                           else torch.full_like(total, float("nan")))
+                out["label_logit"] = stats["target"]  # of `plain`, summed from the rank holding the class
         return {k: v[lo:hi].detach() for k, v in out.items()}
 
     def _global_argmax(self, plain: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:

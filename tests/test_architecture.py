@@ -62,7 +62,7 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
 
     cfg = config_module.parse_config(["--coreset_method", "lowest_index", "--output", str(tmp_path)])
     assert cfg.coreset_method == "lowest_index"
-    assert paths.coreset_dir(cfg) == tmp_path / "coresets" / "lowest_index_0.50"
+    assert paths.coreset_dir(cfg) == tmp_path / "coresets" / "iresnet50_CosFace" / "lowest_index_0.50"
     assert "lowest_index" in selection.method_table()
     labels = np.repeat(np.arange(3), 10)
     rec = selection.Records(cfg, labels, None, 3)

@@ -98,7 +98,7 @@ def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
     the same), --retrain-losses retrains the same lists with another loss; the table gives mean +- std."""
     out, _, _ = pipeline
     r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--methods", "rand,diffprob",
-                   "--seeds", "2", "--retrain-losses", "ArcFace")
+                   "--seeds", "2", "--retrain-losses", "ArcFace", timeout=1800)
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == 2
     by = {(x["method"], x["seed_offset"], x["trainee"]): x for x in res["runs"]}

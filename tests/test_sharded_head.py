@@ -139,3 +139,17 @@ def test_state_dict_round_trip_and_errors():
     with pytest.raises(ValueError, match="labels must be in"):
         clf(torch.randn(2, D), torch.tensor([0, C]))
     assert class_split(11, 2) == [(0, 6), (6, 11)] and class_split(10, 3) == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_score_label_logit_is_the_margin_free_labelled_logit():
+    # AUM and EL2N need the labelled class's logit when it is outside the recorded top k
+    clf = ShardedClassifier("ArcFace", D, C)
+    emb, labels = _global_batch(2)
+    with torch.no_grad():
+        plain = clf.head.logits_without_margin(emb)
+    labels[::2] = plain.argmax(1)[::2]  # half the rows with the label on top
+    out = clf.score(emb, labels, topk=3)
+    torch.testing.assert_close(out["label_logit"], plain[range(len(labels)), labels])
+    on_top = out["topk_index"][:, 0] == labels  # same scale and value as the top-k record there
+    assert on_top.any() and torch.equal(out["label_logit"][on_top], out["topk_logits"][on_top, 0])
+    assert "label_logit" not in clf.score(emb, labels)

@@ -42,7 +42,8 @@ def setup(tiny, tmp_path):
     save_array(paths.topk_history_path(cfg), {
         "topk_logits": rng.normal(size=(6, n, k)).astype(np.float16),
         "topk_index": np.stack([rng.permutation(fp.num_classes)[:k] for _ in range(6 * n)]).reshape(6, n, k),
-        "rest_mean_logit": np.zeros((6, n), np.float16)}, "train_everything", fp)
+        "rest_mean_logit": np.zeros((6, n), np.float16),
+        "label_logit": rng.normal(size=(6, n)).astype(np.float16)}, "train_everything", fp)
     return dict(args=args, cfg=cfg, labels=labels, fp=fp, prob=prob, hist=hist, noisy=noisy, pred=pred,
                 vanished=int(last_id))
 
@@ -157,3 +158,28 @@ def test_bad_inputs_exit_nonzero_and_write_nothing(setup, tmp_path):
     r = run_script("clean_trainset.py", *other, check=False)
     assert r.returncode == 1 and "another dataset" in r.stderr
     assert not paths.clean_dir(bad).exists()
+
+
+@pytest.mark.parametrize("method", ["el2n", "forgetting", "aum", "margin", "least_confidence", "ccs_el2n", "ccs_dynunc"])
+def test_score_methods_through_coreset_select(setup, method):
+    """Each registry entry selects what its library score and the keep-k (or CCS) helper give."""
+    from utils import scores
+
+    r = run_script("coreset_select.py", *setup["args"], "--coreset_method", method, "--seed", "3")
+    cfg, fp, labels = setup["cfg"], setup["fp"], setup["labels"]
+    t = load_array(paths.topk_history_path(cfg), fp)
+    args = (t["topk_logits"], t["topk_index"], t["rest_mean_logit"])
+    base = method.removeprefix("ccs_")
+    values = {"el2n": lambda: scores.el2n_scores(*args, labels, fp.num_classes, -1, label_logit=t["label_logit"]),
+              "forgetting": lambda: scores.forgetting_scores(t["topk_index"], labels, fp.num_classes),
+              "aum": lambda: scores.aum_scores(*args, t["label_logit"], labels, fp.num_classes),
+              "margin": lambda: scores.margin_scores(*args, fp.num_classes),
+              "least_confidence": lambda: scores.least_confidence_scores(*args, fp.num_classes),
+              "dynunc": lambda: pruning.dynunc_scores(setup["hist"], 3)}[base]()
+    if method.startswith("ccs_"):
+        expect = scores.ccs_keep(values, labels, 0.5, 5, beta=0.1, strata=50, seed=3)
+    else:
+        expect = pruning.keep_top_per_identity(values, labels, 0.5)
+    out = paths.coreset_dir(parse_config(setup["args"] + ["--coreset_method", method]))
+    assert np.array_equal(load_kept_index(out / "kept_index.npy", fp), expect)
+    assert (out / "plot.png").exists() and f"{method}: " in r.stdout

@@ -850,7 +850,13 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
 
     Epochs in which a sample was not seen (training drops the last partial batch) are recorded with
     index -1 / NaN logits; the mean is then over the epochs the sample was seen in, and a sample never
-    seen gets NaN (ranked lowest).
+    seen gets NaN (ranked lowest). Inputs may be float16 and memory-mapped: they are read in blocks of
+    samples.
+
+    Computation: relative to the tail value t = mean of the seen rest means, class c sits at
+    x_c = sum over the seen epochs that have c in the top k of (logit - that epoch's rest mean), divided
+    by the number of seen epochs; the other classes sit at 0. One sort of packed (class, epoch, slot)
+    keys per sample groups the entries by class, and segment sums give the x_c.
     """
     lg = np.asarray(topk_logits)
     ix = np.asarray(topk_index)
@@ -868,19 +874,8 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
         raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
     if C < k:
         raise InputError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
-    seen = (ix >= 0).all(axis=2) & np.isfinite(lg).all(axis=2)  # (E, N)
-    if not seen.all():
-        # Group samples by how many epochs saw them; move each sample's seen epochs to the front.
-        counts = seen.sum(axis=0)
-        order = np.argsort(~seen, axis=0, kind="stable")
-        out = np.full(N, np.nan)
-        for e_s in np.unique(counts[counts > 0]):
-            cols = np.flatnonzero(counts == e_s)
-            o = order[:e_s, cols]
-            out[cols] = soft_label_entropy(lg[o, cols[None, :]], ix[o, cols[None, :]], rest[o, cols[None, :]], C)
-        return out
     out = np.empty(N, dtype=np.float64)
-    chunk = max(1, (1 << 20) // (E * k))
+    chunk = max(1, (1 << 16) // (E * k))  # the (samples, E * k) temporaries stay in cache
     for a in range(0, N, chunk):
         out[a:a + chunk] = _entropy_block(lg[:, a:a + chunk], ix[:, a:a + chunk], rest[:, a:a + chunk], C, a)
     return out
@@ -889,56 +884,62 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
 def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
     E, n, k = lg.shape
     L = E * k
-    val = np.ascontiguousarray(lg.transpose(1, 0, 2), dtype=np.float64).ravel()  # (n, E, k) order
-    if not np.isfinite(val).all():
-        raise InputError(f"topk_logits must be finite (samples {offset}..{offset + n - 1})")
-    cls = np.ascontiguousarray(ix.transpose(1, 0, 2), dtype=np.int64).reshape(n, L)
-    if cls.min() < 0 or cls.max() >= C:
-        raise InputError(f"topk_index must be in [0, {C}), found values in [{cls.min()}, {cls.max()}]")
-    r = np.ascontiguousarray(rest.T, dtype=np.float64)  # (n, E)
+    val = np.ascontiguousarray(lg.transpose(1, 0, 2), dtype=np.float64)  # (n, E, k)
+    # Keys class * L + (epoch * k + slot), one row of L per sample; an unseen epoch's slot j gets class
+    # C + j, so its keys stay distinct, sort last and are dropped.
+    kdt = np.int32 if (C + k) * L < 2 ** 31 else np.int64
+    key = np.ascontiguousarray(ix.transpose(1, 0, 2), dtype=kdt)
+    if int(key.max()) >= C:
+        raise InputError(f"topk_index must be in [0, {C}), found {int(key.max())} (samples {offset}..)")
+    # seen: every slot of that epoch has a class and a finite logit
+    bad = key < 0
+    bad |= ~np.isfinite(val)
+    seen = np.ones((n, E), dtype=bool)
+    rows_bad = bad.reshape(n, L).any(axis=1)
+    if rows_bad.any():
+        seen[rows_bad] = ~bad[rows_bad].any(axis=2)
     use_rest = k < C
-    if use_rest and not np.isfinite(r).all():
+    r = np.ascontiguousarray(rest.T, dtype=np.float64) if use_rest else np.zeros((n, E))  # (n, E)
+    if use_rest and not np.isfinite(r[seen]).all():
         raise InputError(f"rest_mean_logit must be finite when k < num_classes (samples {offset}..)")
-    # Per sample, sort the packed (class, entry) keys: each sample's entries grouped by class give U.
-    kdt = np.int32 if C * L < 2 ** 31 else np.int64
-    key = cls.astype(kdt) * kdt(L) + np.arange(L, dtype=kdt)
+    d = val
+    d -= r[:, :, None]  # logit above its epoch's rest mean
+    unseen = ~seen
+    d[unseen] = 0.0
+    key[unseen] = C + np.arange(k, dtype=kdt)
+    key *= L
+    key += np.arange(L, dtype=kdt).reshape(E, k)
+    key = key.reshape(n, L)
     key.sort(axis=1)
-    q = key // kdt(L)  # class
-    p = (key - q * kdt(L)).astype(np.int64)  # entry within the sample: epoch * k + slot
-    ep = (np.arange(L) // k)[p]
+    q = key // L  # class
+    q_e = key // k  # class * E + epoch
+    if (q_e[:, 1:] == q_e[:, :-1]).any():
+        raise InputError("topk_index repeats a class within one epoch's top k")
+    entry = key - q * L
+    entry += np.arange(0, n * L, L, dtype=kdt if n * L < 2 ** 31 else np.int64)[:, None]
+    ds = d.ravel().take(entry.ravel())
     new = np.empty((n, L), dtype=bool)
     new[:, 0] = True
     np.not_equal(q[:, 1:], q[:, :-1], out=new[:, 1:])
-    if (~new[:, 1:] & (ep[:, 1:] == ep[:, :-1])).any():
-        raise InputError("topk_index repeats a class within one epoch's top k")
-    flat_new = new.ravel()
-    starts = np.flatnonzero(flat_new)
-    grow = np.repeat(np.arange(n), new.sum(axis=1))  # sample of each group
-    p += np.arange(n, dtype=np.int64)[:, None] * L  # flat index into the (n, E, k) arrays
-    p = p.ravel()
-    ep = ep.ravel()
-    g_logit = np.add.reduceat(val[p], starts)
-    if use_rest:
-        g_size = np.diff(np.append(starts, n * L))
-        g_rest = np.add.reduceat(r.ravel()[p // L * E + ep], starts)
-        r_total = r.sum(axis=1)
-        # mean over epochs of (logit where in top k, else that epoch's rest mean)
-        z = np.where(g_size == E, g_logit, g_logit + r_total[grow] - g_rest) / E
-        tail_z = r_total / E
-    else:
-        z = g_logit / E
-        tail_z = np.zeros(n)
+    starts = np.flatnonzero(new)
+    x = np.add.reduceat(ds, starts)
+    real = q.ravel()[starts] < C
+    grow = starts[real] // L  # sample of each (sample, class) group
+    x = x[real] / seen.sum(axis=1)[grow]
     n_u = np.bincount(grow, minlength=n)
-    tail = (C - n_u).astype(np.float64)  # classes never in a top k, all at tail_z
-    row_start = np.flatnonzero(np.append(True, grow[1:] != grow[:-1]))  # every sample has >= 1 group
-    m = np.maximum.reduceat(z, row_start)
-    has_tail = tail > 0
-    m = np.where(has_tail, np.maximum(m, tail_z), m)
-    d = z - m[grow]
-    a = np.exp(d)
-    dt = np.where(has_tail, tail_z - m, 0.0)
-    at = np.where(has_tail, np.exp(dt), 0.0)
-    Z = np.add.reduceat(a, row_start) + tail * at
-    S = np.add.reduceat(a * d, row_start) + tail * at * dt
-    # H = -sum p log p = log Z - sum_c a_c (z_c - m) / Z   with a_c = exp(z_c - m), Z = sum_c a_c
-    return np.log(Z) - S / Z
+    ok = seen.any(axis=1)  # a seen sample has at least one class group
+    seg = np.zeros(n, dtype=np.int64)
+    np.cumsum(n_u[:-1], out=seg[1:])
+    seg = seg[ok]
+    tail = (C - n_u[ok]).astype(np.float64)  # classes never in a seen top k, all at 0
+    m = np.maximum.reduceat(x, seg)
+    m = np.where(tail > 0, np.maximum(m, 0.0), m)
+    xm = x - np.repeat(m, n_u[ok])
+    a = np.exp(xm)
+    at = tail * np.exp(-m)
+    Z = np.add.reduceat(a, seg) + at
+    S = np.add.reduceat(a * xm, seg) - at * m
+    out = np.full(n, np.nan)
+    # H = -sum p log p = log Z - sum_c a_c (x_c - m) / Z   with a_c = exp(x_c - m), Z = sum_c a_c
+    out[ok] = np.log(Z) - S / Z
+    return out

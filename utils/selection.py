@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from config import config as config_module
-from utils import pruning
+from utils import paths, pruning, scores
 from utils.records import NEEDS, Records  # noqa: F401  (Records: what selection functions take)
 from utils.errors import InputError
 
@@ -176,17 +176,105 @@ def select_diffprob_clean(rec: Records, cfg) -> Selection:
     return _diffprob(rec, cfg, excluded=rec.excluded_by_cleaning)
 
 
-@register_method("entropy", title="soft-label entropy", needs=("topk",), score_name="soft-label entropy",
-                 script=("coreset_entropy.py",),
-                 summary="per identity, the images whose epoch-averaged soft label is most uncertain")
-def select_entropy(rec: Records, cfg) -> Selection:
-    """Entropy of the soft label averaged over the training trajectory ("Data Pruning Can Do More")."""
-    topk = rec.topk
-    t0 = time.time()
-    entropy = pruning.soft_label_entropy(topk["topk_logits"].astype(np.float32), topk["topk_index"],
-                                         topk["rest_mean_logit"].astype(np.float32), rec.num_classes)
-    kept = pruning.keep_top_per_identity(_ranked(entropy, cfg), rec.labels, cfg.fraction, cfg.min_samples_per_id)
-    return Selection(kept, entropy, {"topk": int(topk["topk_logits"].shape[-1]), "seconds": time.time() - t0})
+# ---------------------------------------------------------------------- scores of the training trajectory
+# Each score below is one entry (keep the highest per identity, the one keep-k helper) and one CCS entry,
+# `ccs_<name>` (Zheng et al. 2023): the hardest `ccs_beta` dropped, the budget spread over `ccs_strata`
+# equal-width score strata, per identity. Formulas, sources and approximations: utils/scores.py.
+def _topk_args(rec: Records):
+    t = rec.topk
+    return t["topk_logits"], t["topk_index"], t["rest_mean_logit"]
+
+
+def _label_logit(rec: Records, required: bool):
+    logit = rec.topk.get("label_logit")
+    if logit is None and required:
+        from utils.artifacts import ArtifactError
+
+        raise ArtifactError(f"{paths.topk_history_path(rec.cfg)} holds no label_logit (recorded since 2026-12): "
+                            f"train the original model again to use this method")
+    return logit
+
+
+def _score_el2n(rec, cfg):
+    return scores.el2n_scores(*_topk_args(rec), rec.labels, rec.num_classes, cfg.score_epoch,
+                              label_logit=_label_logit(rec, required=False)), {"epoch": cfg.score_epoch}
+
+
+def _score_forgetting(rec, cfg):
+    return scores.forgetting_scores(rec.topk["topk_index"], rec.labels, rec.num_classes), {}
+
+
+def _score_aum(rec, cfg):
+    return scores.aum_scores(*_topk_args(rec), _label_logit(rec, required=True), rec.labels, rec.num_classes), {}
+
+
+def _score_margin(rec, cfg):
+    return scores.margin_scores(*_topk_args(rec), rec.num_classes, cfg.score_epoch), {"epoch": cfg.score_epoch}
+
+
+def _score_least_confidence(rec, cfg):
+    return (scores.least_confidence_scores(*_topk_args(rec), rec.num_classes, cfg.score_epoch),
+            {"epoch": cfg.score_epoch})
+
+
+def _score_entropy(rec, cfg):
+    t = rec.topk
+    return pruning.soft_label_entropy(t["topk_logits"], t["topk_index"], t["rest_mean_logit"], rec.num_classes), {}
+
+
+def _score_dynunc(rec, cfg):
+    return pruning.dynunc_scores(rec.prob_history, cfg.window), {"window": cfg.window}
+
+
+def _keep_top(score_fn):
+    """A selection keeping, per identity, the highest values of `score_fn(rec, cfg) -> (scores, info)`."""
+    def select(rec: Records, cfg) -> Selection:
+        t0 = time.time()
+        values, info = score_fn(rec, cfg)
+        kept = pruning.keep_top_per_identity(_ranked(values, cfg), rec.labels, cfg.fraction, cfg.min_samples_per_id)
+        return Selection(kept, values, {**info, "seconds": time.time() - t0})
+    return select
+
+
+def _ccs(score_fn):
+    """A CCS selection over `score_fn`'s scores (higher = harder), seeded by --seed."""
+    def select(rec: Records, cfg) -> Selection:
+        t0 = time.time()
+        values, info = score_fn(rec, cfg)
+        kept = scores.ccs_keep(values, rec.labels, cfg.fraction, cfg.min_samples_per_id, beta=cfg.ccs_beta,
+                               strata=cfg.ccs_strata, seed=cfg.seed)
+        return Selection(kept, values, {**info, "beta": cfg.ccs_beta, "strata": cfg.ccs_strata, "seed": cfg.seed,
+                                        "seconds": time.time() - t0})
+    return select
+
+
+def _register_score(name, score_fn, *, title, needs, score_name, summary, script=None):
+    """`name`: per identity the highest scores; `ccs_<name>`: CCS over the same score."""
+    register_method(name, title=title, needs=needs, score_name=score_name, script=script,
+                    summary=summary)(_keep_top(score_fn))
+    register_method(f"ccs_{name}", title=f"CCS over {title}", needs=needs, score_name=score_name, seeded=True,
+                    summary=f"CCS (Zheng et al. 2023) over the {title} score: the hardest dropped, the rest sampled "
+                            f"across score strata")(_ccs(score_fn))
+
+
+_register_score("entropy", _score_entropy, title="soft-label entropy", needs=("topk",), score_name="soft-label entropy",
+                script=("coreset_entropy.py",),
+                summary="per identity, the images whose epoch-averaged soft label is most uncertain")
+_register_score("el2n", _score_el2n, title="EL2N", needs=("topk",), score_name="EL2N",
+                summary="per identity, the largest error L2 norm averaged over the epochs up to --score_epoch "
+                        "(Paul et al. 2021)")
+_register_score("forgetting", _score_forgetting, title="forgetting", needs=("topk",), score_name="forgetting events",
+                summary="per identity, the most forgotten images (correct -> wrong between epochs; never learned "
+                        "first; Toneva et al. 2019)")
+_register_score("aum", _score_aum, title="AUM", needs=("topk",), score_name="- area under the margin",
+                summary="per identity, the lowest area under the margin over epochs (Pleiss et al. 2020)")
+_register_score("margin", _score_margin, title="margin", needs=("topk",), score_name="- (p1 - p2)",
+                summary="per identity, the smallest gap between the two most probable classes at --score_epoch")
+_register_score("least_confidence", _score_least_confidence, title="least confidence", needs=("topk",),
+                score_name="1 - max p", summary="per identity, the lowest top-class probability at --score_epoch")
+register_method("ccs_dynunc", title="CCS over DynUnc", needs=("prob_history",), score_name="DynUnc uncertainty",
+                seeded=True, summary="CCS (Zheng et al. 2023) over the DynUnc score: the hardest dropped, the rest "
+                                     "sampled across score strata")(_ccs(_score_dynunc))
 
 
 def run_selection(method: Method, rec: Records, cfg) -> Selection:

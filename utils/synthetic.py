@@ -1,4 +1,5 @@
-"""A learnable stand-in for a face-recognition dataset, written in the real formats (CONTRACT.md).
+"""A learnable stand-in for a face-recognition dataset, written in the real formats (InsightFace
+RecordIO, `.bin` verification pairs, the IJB release layout).
 
 Each identity is a parametric face: landmark geometry around the ArcFace template, face oval, eyes,
 brows, nose, mouth, skin/hair/eye colouring, a skin texture and accessories. It is painted once into

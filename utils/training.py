@@ -236,7 +236,7 @@ class Recorder:
 
     def __init__(self, topk: int):
         self.topk = topk
-        self.index, self.prob, self.tk_logit, self.tk_index, self.rest = [], [], [], [], []
+        self.index, self.prob, self.tk_logit, self.tk_index, self.rest, self.label = [], [], [], [], [], []
 
     def add(self, sample_index, gt_prob, scores=None):
         # Values stay on the device until the epoch ends: a .cpu() per step would sync the GPU every step.
@@ -246,6 +246,7 @@ class Recorder:
             self.tk_logit.append(scores["topk_logits"].float())
             self.tk_index.append(scores["topk_index"])
             self.rest.append(scores["rest_mean_logit"].float())
+            self.label.append(scores["label_logit"].float())
 
     def write(self, run: Run, epoch: int):
         n = run.dataset.num_images
@@ -257,6 +258,8 @@ class Recorder:
             tk = gather_by_index(run.ctx, idx, torch.cat(self.tk_index).double(), n)
             arrays["topk_index"] = np.where(np.isnan(tk), -1, tk).astype(np.int32)
             arrays["rest_mean_logit"] = gather_by_index(run.ctx, idx, torch.cat(self.rest), n).astype(np.float16)
+            # the margin-free logit of the labelled class (AUM, and EL2N when the label is outside the top k)
+            arrays["label_logit"] = gather_by_index(run.ctx, idx, torch.cat(self.label), n).astype(np.float16)
         if run.ctx.is_main:
             save_array(run.out / "probs" / f"epoch_{epoch:03d}.npz", arrays, "train_everything.record",
                        run.dataset.fingerprint, run.cfg, info={"epoch": epoch, "seen": int(np.isfinite(prob).sum())})
@@ -424,8 +427,6 @@ def assemble_history(cfg, fingerprint: Fingerprint):
                info={"shape": list(history.shape), "meaning": "P[epoch, sample]: labelled-class probability "
                      "with margin during training; NaN = not seen that epoch"})
     if "topk_logits" in epochs[0]:
-        save_array(out / "topk_logits.npz", {
-            "topk_logits": np.stack([e["topk_logits"] for e in epochs]),
-            "topk_index": np.stack([e["topk_index"] for e in epochs]),
-            "rest_mean_logit": np.stack([e["rest_mean_logit"] for e in epochs])}, "train_everything", fingerprint,
-            cfg, inputs=files, info={"k": cfg.record_topk})
+        keys = [k for k in ("topk_logits", "topk_index", "rest_mean_logit", "label_logit") if k in epochs[0]]
+        save_array(out / "topk_logits.npz", {k: np.stack([e[k] for e in epochs]) for k in keys}, "train_everything",
+                   fingerprint, cfg, inputs=files, info={"k": cfg.record_topk})
