@@ -14,6 +14,7 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -32,6 +33,8 @@ class Config:
     # ---- model -------------------------------------------------------------------------------
     network: str = "iresnet50"  # backbones registry name
     SE: bool = False  # squeeze-and-excitation blocks in the iresnets
+    dropout: Optional[float] = None  # before the embedding layer of the iresnets (None: the paper's 0.4 for
+    #                                  iresnet18/34/50, 0 for the others)
     embedding_size: int = 512
     loss: str = "CosFace"  # losses registry name of the margin head
     s: Optional[float] = None  # scale (None: the loss table's)
@@ -92,7 +95,9 @@ class Config:
 
 # Dataset presets: the schedule each dataset is trained with (paper: CASIA-WebFace, 34 epochs).
 DATASET_PRESETS = {
-    "webface": dict(num_epoch=34, lr_steps=[20, 28, 32], val_targets=["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]),
+    # the paper's CASIA-WebFace runs also verify on CFP-FF
+    "webface": dict(num_epoch=34, lr_steps=[20, 28, 32],
+                    val_targets=["lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw"]),
     "ms1mv2": dict(num_epoch=26, lr_steps=[8, 14, 20, 25], val_targets=["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]),
     "glint360k": dict(num_epoch=20, lr_steps=[8, 12, 15, 18], val_targets=["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]),
     "synthetic": dict(num_epoch=12, lr_steps=[8, 10], val_targets=["syn_frontal", "syn_pose"]),
@@ -208,10 +213,18 @@ def resolve(cfg: Config) -> Config:
     for key in ("s", "m", "std"):
         if values[key] is None:
             values[key] = HEAD_DEFAULTS[loss].get(key)
-    out = Config(**values)
-    if any(s > out.num_epoch for s in out.lr_steps):
-        raise ConfigError(f"lr_steps={out.lr_steps} must not exceed num_epoch={out.num_epoch}")
-    return out
+    if values["dropout"] is None:
+        values["dropout"] = 0.4 if values["network"] in ("iresnet18", "iresnet34", "iresnet50") else 0.0
+    if not 0 <= values["dropout"] < 1:
+        raise ConfigError(f"dropout={values['dropout']} must be in [0, 1)")
+    if values["dropout"] and not values["network"].startswith("iresnet"):
+        raise ConfigError(f"dropout={values['dropout']}: only the iresnets have a dropout layer, not {values['network']}")
+    beyond = [s for s in values["lr_steps"] if s > values["num_epoch"]]
+    if beyond:
+        # A user who only lowered num_epoch keeps the schedule's earlier steps, as the paper's schedule does.
+        warnings.warn(f"lr_steps {beyond} lie beyond num_epoch={values['num_epoch']} and are ignored", stacklevel=2)
+        values["lr_steps"] = [s for s in values["lr_steps"] if s <= values["num_epoch"]]
+    return Config(**values)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ def test_loss_table_sets_margin_and_preset_sets_schedule():
     cfg = parse_config(["--loss", "arcface", "--dataset", "webface"])
     assert cfg.loss == "ArcFace" and cfg.m == 0.5
     assert cfg.num_epoch == 34 and cfg.lr_steps == [20, 28, 32]
-    assert cfg.val_targets == ["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]
+    assert cfg.val_targets == ["lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw"]
 
 
 def test_overrides_are_typed():
@@ -38,7 +38,7 @@ def test_overrides_are_typed():
     (["--threshold", "-0.1"], "threshold"),
     (["--loss", "nosuchloss"], "valid"),
     (["--dtype", "fp8"], "dtype"),
-    (["--num_epoch", "4"], "lr_steps"),
+    (["--dropout", "0.4", "--network", "smallnet"], "dropout"),
 ])
 def test_bad_values_exit_2_with_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -107,3 +107,19 @@ def test_check_against_dataset_passes_sound_configs_and_gathers_every_error():
     check_against_dataset(parse_config(_ok_args() + ["--record_topk", "20", "--is_original_train", "false"]), 200, 16)
     with pytest.raises(ConfigError, match="record_topk=-1.*; eval_epoch=9"):
         check_against_dataset(parse_config(_ok_args() + ["--record_topk", "-1", "--eval_epoch", "9"]), 200, 16)
+
+
+def test_lr_steps_beyond_num_epoch_are_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match=r"lr_steps \[8, 10\] lie beyond num_epoch=4"):
+        cfg = parse_config(["--num_epoch", "4"])
+    assert cfg.lr_steps == []
+    with pytest.warns(UserWarning):
+        assert parse_config(["--num_epoch", "9"]).lr_steps == [8]
+
+
+def test_paper_recipe_details():
+    assert parse_config(["--network", "iresnet50"]).dropout == 0.4  # the paper trains iresnet50 with dropout 0.4
+    assert parse_config(["--network", "iresnet100"]).dropout == 0.0
+    assert parse_config(["--network", "smallnet"]).dropout == 0.0
+    assert "cfp_ff" in parse_config(["--dataset", "webface"]).val_targets
+    assert parse_config(["--network", "mfn"]).network == "mfn"

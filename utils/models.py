@@ -24,6 +24,8 @@ def model_kwargs(cfg, image_size: int) -> dict:
     kwargs = {"num_features": cfg.embedding_size, "input_size": image_size}
     if cfg.SE:
         kwargs["use_se"] = True
+    if cfg.dropout:  # only the iresnets take it
+        kwargs["dropout"] = cfg.dropout
     return kwargs
 
 
