@@ -56,11 +56,15 @@ def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int
         model = get_model(network, num_features=embedding_size, **model_kwargs)
         state = ckpt_or_state
     state = _strip_prefix(state) if isinstance(state, dict) else state
+    name = getattr(model, "model_name", network)
     mismatch = _state_mismatch(model.state_dict(), state)
     if mismatch:
-        raise ArtifactError(f"{source}: the backbone weights do not fit {getattr(model, 'model_name', network)} "
-                            f"({mismatch}); check --network, --embedding_size and --SE")
-    model.load_state_dict(state, strict=True)
+        raise ArtifactError(f"{source}: the backbone weights do not fit {name} ({mismatch}); check --network, "
+                            f"--embedding_size and --SE")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # right keys and shapes, but e.g. a value that is not a tensor
+        raise ArtifactError(f"{source}: the backbone weights do not fit {name}: {' '.join(str(e).split())}") from None
     return model
 
 
@@ -155,6 +159,10 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
     mismatch = _state_mismatch(_without_weight(head.head.state_dict()), _without_weight(head_state))
     if mismatch:
         raise ArtifactError(f"{head_source}: the head's state does not fit {name} ({mismatch})")
-    head.load_full_state_dict(head_state)
+    try:
+        head.load_full_state_dict(head_state)
+    except RuntimeError as e:  # right keys and shapes, but e.g. a value that is not a tensor
+        raise ArtifactError(f"{head_source}: the head's state does not fit {name}: {' '.join(str(e).split())}") \
+            from None
     head.eval()
     return TrainedModel(backbone, head, Path(ckpt_path), name)
