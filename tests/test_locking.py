@@ -106,3 +106,15 @@ def test_child_process_locks_a_subfolder_and_may_enter_the_parents_lock(tmp_path
         assert json.loads(r.stdout)["what"] == "stage"
         assert read_lock(tmp_path / "demo")["what"] == "run_pipeline.py"  # the child did not release it
         assert not (stage / LOCK_NAME).exists()
+
+
+def test_folders_the_lock_made_go_when_the_run_left_them_empty(tmp_path):
+    with OutputLock(tmp_path / "out" / "coresets" / "rand_0.50"):
+        pass  # a run refused before it wrote anything
+    assert os.listdir(tmp_path) == []
+    with OutputLock(tmp_path / "out" / "clean"):
+        (tmp_path / "out" / "clean" / "kept_index.npy").write_bytes(b"x")
+    assert os.listdir(tmp_path / "out" / "clean") == ["kept_index.npy"]
+    with OutputLock(tmp_path / "out" / "scores"):
+        pass
+    assert sorted(os.listdir(tmp_path / "out")) == ["clean"]  # made by the lock, left empty: gone; the rest stays

@@ -248,7 +248,7 @@ def read_array(path):
         with open(path, "rb") as f:
             magic = f.read(6)
             if not magic.startswith((b"\x93NUMPY", b"PK")):  # np.load would take anything else for a pickle
-                what = "a pickle" if magic[:1] == b"\x80" else f"content starting {magic!r}"
+                what = "a pickle" if magic[:1] == b"\x80" else f"content starting {magic!r}" if magic else "an empty file"
                 raise ArtifactError(f"{path}: refused: {what}, not {expected}")
             f.seek(0)
             data = np.load(f, allow_pickle=False)

@@ -41,6 +41,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"checkpoint {path} not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (or, before torch 1.6, a pickle)
+        found = "an empty file" if not magic else f"content starting {magic!r}"
+        raise ArtifactError(f"{path}: not a torch checkpoint ({found}); expected a file written by torch.save")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -52,13 +57,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                 if name.startswith("numpy") else ""
             raise ArtifactError(f"{path}: refused to load: the file asks for {name}; a checkpoint holds only "
                                 f"tensors and plain values{hint}") from None
-        raise ArtifactError(f"{path}: not a readable torch checkpoint (UnpicklingError: {_first_line(e)})") from None
+        raise ArtifactError(f"{path}: not a readable torch checkpoint (UnpicklingError: {_reason(e)})") from None
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise ArtifactError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise ArtifactError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {_reason(e)})") from None
 
 
-def _first_line(e: Exception) -> str:
-    return next((line for line in str(e).splitlines() if line.strip()), "")
+def _reason(e: Exception) -> str:
+    """What torch's message says is wrong, without its advice (e.g. to load with weights_only=False)."""
+    text = " ".join(str(e).split())
+    unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    return unpickler.group(1) if unpickler else text.split(". ")[0]
 
 
 def follow_marker(path) -> Path:

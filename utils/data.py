@@ -186,7 +186,9 @@ class ImageFolderDataset(FaceDataset):
             files += [f"{ident}/{n}" for n in names]
             labels += [label] * len(names)
         if not files:
-            raise ArtifactError(f"{self.root}: no images in identity sub-folders")
+            raise ArtifactError(f"{self.root / 'train.rec'} not found, and {self.root} has no images in identity "
+                                f"sub-folders: --rec names an InsightFace RecordIO folder (train.rec, train.idx, "
+                                f"property) or a folder of identity sub-folders of images")
         self.files = files
         listing = "\n".join(files).encode()
         fp = Fingerprint(len(files), len(identities), len(listing))

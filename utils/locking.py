@@ -100,7 +100,7 @@ class OutputLock:
         self.what = what or Path(sys.argv[0]).name or "python"
         self._key = None
         self._owned = False
-        self._created = []  # folders this lock created, deepest first: removed again if left empty
+        self._made = []  # folders acquire() created, innermost first: removed on release if left empty
 
     def __enter__(self):
         self.acquire()
@@ -111,9 +111,8 @@ class OutputLock:
         return False
 
     def acquire(self):
-        missing = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
+        self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._created = missing
         self._key = str(self.folder.resolve())
         if self._key in _HELD:  # nested use in the process that holds it
             _HELD[self._key][1] += 1
@@ -145,6 +144,9 @@ class OutputLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # another run's release removed the folder it had made: make it again
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self._create()
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(info, indent=1) + "\n")
         _HELD[self._key] = [token, 1]
@@ -185,8 +187,8 @@ class OutputLock:
                 self.path.unlink()
         except (FileNotFoundError, json.JSONDecodeError):
             pass  # removed or replaced by hand: nothing of ours to remove
-        for folder in self._created:  # a run that wrote nothing leaves no empty folder behind
+        for folder in self._made:  # a run that stopped before writing leaves no empty folder behind
             try:
                 folder.rmdir()
-            except OSError:  # not empty (the run wrote there) or gone
+            except OSError:  # not empty (outputs, another run's lock) or gone: it stays, and so do its parents
                 break

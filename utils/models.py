@@ -43,25 +43,58 @@ def build_head(name, in_features, num_classes, ctx, kwargs):
     return ShardedClassifier(name, in_features, num_classes, rank=ctx.rank, world_size=ctx.world_size, **kwargs)
 
 
-def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int = 512, **model_kwargs):
-    """A backbone from this toolkit's checkpoint (self-describing) or a plain InsightFace state dict."""
+def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int = 512, source: str = "the checkpoint",
+                   **model_kwargs):
+    """A backbone from this toolkit's checkpoint (self-describing) or a plain InsightFace state dict.
+
+    `source` (the file) names where the weights came from in the error when they do not fit."""
     if "backbone" in ckpt_or_state and "model" in ckpt_or_state:
         spec = ckpt_or_state["model"]
         model = get_model(spec["name"], **spec["args"])
         state = ckpt_or_state["backbone"]
     else:
         if network is None:
-            raise ArtifactError("a plain backbone.pth does not say which network it is: give --network")
+            raise ArtifactError(f"{source}: a plain backbone.pth does not say which network it is: give --network")
         model = get_model(network, num_features=embedding_size, **model_kwargs)
         state = ckpt_or_state
-    state = _strip_prefix(state)
-    try:
-        if hasattr(model, "adapt_state_dict"):  # another repository's parameter names (the paper's MobileFaceNet)
+    state = _strip_prefix(state) if isinstance(state, dict) else state
+    name = getattr(model, "model_name", network)
+    if isinstance(state, dict) and hasattr(model, "adapt_state_dict"):  # the paper's MobileFaceNet names
+        try:
             state = model.adapt_state_dict(state)
+        except ValueError as err:
+            raise ArtifactError(f"{source}: the backbone weights do not fit {name} ({err})") from None
+    mismatch = _state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ArtifactError(f"{source}: the backbone weights do not fit {name} ({mismatch}); check --network, "
+                            f"--embedding_size and --SE")
+    try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise ArtifactError(f"the backbone weights do not fit {getattr(model, 'model_name', network)}: {e}") from None
+    except RuntimeError as e:  # right keys and shapes, but e.g. a value that is not a tensor
+        raise ArtifactError(f"{source}: the backbone weights do not fit {name}: {' '.join(str(e).split())}") from None
     return model
+
+
+def _state_mismatch(expected: dict, state) -> str:
+    """What keeps `state` from loading into a model whose state dict is `expected` ('' when nothing), in one line."""
+    if not isinstance(state, dict):
+        return f"found a {type(state).__name__}, not a state dict"
+
+    def some(keys):
+        return f"{len(keys)} (e.g. {', '.join(keys[:3])})"
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [str(k) for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(getattr(state[k], 'shape', ()))} instead of {tuple(v.shape)}" for k, v in expected.items()
+                if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    return "; ".join(f"{what} {some(keys)}" for what, keys in (("missing keys", missing),
+                                                              ("unexpected keys", unexpected),
+                                                              ("other shapes", reshaped)) if keys)
+
+
+def _without_weight(state: dict) -> dict:
+    """A head's state but its class weights (whose rows are sharded over the ranks)."""
+    return {k: v for k, v in state.items() if k != "weight"}
 
 
 def dataset_image_size(rec) -> int:
@@ -87,12 +120,14 @@ def resolve_checkpoint(path) -> Path:
     return follow_marker(path)  # a last.pt marker names the epoch checkpoint beside it
 
 
-def load_backbone(cfg, ctx, path_or_ckpt, image_size: int = None) -> torch.nn.Module:
-    """The backbone of a checkpoint (path or loaded dict), on the context's device, in eval mode."""
+def load_backbone(cfg, ctx, path_or_ckpt, image_size: int = None, source=None) -> torch.nn.Module:
+    """The backbone of a checkpoint (path or loaded dict, then read from `source`), on the context's device,
+    in eval mode."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
     kwargs = model_kwargs(cfg, image_size or dataset_image_size(cfg.rec))
     kwargs.pop("num_features")
-    return build_backbone(ckpt, cfg.network, cfg.embedding_size, **kwargs).to(ctx.device).eval()
+    source = str(source or ("the checkpoint" if isinstance(path_or_ckpt, dict) else path_or_ckpt))
+    return build_backbone(ckpt, cfg.network, cfg.embedding_size, source, **kwargs).to(ctx.device).eval()
 
 
 @dataclass
@@ -112,19 +147,29 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
                             f"than {cfg.rec} ({fingerprint})")
     if ckpt.get("label_map"):
         raise ArtifactError(f"{ckpt_path} was trained on a pruned, relabelled subset; score with the original model")
-    backbone = load_backbone(cfg, ctx, ckpt)
+    backbone = load_backbone(cfg, ctx, ckpt, source=ckpt_path)
     info, head_state = load_head_state(ckpt) if "head" in ckpt else (None, None)
+    head_source = ckpt_path
     if head_state is None:
         if not cfg.head_checkpoint:
             raise ArtifactError(f"{ckpt_path} holds no head: give --head_checkpoint (the head/header .pth saved "
                                 f"with the backbone)")
         info, head_state = load_head_state(cfg.head_checkpoint)  # ours, last.pt, or the paper's `kernel` layout
+        head_source = cfg.head_checkpoint
     name = info["name"] if info else cfg.original_net_loss
     kwargs = info["kwargs"] if info else head_kwargs(cfg)
     head = build_head(name, cfg.embedding_size, num_classes, ctx, kwargs).to(ctx.device)
-    rows = head_state["weight"].shape[0]
-    if rows != num_classes:
-        raise ArtifactError(f"the head has {rows} classes, the dataset {num_classes}")
-    head.load_full_state_dict(head_state)
+    shape = tuple(head_state["weight"].shape)
+    if shape != (num_classes, cfg.embedding_size):
+        raise ArtifactError(f"{head_source}: the head's weight is {shape}, expected ({num_classes}, "
+                            f"{cfg.embedding_size}): (the dataset's classes, --embedding_size)")
+    mismatch = _state_mismatch(_without_weight(head.head.state_dict()), _without_weight(head_state))
+    if mismatch:
+        raise ArtifactError(f"{head_source}: the head's state does not fit {name} ({mismatch})")
+    try:
+        head.load_full_state_dict(head_state)
+    except RuntimeError as e:  # right keys and shapes, but e.g. a value that is not a tensor
+        raise ArtifactError(f"{head_source}: the head's state does not fit {name}: {' '.join(str(e).split())}") \
+            from None
     head.eval()
     return TrainedModel(backbone, head, Path(ckpt_path), name)

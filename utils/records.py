@@ -33,7 +33,28 @@ def load_scores(cfg, fingerprint: Fingerprint) -> dict:
     missing = [k for k in SCORE_KEYS + ("label",) if k not in data]
     if missing:
         raise ArtifactError(f"{path}: missing arrays {missing}")
+    _check_scores(path, data, fingerprint)
     return data
+
+
+def _check_scores(path, data: dict, fingerprint: Fingerprint):
+    """Per image: finite probabilities (floats) and classes of the dataset (integers), as eval_trainset.py writes."""
+    n = fingerprint.num_images
+    for key in SCORE_KEYS + ("label",):
+        a = data[key]
+        if a.shape != (n,):
+            raise ArtifactError(f"{path}: '{key}' has shape {a.shape}, expected ({n},): one value per image")
+        if key in ("pred", "label"):
+            if a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= fingerprint.num_classes:
+                found = f"values {a.min()}..{a.max()}" if a.dtype.kind in "iuf" else "values"
+                raise ArtifactError(f"{path}: '{key}' holds {a.dtype} {found}; expected integer classes in "
+                                    f"[0, {fingerprint.num_classes})")
+        elif a.dtype.kind != "f":
+            raise ArtifactError(f"{path}: '{key}' holds {a.dtype}; expected probabilities (floats)")
+        elif not np.isfinite(a).all():
+            bad = np.flatnonzero(~np.isfinite(a))
+            raise ArtifactError(f"{path}: '{key}' is NaN or infinite for {bad.size} images (e.g. sample {bad[0]}); "
+                                f"eval_trainset.py writes finite probabilities: re-run it")
 
 
 def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:

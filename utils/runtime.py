@@ -44,6 +44,16 @@ def _lock_on_rank0(ctx: Context, folder, name: str):
     return lock
 
 
+def _clear_progress_bars():
+    """Close the progress bars a failed stage left open, cleared, so that its error line stands on a line of its
+    own and is the last thing it prints (an open bar is otherwise redrawn at exit, after the error)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False,
               lock_dir=None):
     """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error.
@@ -69,7 +79,8 @@ def run_stage(name: str, main, description: str = "", extra_args=None, argv=None
         log.info("%s finished in %.1f s", name, time.time() - t0)
     except ToolkitError as e:
         # The project's own errors are worded for users: one line, no traceback. Anything else is a bug.
-        print(f"{name}: error: {e}", file=sys.stderr)
+        _clear_progress_bars()
+        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even if e's has several
     finally:
         if lock is not None:
             lock.release()

@@ -36,8 +36,10 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
     parts = {k: [] for k in keys}
     index = []
     t0, n = time.time(), 0
+    # leave=False: the bar is cleared when the loop ends (the log line below reports), also when a bad image
+    # stops it, so the error line stands alone
     for images, labels, sample_index in tqdm(loader, disable=not ctx.is_main, desc="score", unit="batch",
-                                             mininterval=2):
+                                             mininterval=2, leave=False):
         emb = forward_uint8(backbone, images, ctx.device, ctx.amp_dtype, cfg.channels_last)
         out = head.score(emb, labels.to(ctx.device, non_blocking=True))
         out["embedding"] = emb

@@ -22,6 +22,7 @@ import numpy as np
 from config import config as config_module
 from utils import paths, pruning, scores
 from utils.records import NEEDS, Records  # noqa: F401  (Records: what selection functions take)
+from utils.artifacts import ArtifactError
 from utils.errors import InputError
 
 # Retraining also accepts these two, which are not selections of the pruning stages.
@@ -282,4 +283,8 @@ def run_selection(method: Method, rec: Records, cfg) -> Selection:
     if cfg.threshold is not None and not method.takes_threshold:
         raise InputError(f"{method.name} is set by --fraction; --threshold is for "
                          f"{', '.join(m.name for m in METHODS.values() if m.takes_threshold)}")
-    return method.select(rec.load(method.needs), cfg)
+    rec = rec.load(method.needs)
+    try:
+        return method.select(rec, cfg)
+    except InputError as e:  # values the method cannot use came from the files it read: name them
+        raise ArtifactError(f"{', '.join(map(str, rec.inputs))}: {e}") from None

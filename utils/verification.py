@@ -126,7 +126,9 @@ def _unpickle_bin(path):
         except Exception as e:  # a corrupt pickle can raise almost anything; report the first failure
             first_error = first_error or e
     else:
-        raise BinFileError(f"{path}: not a readable pickle ({type(first_error).__name__}: {first_error})") from first_error
+        reason = " ".join(str(first_error).split())  # some unpickling errors span lines
+        raise BinFileError(f"{path}: not a readable pickle ({type(first_error).__name__}: {reason}); expected "
+                           f"an InsightFace .bin (a pickle of encoded images and bool labels)") from first_error
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BinFileError(f"{path}: expected a pickle of (list of encoded images, list of bool issame), "
                          f"found {type(obj).__name__}" + (f" of length {len(obj)}" if hasattr(obj, "__len__") else ""))

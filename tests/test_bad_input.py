@@ -1,0 +1,680 @@
+"""Fault injection (issue 11): every stage script, run as a user runs it, on a table of bad inputs.
+
+Each case copies an output folder that holds valid earlier outputs, plants one fault (a truncated,
+foreign, empty, wrongly shaped or typed file, NaN where none may be, a file of another dataset, a
+crafted pickle), runs the stage as a subprocess and checks what a user relies on: a non-zero exit,
+exactly one line on stderr (as a terminal shows it: progress bars cleared) that names the offending file,
+no traceback, no code of a crafted file run, no temporary file left, and the output folder byte for byte as
+it was. A full disk, a killed writer and
+two runs on one folder are checked after the table.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import pickle
+import re
+import runpy
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from config.config import parse_config
+from tests.helpers import REPO, TINY_TRAIN, env, make_tiny_dataset, run_script
+from utils import paths
+from utils.artifacts import (Fingerprint, is_complete, load_kept_index, manifest_path, read_array, read_json,
+                             save_array)
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.data import PaddedDistributedSampler, open_dataset
+from utils.locking import ENV_TOKENS, LOCK_NAME, OutputLock
+from utils.models import new_backbone
+from utils.recordio import read_index, read_layout
+
+# Every stage gets the same keys, so each finds the files the others wrote (utils/paths.py).
+# `--val_targets ""`: training evaluates no .bin (the verification cases name theirs).
+STAGE_KEYS = [*TINY_TRAIN, "--window", "3", "--val_targets", ""]
+N = 448  # images of the tiny dataset
+PNG = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+TRAIN_LOGS = {"training.log", "config.json", "metrics.jsonl"}  # a training run's log of itself, not its outputs
+
+
+class RunsCode:
+    """A pickle payload that creates `marker` through a shell if it is ever unpickled without restriction."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def run_as_user(script, *args) -> subprocess.CompletedProcess:
+    """`python script args` in a fresh process; its output as a terminal receives it (carriage returns kept,
+    which `text=True` would turn into line ends)."""
+    r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env(),
+                       capture_output=True, timeout=600)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                       r.stderr.decode(errors="replace"))
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def base(tiny, tmp_path_factory):
+    """An output folder as the earlier stages leave it (scores, per-epoch records, cleaning, the label
+    dictionary, kept sets of Rand, DiffProb, DynUnc and entropy) and a model as a user brings it (a plain
+    backbone.pth and header.pth, beside the folder)."""
+    import clean_trainset
+    import coreset_dynunc
+    import coreset_entropy
+    import coreset_rand
+    import eval_simprobs
+    import generate_label_dict
+    import label_mapping
+
+    out = tmp_path_factory.mktemp("base") / "out"
+    cfg = parse_config(["--rec", str(tiny), "--output", str(out), *STAGE_KEYS])
+    ds = open_dataset(tiny)
+    fp, labels, n = ds.fingerprint, ds.all_labels, ds.num_images
+    assert n == N, "the cases below are written for the tiny dataset's size"
+    rng = np.random.default_rng(0)
+    prob = rng.random(n).astype(np.float32)
+    pred = np.where(rng.random(n) < 0.1, (labels + 1) % fp.num_classes, labels)
+    save_array(paths.scores_path(cfg), {"gt_prob_with_margin": prob, "gt_prob": prob, "pred": pred,
+                                        "pred_prob": prob, "label": labels}, "eval_trainset", fp, cfg)
+    save_array(paths.prob_history_path(cfg), rng.random((4, n)).astype(np.float32), "train_everything", fp, cfg)
+    save_array(paths.topk_history_path(cfg), {
+        "topk_logits": rng.normal(size=(3, n, 4)).astype(np.float16),
+        "topk_index": np.stack([rng.permutation(fp.num_classes)[:4] for _ in range(3 * n)]).reshape(3, n, 4),
+        "rest_mean_logit": np.zeros((3, n), np.float16)}, "train_everything", fp, cfg)
+    # the stages of the table, on these files as they are: what a case breaks worked before it
+    clean_trainset.run_clean(cfg)
+    coreset_rand.run_rand(cfg)
+    generate_label_dict.run_label_dict(cfg)
+    label_mapping.run_label_mapping(parse_config(["--rec", str(tiny), "--output", str(out), *STAGE_KEYS,
+                                                  "--coreset_method", "rand"]))
+    for select in (eval_simprobs.run_diffprob, coreset_dynunc.run_dynunc, coreset_entropy.run_entropy):
+        select(cfg)
+    models = out.parent / "models"
+    save_checkpoint(models / "backbone.pth", new_backbone(cfg, 32).state_dict())
+    save_checkpoint(models / "header.pth", {"weight": torch.randn(fp.num_classes, cfg.embedding_size)})
+    return out
+
+
+@dataclass
+class Work:
+    """One case's copy of the output folder and what a fault needs to know about the dataset."""
+    rec: Path
+    out: Path
+    tmp: Path  # for bad files a user passes by path
+    models: Path
+    fp: Fingerprint
+    cfg: object
+
+    def keys(self, *extra) -> list:
+        return ["--rec", self.rec, "--output", self.out, *STAGE_KEYS, *extra]
+
+    @property
+    def marker(self) -> Path:
+        """Created if a crafted pickle's code ever runs."""
+        return self.tmp / "code-ran"
+
+
+@pytest.fixture
+def work(tiny, base, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(base, out)
+    cfg = parse_config(["--rec", str(tiny), "--output", str(out), *STAGE_KEYS])
+    return Work(tiny, out, tmp_path, base.parent / "models", open_dataset(tiny).fingerprint, cfg)
+
+
+# ------------------------------------------------------------------------------------- kinds of fault
+def truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def foreign(path: Path, content=PNG) -> Path:
+    """Another kind of file under this name (a PNG renamed .npz, a JSON where an .npy is expected, ...)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def empty(path: Path) -> Path:
+    return foreign(path, b"")
+
+
+def crafted(path: Path, w: Work, wrap=lambda payload: payload) -> Path:
+    """A pickle (torch.save's zip for a checkpoint) that would run a shell command if loaded without restriction."""
+    payload = wrap(RunsCode(w.marker))
+    if path.suffix in (".pt", ".pth"):
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    return path
+
+
+def changed(path: Path, w: Work, **arrays) -> Path:
+    """The same artifact (manifest and all) with some arrays replaced, as a buggy or foreign writer might."""
+    data = arrays["array"] if "array" in arrays else {**read_array(path), **arrays}
+    save_array(path, data, "eval_trainset", w.fp)
+    return path
+
+
+def of_another_dataset(path: Path) -> Path:
+    """The artifact as it is, but its manifest says another dataset made it."""
+    mpath = manifest_path(path)
+    manifest = read_json(mpath)
+    manifest["fingerprint"]["num_classes"] += 1
+    mpath.write_text(json.dumps(manifest))
+    return path
+
+
+def copy_model(w: Work, name: str) -> Path:
+    return Path(shutil.copy(w.models / name, w.tmp / name))
+
+
+def scores(w: Work) -> Path:
+    return paths.scores_path(w.cfg)
+
+
+def rand_set(w: Work) -> Path:
+    return paths.coreset_dir(w.cfg, "rand")
+
+
+def kept_list(w: Work, kept, name="kept_index.npy", fp=None) -> Path:
+    """A kept list written as pruning writes one (manifest and all), without the writer's checks."""
+    path = w.tmp / name
+    save_array(path, np.asarray(kept), "coreset_rand", fp or w.fp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    script: str
+    plant: Callable  # (Work) -> (extra arguments, the offending file the line must name)
+    expect: str = ""  # what the line must also say (what was expected, found, or how to go on)
+
+
+def checkpoint_case(fault, expect, head=True):
+    """eval_trainset.py scoring a plain backbone.pth (with the user's header.pth) that `fault` damages."""
+    def plant(w):
+        bad = fault(copy_model(w, "backbone.pth"), w)
+        return ["--checkpoint", bad, *(["--head_checkpoint", w.models / "header.pth"] if head else [])], bad
+    return Case("eval_trainset.py", plant, expect)
+
+
+def head_case(fault, expect):
+    def plant(w):
+        bad = fault(copy_model(w, "header.pth"), w)
+        return ["--checkpoint", w.models / "backbone.pth", "--head_checkpoint", bad], bad
+    return Case("eval_trainset.py", plant, expect)
+
+
+def artifact_case(script, where, fault, expect, *extra):
+    """`script` reading the artifact `where(w)` of the output folder after `fault` damaged it."""
+    def plant(w):
+        return list(extra), fault(where(w), w)
+    return Case(script, plant, expect)
+
+
+def kept_case(script, make, expect, *extra):
+    """`script` given `--kept_index` made by `make(w)`."""
+    def plant(w):
+        bad = make(w)
+        return ["--kept_index", bad, *extra], bad
+    return Case(script, plant, expect)
+
+
+def bin_case(fault, expect):
+    """eval_verification.py on a .bin verification set that `fault` makes."""
+    def plant(w):
+        rec = w.tmp / "rec"
+        shutil.copytree(w.rec, rec, ignore=shutil.ignore_patterns("ijb"))
+        w.rec = rec
+        bad = fault(rec / "syn_frontal.bin", w)
+        return ["--val_targets", "syn_frontal", "--models", f"m={w.models / 'backbone.pth'}",
+                "--out", w.out / "eval"], bad
+    return Case("eval_verification.py", plant, expect)
+
+
+def model_case(script, fault, expect, *extra):
+    """An evaluation command given `--models m=<a backbone.pth that fault damages>`."""
+    def plant(w):
+        bad = fault(copy_model(w, "backbone.pth"), w)
+        return ["--models", f"m={bad}", "--out", w.out / "eval", *extra], bad
+    return Case(script, plant, expect)
+
+
+def ijb_case(fault, expect):
+    """eval_ijbc.py on an IJB release folder whose 1:1 pair list `fault` damages."""
+    def plant(w):
+        root = Path(shutil.copytree(w.rec / "ijb", w.tmp / "ijb"))
+        bad = fault(root / "meta" / "ijbc_template_pair_label.txt", w)
+        return ["--ijb_root", root, "--models", f"m={w.models / 'backbone.pth'}", "--out", w.out / "eval"], bad
+    return Case("eval_ijbc.py", plant, expect)
+
+
+def _score_a_bad_image(w: Work):
+    w.rec = _copy_rec(w)
+    key = _zero_image_of(w.rec, 0)
+    return ["--checkpoint", w.models / "backbone.pth", "--head_checkpoint", w.models / "header.pth"], \
+        f"{w.rec / 'train.rec'}: record key {key}"
+
+
+def _write_text(text):
+    return lambda path, w: foreign(path, text)
+
+
+NOT_CHECKPOINT = "not a readable torch checkpoint"
+NOT_NUMPY = "truncated or not a NumPy"
+OTHER_DATASET = "was made from another dataset"
+RETRAIN = ("--is_original_train", "false")
+RETRAIN_RAND = (*RETRAIN, "--coreset_method", "rand")
+
+CASES = {
+    # eval_trainset: the checkpoint and the head a user brings
+    "eval_trainset/checkpoint-truncated": checkpoint_case(lambda p, w: truncated(p), NOT_CHECKPOINT),
+    "eval_trainset/checkpoint-empty": checkpoint_case(lambda p, w: empty(p), r"not a torch checkpoint \(an empty file\)"),
+    "eval_trainset/checkpoint-png": checkpoint_case(lambda p, w: foreign(p), r"not a torch checkpoint \(content starting b'\\x89PNG'\)"),
+    "eval_trainset/checkpoint-crafted-pickle": checkpoint_case(crafted, "refused to load: the file asks for posix.system"),
+    "eval_trainset/checkpoint-other-network": checkpoint_case(
+        lambda p, w: (save_checkpoint(p, {"conv1.weight": torch.zeros(3)}), p)[1], "do not fit smallnet .*missing keys"),
+    "eval_trainset/checkpoint-without-head": checkpoint_case(lambda p, w: p, "holds no head", head=False),
+    "eval_trainset/head-truncated": head_case(lambda p, w: truncated(p), NOT_CHECKPOINT),
+    "eval_trainset/head-json": head_case(_write_text('{"weight": [1, 2]}'), "not a torch checkpoint"),
+    "eval_trainset/head-crafted-pickle": head_case(crafted, "refused to load"),
+    "eval_trainset/head-not-a-head": head_case(
+        lambda p, w: (save_checkpoint(p, {"bias": torch.zeros(3)}), p)[1], "expected a head state dict"),
+    "eval_trainset/head-wrong-classes": head_case(
+        lambda p, w: (save_checkpoint(p, {"weight": torch.zeros(5, 64)}), p)[1], r"weight is \(5, 64\), expected \(16, 64\)"),
+    "eval_trainset/head-extra-state": head_case(
+        lambda p, w: (save_checkpoint(p, {"weight": torch.zeros(16, 64), "step": 3}), p)[1], "unexpected keys 1"),
+    "eval_trainset/undecodable-image": Case("eval_trainset.py", lambda w: _score_a_bad_image(w),
+                                            r"\(sample 0\) is not an image OpenCV can decode"),
+    # clean_trainset / eval_simprobs: the scores of eval_trainset
+    "clean_trainset/scores-truncated": artifact_case("clean_trainset.py", scores, lambda p, w: truncated(p), NOT_NUMPY),
+    "clean_trainset/scores-empty": artifact_case("clean_trainset.py", scores, lambda p, w: empty(p), "refused: an empty file"),
+    "clean_trainset/scores-png": artifact_case("clean_trainset.py", scores, lambda p, w: foreign(p), "refused"),
+    "clean_trainset/scores-pickle": artifact_case("clean_trainset.py", scores, crafted, "refused: a pickle"),
+    "clean_trainset/scores-other-dataset": artifact_case("clean_trainset.py", scores, lambda p, w: of_another_dataset(p),
+                                                         OTHER_DATASET),
+    "clean_trainset/scores-missing-array": artifact_case(
+        "clean_trainset.py", scores, lambda p, w: (save_array(p, {"gt_prob": np.zeros(N)}, "x", w.fp), p)[1],
+        "missing arrays"),
+    "clean_trainset/scores-pred-float": artifact_case(
+        "clean_trainset.py", scores, lambda p, w: changed(p, w, pred=np.full(N, 0.5)), "pred"),
+    "eval_simprobs/scores-nan": artifact_case(
+        "eval_simprobs.py", scores, lambda p, w: changed(p, w, gt_prob_with_margin=np.r_[np.nan, np.ones(N - 1)]),
+        "NaN"),
+    "eval_simprobs/scores-short": artifact_case(
+        "eval_simprobs.py", scores, lambda p, w: changed(p, w, gt_prob_with_margin=np.ones(N - 1)), str(N - 1)),
+    "eval_simprobs/scores-text-dtype": artifact_case(
+        "eval_simprobs.py", scores, lambda p, w: changed(p, w, gt_prob_with_margin=np.full(N, "0.5")),
+        "gt_prob_with_margin"),
+    "eval_simprobs/scores-2d": artifact_case(
+        "eval_simprobs.py", scores, lambda p, w: changed(p, w, gt_prob_with_margin=np.ones((N, 2))),
+        "gt_prob_with_margin"),
+    "eval_simprobs/clean-kept-nan": artifact_case(
+        "eval_simprobs.py", lambda w: paths.clean_dir(w.cfg) / "kept_index.npy",
+        lambda p, w: changed(p, w, array=np.array([0.0, np.nan])), "NaN", "--coreset_method", "diffprob_clean"),
+    # coreset_dynunc / coreset_entropy: the per-epoch records of the original training
+    "coreset_dynunc/history-truncated": artifact_case("coreset_dynunc.py", lambda w: paths.prob_history_path(w.cfg),
+                                                      lambda p, w: truncated(p), NOT_NUMPY),
+    "coreset_dynunc/history-empty": artifact_case("coreset_dynunc.py", lambda w: paths.prob_history_path(w.cfg),
+                                                  lambda p, w: empty(p), "refused"),
+    "coreset_dynunc/history-json": artifact_case("coreset_dynunc.py", lambda w: paths.prob_history_path(w.cfg),
+                                                 _write_text('{"history": []}'), "refused"),
+    "coreset_dynunc/history-1d": artifact_case("coreset_dynunc.py", lambda w: paths.prob_history_path(w.cfg),
+                                               lambda p, w: changed(p, w, array=np.ones(N)), "expected shape"),
+    "coreset_dynunc/history-text-dtype": artifact_case("coreset_dynunc.py", lambda w: paths.prob_history_path(w.cfg),
+                                                       lambda p, w: changed(p, w, array=np.full((4, N), "x")),
+                                                       "prob_history"),
+    "coreset_dynunc/history-other-dataset": artifact_case("coreset_dynunc.py", lambda w: paths.prob_history_path(w.cfg),
+                                                          lambda p, w: of_another_dataset(p), OTHER_DATASET),
+    "coreset_entropy/topk-truncated": artifact_case("coreset_entropy.py", lambda w: paths.topk_history_path(w.cfg),
+                                                    lambda p, w: truncated(p), NOT_NUMPY),
+    "coreset_entropy/topk-empty": artifact_case("coreset_entropy.py", lambda w: paths.topk_history_path(w.cfg),
+                                                lambda p, w: empty(p), "refused"),
+    "coreset_entropy/topk-npy": artifact_case("coreset_entropy.py", lambda w: paths.topk_history_path(w.cfg),
+                                              lambda p, w: changed(p, w, array=np.ones(N)), "topk"),
+    "coreset_entropy/topk-2d": artifact_case(
+        "coreset_entropy.py", lambda w: paths.topk_history_path(w.cfg),
+        lambda p, w: changed(p, w, topk_logits=np.ones((3, N), np.float16)), "topk_logits"),
+    "coreset_entropy/topk-class-out-of-range": artifact_case(
+        "coreset_entropy.py", lambda w: paths.topk_history_path(w.cfg),
+        lambda p, w: changed(p, w, topk_index=np.full((3, N, 4), 99, np.int32)), "topk_index"),
+    # label_mapping / retraining: a kept list or label map
+    "label_mapping/kept-text-garbage": kept_case("label_mapping.py", lambda w: foreign(
+        w.tmp / "kept.txt", "kept_index = [1, 2, three]"), "'three' is not a sample index"),
+    "label_mapping/kept-text-nan": kept_case("label_mapping.py", lambda w: foreign(
+        w.tmp / "kept.txt", "kept_index = [1, nan]"), "'nan' is not a sample index"),
+    "label_mapping/kept-nan": kept_case("label_mapping.py", lambda w: kept_list(w, np.array([1.0, np.nan])), "NaN"),
+    "label_mapping/kept-out-of-range": kept_case("label_mapping.py", lambda w: kept_list(w, np.array([1, N])),
+                                                 rf"must be in \[0, {N}\)"),
+    "label_mapping/kept-empty-list": kept_case("label_mapping.py", lambda w: kept_list(w, np.zeros(0, np.int64)),
+                                               "empty"),
+    "label_mapping/kept-other-dataset": kept_case(
+        "label_mapping.py", lambda w: kept_list(w, np.arange(10), fp=Fingerprint(N, 17, w.fp.idx_size)),
+        OTHER_DATASET),
+    "label_mapping/kept-json": kept_case("label_mapping.py", lambda w: foreign(w.tmp / "kept.json", "[1, 2]"),
+                                         "expected the text form"),
+    "label_mapping/label-dict-truncated": artifact_case("label_mapping.py", lambda w: paths.label_dict_path(w.cfg),
+                                                        lambda p, w: truncated(p), NOT_NUMPY, *RETRAIN_RAND),
+    "train_everything/kept-text-garbage": kept_case("train_everything.py", lambda w: foreign(
+        w.tmp / "kept.txt", "kept_index = [1, 2, x]"), "'x' is not a sample index", *RETRAIN),
+    "train_everything/kept-out-of-range": kept_case("train_everything.py", lambda w: kept_list(w, np.array([-1, 3])),
+                                                    rf"must be in \[0, {N}\)", *RETRAIN),
+    "train_everything/kept-other-dataset": artifact_case("train_everything.py", lambda w: rand_set(w) / "kept_index.npy",
+                                                         lambda p, w: of_another_dataset(p), OTHER_DATASET,
+                                                         *RETRAIN_RAND),
+    "train_everything/label-map-truncated": artifact_case("train_everything.py", lambda w: rand_set(w) / "label_map.json",
+                                                          lambda p, w: truncated(p), "malformed JSON", *RETRAIN_RAND),
+    "train_everything/label-map-png": artifact_case("train_everything.py", lambda w: rand_set(w) / "label_map.json",
+                                                    lambda p, w: foreign(p), "malformed JSON", *RETRAIN_RAND),
+    "train_everything/label-map-not-contiguous": artifact_case(
+        "train_everything.py", lambda w: rand_set(w) / "label_map.json",
+        _write_text('{"map": {"0": 0, "1": 5}}'), "not contiguous", *RETRAIN_RAND),
+    # eval_verification: the .bin verification sets
+    "eval_verification/bin-truncated": bin_case(lambda p, w: truncated(p), "not a readable pickle"),
+    "eval_verification/bin-empty": bin_case(lambda p, w: empty(p), "not a readable pickle"),
+    "eval_verification/bin-png": bin_case(lambda p, w: foreign(p), "not a readable pickle"),
+    "eval_verification/bin-crafted-pickle": bin_case(
+        lambda p, w: crafted(p, w, lambda payload: ([PNG, payload], [True])), "refused to load"),
+    "eval_verification/bin-not-images": bin_case(
+        lambda p, w: foreign(p, pickle.dumps(([b"not an image", PNG], [True]))), "image 0 could not be decoded"),
+    "eval_verification/model-truncated": model_case("eval_verification.py", lambda p, w: truncated(p), NOT_CHECKPOINT,
+                                                    "--val_targets", "syn_frontal"),
+    # eval_ijbc: the model and the release's meta files
+    "eval_ijbc/model-crafted-pickle": model_case("eval_ijbc.py", crafted, "refused to load"),
+    "eval_ijbc/pairs-garbage": ijb_case(_write_text("1 2 x\n"), "line 1"),
+    "eval_ijbc/pairs-empty": ijb_case(lambda p, w: empty(p), "no data lines"),
+    # coreset_select: any registered method
+    "coreset_select/topk-truncated": artifact_case("coreset_select.py", lambda w: paths.topk_history_path(w.cfg),
+                                                   lambda p, w: truncated(p), NOT_NUMPY, "--coreset_method", "entropy"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_ends_in_one_line_naming_the_file(work, name):
+    case = CASES[name]
+    args, bad = case.plant(work)
+    before = _files(work.out)
+    r = run_as_user(case.script, *work.keys(*args))
+    line = _one_line(r, Path(bad).name, case.expect)
+    assert line.startswith(f"{Path(case.script).stem}: error: ")
+    assert not work.marker.exists(), "the crafted file's code ran"
+    _assert_unchanged(work.out, before)
+
+
+def _files(folder: Path) -> dict:
+    """relative path -> sha256 of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line(r, naming: str, expect: str = "") -> str:
+    """The command failed with exactly one line on stderr (as a terminal shows it), naming `naming` and matching
+    the regular expression `expect`."""
+    assert r.returncode == 1, f"exit {r.returncode}\nstderr:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = _as_a_terminal_shows(r.stderr)
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{r.stderr[-3000:]!r}"
+    assert naming in lines[0], lines[0]
+    assert re.search(expect, lines[0]), lines[0]
+    return lines[0]
+
+
+def _as_a_terminal_shows(text: str) -> list:
+    """The non-blank lines `text` leaves on a terminal: a carriage return (progress bars) goes back to the
+    start of the line, and what follows overwrites it."""
+    lines = []
+    for raw in text.split("\n"):
+        shown = ""
+        for part in raw.split("\r"):
+            shown = part + shown[len(part):]
+        if shown.strip():
+            lines.append(shown.rstrip())
+    return lines
+
+
+def _assert_unchanged(folder: Path, before: dict, allowed=frozenset()):
+    after = {k: v for k, v in _files(folder).items() if Path(k).name not in allowed}
+    temporary = [k for k in after if ".tmp" in Path(k).name and k not in before]
+    assert not temporary, f"temporary files left: {temporary}"
+    assert after == before, (f"output folder changed: new {sorted(set(after) - set(before))}, gone "
+                             f"{sorted(set(before) - set(after))}, rewritten "
+                             f"{sorted(k for k in set(after) & set(before) if after[k] != before[k])}")
+
+
+# ------------------------------------------------------------------------------- the training images
+def _zero_image_of(rec_dir: Path, sample: int) -> int:
+    """Zero the image bytes of `sample`'s record in train.rec (same length: the index stays right); its key."""
+    key = int(read_layout(rec_dir).image_keys[sample])
+    keys, offsets = read_index(rec_dir / "train.idx")
+    offset = int(offsets[keys == key][0])
+    with open(rec_dir / "train.rec", "r+b") as f:
+        f.seek(offset)
+        _, lrec = struct.unpack("<II", f.read(8))
+        assert lrec >> 29 == 0, "a record split around a magic word: pick another sample"
+        f.seek(offset + 8 + 24)  # past the record head and the 24-byte IRHeader of a scalar label
+        f.write(bytes((lrec & (2 ** 29 - 1)) - 24))
+    return key
+
+
+def _copy_rec(w: Work) -> Path:
+    rec = w.tmp / "rec"
+    shutil.copytree(w.rec, rec, ignore=shutil.ignore_patterns("ijb", "*.bin"))
+    return rec
+
+
+def test_undecodable_training_image_names_record_key_and_sample(work):
+    first = int(PaddedDistributedSampler(N, seed=0).order()[0])  # the first image training decodes
+    work.rec = _copy_rec(work)
+    key = _zero_image_of(work.rec, first)
+    before = _files(work.out)
+    r = run_as_user("train_everything.py", *work.keys())
+    _one_line(r, f"{work.rec / 'train.rec'}: record key {key} (sample {first}) is not an image OpenCV can decode",
+              "--skip_bad_images true")
+    _assert_unchanged(work.out, before, allowed=TRAIN_LOGS)
+
+
+@pytest.mark.parametrize("script", ["train_everything.py", "eval_trainset.py", "clean_trainset.py",
+                                    "eval_simprobs.py", "coreset_rand.py", "generate_label_dict.py",
+                                    "label_mapping.py"])
+@pytest.mark.parametrize("folder", ["empty", "no-idx"])
+def test_rec_folder_without_a_dataset(work, script, folder):
+    work.rec = work.tmp / "rec"
+    work.rec.mkdir()
+    missing = "train.rec" if folder == "empty" else "train.idx"
+    if folder == "no-idx":
+        shutil.copy(work.cfg.rec + "/train.rec", work.rec)
+    before = _files(work.out)
+    r = run_as_user(script, *work.keys(*(RETRAIN_RAND if script == "label_mapping.py" else ())))
+    _one_line(r, str(work.rec / missing))
+    _assert_unchanged(work.out, before)
+
+
+def test_config_that_cannot_work_is_refused_before_work_starts(work):
+    out = work.tmp / "fresh"
+    r = run_as_user("train_everything.py", "--rec", work.rec, "--output", out, *STAGE_KEYS, "--record_topk", "1000")
+    _one_line(r, "record_topk=1000", "exceeds the dataset's 16 identities")
+    assert not out.exists()  # not even the folders its lock made
+
+
+# -------------------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a stage script in this process, as `python script ...` would (the logger it sets up is put back)."""
+    import logging
+
+    logger = logging.getLogger("diffprob")
+    saved = logger.handlers[:], logger.propagate, logger.level
+
+    def run(script, *args) -> int:
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        try:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    yield run
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
+@pytest.mark.parametrize("nth", [1, 3], ids=["first-write", "third-write"])
+def test_full_disk_ends_in_one_line_and_leaves_earlier_outputs(work, in_process, monkeypatch, capsys, nth):
+    """clean_trainset.py writes flagged.npy, its manifest, then kept_index.npy ...: the disk fills at write `nth`."""
+    writes = []
+    real_write = Path.write_bytes
+
+    def write_until_full(path, data):
+        writes.append(path)
+        if len(writes) < nth:
+            return real_write(path, data)
+        real_write(path, data[: len(data) // 2])  # half written, then the device is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    clean = paths.clean_dir(work.cfg)
+    before = _files(work.out)
+    monkeypatch.setattr(Path, "write_bytes", write_until_full)
+    code = in_process("clean_trainset.py", *work.keys())
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    target = writes[-1].name[1:].rsplit(".", 2)[0]  # mkstemp's name: .<target>.<random>.tmp
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"clean_trainset: error: no space left on device writing {clean / target} ("), err
+    if nth == 1:
+        _assert_unchanged(work.out, before)
+    else:  # what was written before the disk filled is whole; the file being written keeps its earlier bytes
+        after = _files(work.out)
+        assert not [k for k in after if ".tmp" in k]
+        assert after[f"clean/{target}"] == before[f"clean/{target}"]
+        assert is_complete(clean / "kept_index.npy", work.fp)
+        for name in ("flagged.npy", "kept_index.npy"):
+            load_kept_index(clean / name, work.fp)
+
+
+# ---------------------------------------------------------------------------------- a killed writer
+def test_temporary_file_of_a_killed_run_does_not_stop_the_next(work):
+    folder = rand_set(work)
+    kept = (folder / "kept_index.npy").read_bytes()
+    (folder / ".kept_index.npy.k9x2ab.tmp").write_bytes(kept[: len(kept) // 2])  # what a killed writer leaves
+    before = {k: v for k, v in _files(work.out).items() if not k.startswith("coresets/rand")}
+    run_script("coreset_rand.py", *work.keys())
+    assert (folder / "kept_index.npy").read_bytes() == kept  # same seed, same list, written whole
+    assert {k: v for k, v in _files(work.out).items() if not k.startswith("coresets/rand")} == before
+
+
+def test_training_killed_mid_run_resumes_and_keeps_its_epochs(work):
+    out = work.tmp / "run"
+    keys = ["--rec", work.rec, "--output", out, *STAGE_KEYS, "--max_steps_per_epoch", "2", "--resume", "true"]
+    model = paths.original_dir(parse_config([*map(str, keys)]))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_everything.py"), *map(str, keys)], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (model / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        epoch1 = (model / "epoch_001.pt").read_bytes()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert json.loads((model / LOCK_NAME).read_text())["pid"] == proc.pid  # the killed run's lock is left behind
+
+    r = run_script("train_everything.py", *keys)
+    assert "taking over the lock of train_everything.py" in r.stderr and "resumed from epoch 1" in r.stdout
+    assert (model / "epoch_001.pt").read_bytes() == epoch1
+    assert load_checkpoint(model / "last.pt")["epoch"] == 3
+    assert read_array(model / "prob_history.npy").shape == (3, N)
+    assert not (model / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------- one run per folder
+@contextlib.contextmanager
+def held_by_this_test(folder):
+    """Hold `folder`'s lock here; the scripts this test starts meet it as any other run would."""
+    with OutputLock(folder, what="test_bad_input.py"):
+        token = os.environ.pop(ENV_TOKENS)  # not passed down: the children are strangers to this lock
+        try:
+            yield
+        finally:
+            os.environ[ENV_TOKENS] = token
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def _stale_lock(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).write_text(json.dumps({
+        "pid": _dead_pid(), "host": socket.gethostname(), "what": "killed.py", "token": "gone",
+        "started": "2024-01-01T07:31:02", "command": "killed.py"}))
+
+
+def _refused_by_holder(r, folder, started):
+    line = _one_line(r, f"{folder} is in use by test_bad_input.py (pid {os.getpid()} on host {socket.gethostname()}",
+                     "wait for it or stop it")
+    assert time.time() - started < 60, "the second run waited instead of stopping at once"
+    return line
+
+
+def test_second_pipeline_on_a_folder_stops_at_once(tmp_path):
+    out = tmp_path / "demo"
+    with held_by_this_test(out):
+        started = time.time()
+        r = run_as_user("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1")
+        _refused_by_holder(r, out, started)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing made
+
+
+def test_pipeline_takes_over_the_lock_of_a_killed_run(tmp_path):
+    out = tmp_path / "demo"
+    _stale_lock(out)
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1")
+    assert "stopped after step 1" in r.stdout
+    assert (out / "data" / "train.idx").exists() and not (out / LOCK_NAME).exists()
+
+
+def test_second_stage_on_a_folder_stops_at_once(work):
+    clean = paths.clean_dir(work.cfg)
+    before = _files(work.out)
+    with held_by_this_test(clean):
+        started = time.time()
+        r = run_as_user("clean_trainset.py", *work.keys())
+        _refused_by_holder(r, clean, started)
+    _assert_unchanged(work.out, before)
+
+
+def test_stage_takes_over_the_lock_of_a_killed_run(work):
+    clean = paths.clean_dir(work.cfg)
+    _stale_lock(clean)
+    run_script("clean_trainset.py", *work.keys())
+    assert is_complete(clean / "kept_index.npy", work.fp) and not (clean / LOCK_NAME).exists()
