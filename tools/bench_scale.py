@@ -104,13 +104,31 @@ def simulate_epoch(labels: np.ndarray, num_classes: int, epoch: int, epochs: int
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def step_write_recordio(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from tools.bench_export import write_source
+def write_tiny_recordio(folder: Path, scale: str, seed: int) -> int:
+    """train.rec/.idx/property in the InsightFace layout (header, image records, one record per identity)
+    with 4-byte payloads: the headers are what reading the layout reads. Identity sizes are log-normal."""
+    from tools.bench_pruning import synthetic
+    from utils.recordio import IRHeader, MXIndexedRecordIO, pack
 
     images, ids, largest, _ = SCALES[scale]
+    counts = np.bincount(synthetic(images, ids, largest, seed)[1], minlength=ids)
+    first_identity = images + 1
+    ends = first_identity - images + np.cumsum(counts)  # end key of each identity's images
+    with MXIndexedRecordIO(folder / "train.idx", folder / "train.rec", "w") as rec:
+        rec.write_idx(0, pack(IRHeader(2, [first_identity, first_identity + ids], 0, 0), b""))
+        labels = np.repeat(np.arange(ids), counts)
+        for key, label in enumerate(labels.tolist(), start=1):
+            rec.write_idx(key, pack(IRHeader(0, float(label), key, 0), b"face"))
+        for identity, (end, n) in enumerate(zip(ends.tolist(), counts.tolist())):
+            rec.write_idx(first_identity + identity, pack(IRHeader(2, [end - n, end], 0, 0), b""))
+    (folder / "property").write_text(f"{ids},112,112\n")
+    return images
+
+
+def step_write_recordio(work: Path, scale: str, epochs: int, seed: int) -> dict:
     (work / "rec").mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    write_source(work / "rec", images, ids, largest, payload_bytes=4, seed=seed)
+    images = write_tiny_recordio(work / "rec", scale, seed)
     return {"seconds": time.perf_counter() - t,
             "note": f"{images:,} records, train.rec {(work / 'rec' / 'train.rec').stat().st_size / 2**20:,.0f} MB"}
 

@@ -23,7 +23,6 @@ takes minutes on CPU), so the test suite runs it in about a minute and the scrip
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import subprocess
 import sys
@@ -35,8 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-from tools import bench_train  # noqa: E402
 
 # What each mode runs: model, sizes, steps, data.
 MODES = {
@@ -55,20 +52,39 @@ def section(name: str):
     print(f"\n== {name} ==", flush=True)
 
 
-def bench_args(mode: dict, **over) -> argparse.Namespace:
-    """The arguments tools/bench_train.py's `bench` reads."""
-    values = dict(network=mode["network"], loss="CosFace", embedding_size=mode["embedding_size"],
-                  num_classes=mode["num_classes"], image_size=mode["image_size"], batch_size=mode["batch_size"],
-                  steps=mode["steps"], warmup=mode["warmup"], dtype="bf16", compile=False, loader="synthetic",
-                  rec=None, workers=mode["workers"], device=mode["device"], peak_tflops=None)
-    values.update(over)
-    return argparse.Namespace(**values)
+# The dry run compiles with the "eager" backend: graph capture without inductor's C++ code generation.
+_EAGER_COMPILE = ("import functools, runpy, sys, torch; "
+                  "torch.compile = functools.partial(torch.compile, backend='eager'); "
+                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def bench_train(mode: dict, loops: str, dry_run: bool, **over) -> list:
+    """Rows {loop, dtype, compile, images_per_s, gflops, mfu} of tools/bench_train.py, run in its own process."""
+    opts = dict(network=mode["network"], loss="CosFace", embedding_size=mode["embedding_size"],
+                num_classes=mode["num_classes"], image_size=mode["image_size"], batch_size=mode["batch_size"],
+                steps=mode["steps"], warmup=mode["warmup"], dtype="bf16", loader="synthetic",
+                workers=mode["workers"], device=mode["device"], loops=loops)
+    compiled = over.pop("compile", False)
+    opts.update(over)
+    cmd = [str(REPO / "tools" / "bench_train.py")] + [x for k, v in opts.items()
+                                                      for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd += ["--compile"] if compiled else []
+    cmd = [sys.executable, "-c", _EAGER_COMPILE, *cmd] if dry_run else [sys.executable, *cmd]
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        words = line.split()
+        if words and words[0] in loops.split(",") and len(words) >= 7:  # loop device... dtype compile ips gflops mfu
+            rows.append({"loop": words[0], "dtype": words[-5], "compile": words[-4], "images_per_s": float(words[-3]),
+                         "gflops": float(words[-2]), "mfu": words[-1]})
+    if len(rows) != len(loops.split(",")):
+        raise RuntimeError(f"tools/bench_train.py printed no row for every loop of {loops}:\n{out}")
+    return rows
 
 
 def speed_row(label: str, r: dict):
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    print(f"{label:<34} {r['dtype']:<6} compile={str(r['compile']):<5} {r['images_per_s']:>10.1f} images/s  "
-          f"{r['gflops_per_image']:.2f} GFLOP/image  MFU {mfu}", flush=True)
+    print(f"{label:<42} {r['dtype']:<6} compile={r['compile']:<5} {r['images_per_s']:>10.1f} images/s  "
+          f"{r['gflops']:.2f} GFLOP/image  MFU {r['mfu']}", flush=True)
 
 
 def make_dataset(mode: dict, folder: Path) -> Path:
@@ -157,8 +173,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.dry_run:
-        # Graph capture without inductor's C++ code generation: minutes on CPU otherwise.
-        torch.compile = functools.partial(torch.compile, backend="eager")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     t0 = time.perf_counter()
     ok = True
@@ -176,15 +190,15 @@ def main(argv=None) -> int:
         rec = make_dataset(mode, tmp)
 
         section("train")
-        for loader, extra in (("synthetic", {}), ("recordio", {"rec": str(rec)})):
+        for loader, extra in (("synthetic", {}), ("recordio", {"loader": "recordio", "rec": rec})):
             where = "on-device batches" if loader == "synthetic" else f"RecordIO loader, {mode['workers']} workers"
-            speed_row(f"paper fp32 ({where})", bench_train.bench(bench_args(mode, loader=loader, **extra), "plain"))
-            for compiled in (False, True):
-                args_ = bench_args(mode, loader=loader, compile=compiled, **extra)
-                speed_row(f"ours ({where})", bench_train.bench(args_, "ours"))
+            plain, ours = bench_train(mode, "plain,ours", args.dry_run, **extra)
+            speed_row(f"paper fp32 ({where})", plain)
+            speed_row(f"ours ({where})", ours)
+            speed_row(f"ours ({where})", bench_train(mode, "ours", args.dry_run, compile=True, **extra)[0])
 
         section("score")
-        speed_row("score (on-device batches)", bench_train.bench(bench_args(mode), "score"))
+        speed_row("score (on-device batches)", bench_train(mode, "score", args.dry_run)[0])
 
         section("bf16")
         ok &= loss_curves(mode, rec)
