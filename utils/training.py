@@ -4,7 +4,7 @@ The loop itself is short; what it needs is prepared by `prepare_run` (dataset, m
 schedule, resume state) and reported through small callbacks (log line, verification, checkpoint).
 With `is_original_train=True` every epoch also records, per sample, the labelled-class probability
 with margin as seen during that epoch (the DynUnc input) and the margin-free top-k logits (the
-soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.npy`.
+soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.npz`.
 """
 from __future__ import annotations
 
