@@ -125,6 +125,10 @@ def test_readers_refuse_records_of_another_shape(tmp_path):
                "train_everything", FP)
     with pytest.raises(ArtifactError, match="expected topk_logits and topk_index of shape"):
         load_topk(cfg, FP)
+    save_array(paths.prob_history_path(cfg), np.zeros((2, N), np.float32), "train_everything", FP,
+               info={"shape": [3, N]})  # the manifest of another assembly
+    with pytest.raises(ArtifactError, match=r"holds shape \(2, 50\), its manifest says \(3, 50\)"):
+        load_prob_history(cfg, FP)
     paths.topk_history_path(cfg).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ArtifactError, match="truncated or not a NumPy array file"):
         load_topk(cfg, FP)

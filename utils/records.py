@@ -46,10 +46,11 @@ def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:
     path = paths.prob_history_path(cfg)
     if not path.exists():
         raise ArtifactError(f"missing {path}: train the original model with --is_original_train true")
-    check_fingerprint(path, fingerprint)
+    manifest = check_fingerprint(path, fingerprint)
     history = open_npy(path)
     if history.ndim != 2 or history.shape[1] != fingerprint.num_images:
         raise ArtifactError(f"{path}: expected shape (epochs, {fingerprint.num_images}), found {history.shape}")
+    _check_manifest_shape(path, manifest, history.shape)
     return history
 
 
@@ -64,7 +65,7 @@ def load_topk(cfg, fingerprint: Fingerprint) -> dict:
     if not path.exists():
         raise ArtifactError(f"missing {path}: train the original model with --is_original_train true "
                             f"--record_topk K (K > 0)")
-    check_fingerprint(path, fingerprint)
+    manifest = check_fingerprint(path, fingerprint)
     rec = open_npz(path)
     missing = [k for k in TOPK_KEYS if k not in rec]
     if missing:
@@ -75,10 +76,19 @@ def load_topk(cfg, fingerprint: Fingerprint) -> dict:
         raise ArtifactError(f"{path}: expected topk_logits and topk_index of shape (epochs, "
                             f"{fingerprint.num_images}, k) and rest_mean_logit (epochs, {fingerprint.num_images}); "
                             f"found {logits.shape}, {index.shape}, {rest.shape}")
+    _check_manifest_shape(path, manifest, logits.shape)
     if logits.shape[2] > fingerprint.num_classes:
         raise ArtifactError(f"{path}: top-{logits.shape[2]} logits recorded, but the dataset has "
                             f"{fingerprint.num_classes} classes")
     return rec
+
+
+def _check_manifest_shape(path, manifest: dict, shape):
+    """The training writes (epochs, samples[, k]) into the manifest: a file replaced or cut since disagrees."""
+    recorded = (manifest.get("info") or {}).get("shape")
+    if recorded is not None and tuple(recorded) != tuple(shape):
+        raise ArtifactError(f"{path}: holds shape {tuple(shape)}, its manifest says {tuple(recorded)} "
+                            f"(epochs, samples[, k]); assemble it again (train_everything.py --resume true)")
 
 
 # ------------------------------------------------------------------------ memory-mapped array files

@@ -539,7 +539,7 @@ def _check_epoch_records(files, fingerprint: Fingerprint, num_classes: int) -> d
 def _stream_npy_member(zf, name: str, shape, dtype, parts):
     """Write one .npy member of an uncompressed .npz from `parts`, C-ordered slices along the first axis."""
     with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-        np.lib.format.write_array_header_2_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                       "fortran_order": False, "shape": tuple(shape)})
         for part in parts:
             member.write(np.ascontiguousarray(part, dtype=dtype).data)
