@@ -40,6 +40,8 @@ class Config:
     s: Optional[float] = None  # scale (None: the loss table's)
     m: Optional[float] = None  # margin (None: the loss table's)
     std: Optional[float] = None  # margin std of the Elastic heads (None: the loss table's)
+    sample_rate: float = 1.0  # Partial FC: share of each rank's class centres in a training step (positives
+    #                           always; 1: every class). With < 1 the records hold the full-softmax probability
     # ---- optimisation (paper recipe) ----------------------------------------------------------
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -178,6 +180,9 @@ def _check(cfg: Config):
         raise ConfigError(f"score_epoch={cfg.score_epoch} must be -1 (the last) or an epoch >= 1")
     if not 0 < cfg.fraction <= 1:
         raise ConfigError(f"fraction={cfg.fraction} must be in (0, 1]")
+    if not 0 < cfg.sample_rate <= 1:
+        raise ConfigError(f"sample_rate={cfg.sample_rate} must be in (0, 1] (Partial FC's share of the class "
+                          f"centres; 1: every class)")
     if cfg.threshold is not None and cfg.threshold < 0:
         raise ConfigError(f"threshold={cfg.threshold} must be >= 0")
     for key in ("batch_size", "embedding_size", "window", "score_batch_size", "eval_batch_size"):

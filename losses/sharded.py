@@ -1,9 +1,17 @@
-"""Model-parallel margin softmax (Partial FC with sample rate 1).
+"""Model-parallel margin softmax (Partial FC).
 
 Each rank holds a contiguous slice of the class centres (split as `np.array_split`). A step
 all-gathers the embeddings and labels of the global batch, computes the logits of the local classes,
 and evaluates softmax cross-entropy across ranks from an all-reduced max and sum of exponentials,
 so no rank ever materialises (global batch x all classes).
+
+Partial FC sampling (`sample_rate` < 1, arcface_torch's): in a training step each rank keeps the
+centres of the classes of the global batch that live on it (the positives) plus random negatives, in
+all max(1, int(sample_rate * local classes)) columns (every positive, even if there are more); the
+softmax runs over the union of the ranks' kept columns and only those centres get a gradient. The
+draw is seeded by (sample_seed, rank, draw count); the count is saved with the head (`sample_draws`),
+so a resumed run draws on. With `sample_rate` = 1 nothing is sampled and the head is the full softmax.
+`score()` always uses every class.
 
 Gradient convention (the training loop relies on it):
 - the head is NOT wrapped in DDP: each rank's weight slice gets exactly dLoss/dW_slice;
@@ -21,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from losses.registry import get_head
@@ -35,6 +44,16 @@ def class_split(num_classes: int, world_size: int) -> List[Tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def resplit_rows(parts: List[torch.Tensor], num_classes: int, world_size: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s rows (of `world_size`) of a class-sharded tensor saved as `parts`, the shards of another
+    number of ranks in rank order: the rows [start, end) of their concatenation, bitwise."""
+    rows = sum(int(p.shape[0]) for p in parts)
+    if rows != num_classes:
+        raise ValueError(f"resplit_rows: the {len(parts)} shards hold {rows} classes, expected {num_classes}")
+    start, end = class_split(num_classes, world_size)[rank]
+    return torch.cat(list(parts))[start:end].clone()
 
 
 class ShardComm:
@@ -154,13 +173,17 @@ class ShardedClassifier(nn.Module):
 
     forward(local_embeddings (n, D), local_labels (n,)) -> (loss, gt_prob):
       loss: scalar, mean cross-entropy over the GLOBAL batch (identical on every rank);
-      gt_prob: (n,) float32, detached, softmax probability of the labelled class WITH margin.
+      gt_prob: (n,) float32, detached, softmax probability of the labelled class WITH margin; with
+        `sample_rate` < 1 in training mode it is the SAMPLED softmax's (its denominator leaves out the
+        negatives not drawn, so it is higher than the full one); `score()` gives the full one.
     Every rank must call forward / score / full_state_dict together (they are collectives).
     Labels are global class ids in [0, num_classes)."""
 
     def __init__(self, head_name: str, in_features: int, num_classes: int, rank: int = 0, world_size: int = 1,
-                 group=None, **head_kwargs):
+                 group=None, sample_rate: float = 1.0, sample_seed: int = 0, **head_kwargs):
         super().__init__()
+        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+            raise ValueError(f"ShardedClassifier: sample_rate={sample_rate!r} must be in (0, 1] (1: every class)")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ShardedClassifier: rank {rank} is not in a world of {world_size}")
         if num_classes < world_size:
@@ -180,6 +203,12 @@ class ShardedClassifier(nn.Module):
         self.head_name = self.head.head_name
         self.comm = ShardComm(group, rank, world_size) if world_size > 1 else None
         self.head.shard_comm = self.comm
+        self.sample_rate = float(sample_rate)
+        self.sample_seed = int(sample_seed)
+        self.num_sample = max(1, int(self.sample_rate * (self.class_end - self.class_start)))
+        self._draws = 0  # the host copy of `sample_draws`: reading the buffer would sync the device
+        if self.sample_rate < 1:
+            self.register_buffer("sample_draws", torch.zeros((), dtype=torch.long))
 
     @property
     def s(self) -> float:
@@ -187,7 +216,17 @@ class ShardedClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, classes=[{self.class_start}, {self.class_end}), "
-                f"rank={self.rank}, world_size={self.world_size}")
+                f"rank={self.rank}, world_size={self.world_size}, sample_rate={self.sample_rate}")
+
+    @property
+    def sampling(self) -> bool:
+        """True when a training step uses a sample of the negative classes (Partial FC)."""
+        return self.sample_rate < 1 and self.training
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "sample_draws" in state_dict:
+            self._draws = int(state_dict[prefix + "sample_draws"])
 
     # ---------------------------------------------------------------------------- batch plumbing
     def _global_batch(self, local_embeddings, local_labels, with_grad: bool):
@@ -225,11 +264,39 @@ class ShardedClassifier(nn.Module):
         return self.comm.all_reduce_sum(target)
 
     # --------------------------------------------------------------------------------- training
+    def sample_columns(self, local: torch.Tensor) -> torch.Tensor:
+        """Sorted local columns a sampled step uses: every positive (a class of the global batch on this
+        rank), then random negatives up to `num_sample` columns."""
+        positive = torch.unique(local[local >= 0])  # sorted
+        if positive.numel() >= self.num_sample:
+            return positive
+        gen = torch.Generator(device=local.device)
+        gen.manual_seed((self.sample_seed * 1_000_003 + self._draws) * 8191 + self.rank)
+        self._draws += 1
+        self.sample_draws.fill_(self._draws)
+        score = torch.rand(self.class_end - self.class_start, generator=gen, device=local.device)
+        score[positive] = 2.0  # positives first
+        return score.topk(self.num_sample).indices.sort().values
+
+    def _sampled_cosine(self, embeddings: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """(N, len(columns)) cosines to the kept centres: `head.cosine` restricted to `columns` (the rows are
+        normalised one by one, so these are the same values as the full cosines' columns)."""
+        e = F.normalize(embeddings.float(), dim=1)
+        w = F.normalize(self.head.weight[columns].float(), dim=1)
+        return F.linear(e, w).clamp(-1.0, 1.0)
+
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor):
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=True)
             local = self._local_labels(labels)
-            cos = self.head.cosine(embeddings)
+            if self.sampling:
+                columns = self.sample_columns(local)
+                position = torch.full((self.class_end - self.class_start,), -1, dtype=torch.long, device=local.device)
+                position[columns] = torch.arange(columns.numel(), device=local.device)
+                local = torch.where(local >= 0, position[local.clamp_min(0)], local)
+                cos = self._sampled_cosine(embeddings, columns)
+            else:
+                cos = self.head.cosine(embeddings)
             logits = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
             rows = (local >= 0).nonzero().squeeze(1)
             loss, gt_prob = _ShardedSoftmaxCE.apply(logits, rows, local[rows], self.comm)

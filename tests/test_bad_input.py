@@ -573,7 +573,8 @@ def test_full_disk_ends_in_one_line_and_leaves_earlier_outputs(work, in_process,
     else:  # what was written before the disk filled is whole; the file being written keeps its earlier bytes
         after = _files(work.out)
         assert not [k for k in after if ".tmp" in k]
-        assert after[f"clean/{target}"] == before[f"clean/{target}"]
+        rel = str((clean / target).relative_to(work.out))  # clean/<scorer>/<file>
+        assert after[rel] == before[rel]
         assert is_complete(clean / "kept_index.npy", work.fp)
         for name in ("flagged.npy", "kept_index.npy"):
             load_kept_index(clean / name, work.fp)

@@ -71,16 +71,20 @@ def _worker(rank, world_size, init_file, names):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path):
-    names = list_heads()
-    ctx = mp.spawn(_worker, args=(2, str(tmp_path / "store"), names), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
+def spawn_gloo(worker, tmp_path, *args, nprocs=2, timeout=120):
+    """Run worker(rank, nprocs, init_file, *args) in `nprocs` processes; fail the test after `timeout` s."""
+    ctx = mp.spawn(worker, args=(nprocs, str(tmp_path / "store"), *args), nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the 2-process gloo check did not finish in 120 s")
+            pytest.fail(f"the {nprocs}-process gloo check did not finish in {timeout} s")
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path):
+    spawn_gloo(_worker, tmp_path, list_heads())
 
 
 # ------------------------------------------------------------------ one process, no torch.distributed

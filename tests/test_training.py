@@ -193,3 +193,73 @@ def test_retrain_with_relabelled_samples(tiny, tmp_path):
     others = np.setdiff1d(np.arange(ds.num_images), flagged)
     assert np.array_equal(run.dataset.labels[others], ds.all_labels[others])
     assert paths.train_dir(cfg).name.startswith("relabel_")
+
+
+# ------------------------------------------------------------------- the GPU code paths, run on CPU
+def _short(tiny, out, *extra):
+    return _cfg(tiny, out, "--num_epoch", "1", "--lr_steps", "1", "--record_topk", "0", "--verify_every_epoch",
+                "false", "--max_steps_per_epoch", "3", *extra)
+
+
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16], ids=["fp16_scaler", "bf16"])
+def test_autocast_paths_train_and_resume_on_cpu(tiny, tmp_path, amp):
+    """The GPU precisions, forced on CPU through the Context (on CPU the default is fp32): fp16 runs with a
+    grad scaler whose state is saved and resumed, bf16 without one."""
+    from train_everything import train
+    from utils.context import Context
+
+    train(_short(tiny, tmp_path), Context(amp_dtype=amp))
+    out = paths.original_dir(_short(tiny, tmp_path))
+    scaler = torch.load(out / "resume_rank0_epoch001.pt", weights_only=True)["scaler"]
+    assert ("scale" in scaler) == (amp == torch.float16)
+    summary = train(_short(tiny, tmp_path, "--num_epoch", "2", "--resume", "true"), Context(amp_dtype=amp))
+    assert summary["steps"] == 6  # 3 steps per epoch; train() stops on a non-finite loss
+
+
+def test_bf16_step_agrees_with_fp32():
+    from backbones import get_model
+    from losses import ShardedClassifier
+    from utils.training import train_step
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 8
+    losses = {}
+    for amp in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model, head = get_model("smallnet", num_features=32, input_size=32), ShardedClassifier("CosFace", 32, 8)
+        opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        losses[amp] = float(train_step(model, head, opt, scaler, images, labels, device=torch.device("cpu"),
+                                       amp_dtype=amp)[0])
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=0.02)  # bf16 keeps 8 bits of mantissa
+
+
+def test_compiled_model_state_dict_loads_into_an_uncompiled_one():
+    from backbones import get_model
+    from utils.models import build_backbone
+
+    model = get_model("smallnet", num_features=32, input_size=32)
+    state = torch.compile(model).state_dict()  # compiling is lazy: nothing is compiled here
+    assert all(k.startswith("_orig_mod.") for k in state)
+    loaded = build_backbone(state, "smallnet", 32, input_size=32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_compile_trains_and_resumes_on_cpu(tiny, tmp_path):
+    """--compile true on CPU (inductor: needs a C compiler); the saved backbone has plain keys."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU (inductor) needs a C compiler (cc); none on PATH")
+    from backbones import get_model
+    from train_everything import train
+
+    train(_short(tiny, tmp_path, "--compile", "true", "--max_steps_per_epoch", "2"), _ctx())
+    summary = train(_short(tiny, tmp_path, "--compile", "true", "--max_steps_per_epoch", "2", "--num_epoch", "2",
+                           "--resume", "true"), _ctx())
+    assert summary["steps"] == 4
+    state = torch.load(paths.original_dir(_short(tiny, tmp_path)) / "backbone.pth", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state)
+    get_model("smallnet", num_features=64, input_size=32).load_state_dict(state, strict=True)

@@ -4,7 +4,7 @@ The loop itself is short; what it needs is prepared by `prepare_run` (dataset, m
 schedule, resume state) and reported through small callbacks (log line, verification, checkpoint).
 With `is_original_train=True` every epoch also records, per sample, the labelled-class probability
 with margin as seen during that epoch (the DynUnc input) and the margin-free top-k logits (the
-soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.npy`.
+soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.npz`.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from config.config import check_against_dataset
+from losses.sharded import resplit_rows
 from utils import paths
-from utils.artifacts import (ArtifactError, Fingerprint, is_complete, load_kept_index, load_label_map, read_array,
-                             save_array)
+from utils.artifacts import (ArtifactError, Fingerprint, atomic_path, is_complete, load_kept_index, load_label_map,
+                             manifest_path, read_manifest, save_array, write_manifest)
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.context import Context, barrier, gather_by_index, seed_everything
 from utils.data import PaddedDistributedSampler, collate_skip_bad, open_dataset
 from utils.embedding import forward_uint8
 from utils.errors import UserError
 from utils.models import build_head, head_kwargs, model_kwargs, new_backbone
+from utils.records import npz_headers
 from utils.selection import RETRAIN_ONLY, get_method
 from utils.transforms import random_hflip
 
@@ -126,7 +129,8 @@ def prepare_run(cfg, ctx: Context) -> Run:
     check_against_dataset(cfg, len(dataset), dataset.num_classes, image_size, world_size=ctx.world_size)
     seed_everything(cfg.seed)  # same initial weights on every rank and on a resumed run
     backbone = new_backbone(cfg, image_size).to(ctx.device)
-    head = build_head(cfg.loss, cfg.embedding_size, dataset.num_classes, ctx, head_kwargs(cfg)).to(ctx.device)
+    head = build_head(cfg.loss, cfg.embedding_size, dataset.num_classes, ctx,
+                      {**head_kwargs(cfg), "sample_rate": cfg.sample_rate, "sample_seed": cfg.seed}).to(ctx.device)
     if ctx.device.type == "cuda" and cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     train_backbone = backbone
@@ -150,7 +154,7 @@ def prepare_run(cfg, ctx: Context) -> Run:
     optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}],
                                 lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(enabled=ctx.amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     run = Run(cfg, ctx, out, dataset, loader, sampler, backbone, train_backbone, head, optimizer, scheduler,
               scaler, steps_per_epoch, inputs=inputs, label_map=label_map)
     if cfg.resume:
@@ -203,10 +207,54 @@ def save_epoch(run: Run, epoch: int):
     barrier(ctx)
     if epoch > 1:
         _resume_file(out, ctx.rank, epoch - 1).unlink(missing_ok=True)
+    if ctx.is_main:  # resume files of ranks this run does not have (an earlier run of more processes)
+        for f in out.glob("resume_rank*_epoch*.pt"):
+            if int(f.name[len("resume_rank"):].split("_")[0]) >= ctx.world_size:
+                f.unlink(missing_ok=True)
+
+
+HEAD_GROUP = 1  # the optimizer's param group of the head (prepare_run: [backbone, head])
+
+
+def resplit_resume_state(states: list, num_classes: int, world_size: int, rank: int) -> dict:
+    """Rank `rank`'s resume state in a run of `world_size` processes, from the per-rank resume states
+    `states` (in rank order) that a run of len(states) processes saved.
+
+    The head's class shards (its weight and that weight's optimizer state, the momentum buffer) are
+    joined in the old rank order and cut at the new rank's bounds (`class_split`): bitwise the rows of
+    the gathered head. The rest is the same on every rank and comes from old rank 0: DDP keeps the
+    backbone's optimizer state identical on all ranks, the head's buffers are global-batch statistics,
+    and the scheduler, scaler and step are global. The RNG state is the old rank's of the same number
+    where there is one, else rank 0's. States of old ranks > 0 need only 'head_shard', the head group's
+    'optimizer' state and 'rng'.
+    """
+    base = states[0]
+    rows = [int(st["head_shard"]["head.weight"].shape[0]) for st in states]
+    head = dict(base["head_shard"])
+    head["head.weight"] = resplit_rows([st["head_shard"]["head.weight"] for st in states], num_classes, world_size, rank)
+    optimizer = {"state": dict(base["optimizer"]["state"]), "param_groups": base["optimizer"]["param_groups"]}
+    for index in base["optimizer"]["param_groups"][HEAD_GROUP]["params"]:
+        if index not in optimizer["state"]:
+            continue
+        entry = dict(optimizer["state"][index])
+        for key, value in entry.items():
+            parts = [st["optimizer"]["state"][index][key] for st in states]
+            if all(torch.is_tensor(p) and p.dim() >= 1 and p.shape[0] == r for p, r in zip(parts, rows)):
+                entry[key] = resplit_rows(parts, num_classes, world_size, rank)
+        optimizer["state"][index] = entry
+    rng = states[rank]["rng"] if rank < len(states) else base["rng"]
+    return {**base, "head_shard": head, "optimizer": optimizer, "rng": rng}
+
+
+def _head_part(state: dict, keep_rng: bool) -> dict:
+    """What `resplit_resume_state` needs of an old rank > 0 (its backbone optimizer state is rank 0's)."""
+    ids = state["optimizer"]["param_groups"][HEAD_GROUP]["params"]
+    return {"head_shard": state["head_shard"], "rng": state["rng"] if keep_rng else None,
+            "optimizer": {"state": {i: v for i, v in state["optimizer"]["state"].items() if i in ids}}}
 
 
 def _resume(run: Run):
-    out, ctx = run.out, run.ctx
+    out, ctx, cfg = run.out, run.ctx, run.cfg
     marker = out / "last.pt"
     if not marker.exists():
         log.info("resume: no complete epoch in %s, starting from scratch", out)
@@ -214,12 +262,21 @@ def _resume(run: Run):
     last = load_checkpoint(marker)
     if Fingerprint.from_dict(last["fingerprint"]) != run.dataset.fingerprint:
         raise ArtifactError(f"{marker} belongs to another dataset or kept list; use another --output")
-    if last["world_size"] != ctx.world_size:
-        raise UserError(f"{marker} was written by {last['world_size']} processes; resume with the same number "
-                        f"(the head's class shards and optimizer state are per rank)")
-    epoch = last["epoch"]
+    epoch, saved_world = int(last["epoch"]), int(last["world_size"])
     light = load_checkpoint(paths.epoch_checkpoint(out, epoch))
-    state = load_checkpoint(_resume_file(out, ctx.rank, epoch))
+    if saved_world == ctx.world_size:
+        state = load_checkpoint(_resume_file(out, ctx.rank, epoch))
+    else:
+        files = [_resume_file(out, r, epoch) for r in range(saved_world)]
+        lost = [str(f) for f in files if not f.exists()]
+        if lost:
+            raise ArtifactError(f"{marker} names a run of {saved_world} processes, but its resume files {lost} are "
+                                f"missing; they hold the head's class shards and their optimizer state")
+        states = [load_checkpoint(files[0])]
+        states += [_head_part(load_checkpoint(f), r == ctx.rank) for r, f in enumerate(files[1:], start=1)]
+        state = resplit_resume_state(states, run.dataset.num_classes, ctx.world_size, ctx.rank)
+        del states
+    fresh_lrs = [group["initial_lr"] for group in run.optimizer.param_groups]  # for this run's global batch
     run.backbone.load_state_dict(light["backbone"])
     run.head.load_state_dict(state["head_shard"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -227,15 +284,46 @@ def _resume(run: Run):
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     run.start_epoch, run.global_step, run.best = epoch, state["step"], state.get("best", {})
+    if saved_world != ctx.world_size:
+        _continue_schedule(run, epoch, fresh_lrs)
+        log.info("resume: epoch %d of a run of %d processes continues on %d (the head's class shards and their "
+                 "momentum re-split); global batch %d, lr %.5f; the data order of the remaining epochs is that of "
+                 "%d processes", epoch, saved_world, ctx.world_size, cfg.batch_size * ctx.world_size,
+                 run.optimizer.param_groups[0]["lr"], ctx.world_size)
     log.info("resumed from epoch %d (step %d) of %s", epoch, run.global_step, out)
 
 
-# --------------------------------------------------------------------------------------- the loop
-class Recorder:
-    """Per-sample values seen during one epoch, gathered exactly at its end."""
+def _continue_schedule(run: Run, epoch: int, base_lrs: list):
+    """The lr schedule of this run (its global batch, its steps per epoch) at the start of epoch `epoch`."""
+    sched = run.scheduler
+    sched.base_lrs = list(base_lrs)
+    sched.last_epoch = epoch * run.steps_per_epoch
+    factor = lr_factor(run.cfg, run.steps_per_epoch)(sched.last_epoch)
+    for group, base in zip(run.optimizer.param_groups, base_lrs):
+        group["initial_lr"], group["lr"] = base, base * factor
+    sched._last_lr = [group["lr"] for group in run.optimizer.param_groups]
 
-    def __init__(self, topk: int):
+
+# --------------------------------------------------------------------------------------- the loop
+def _record_kind(cfg) -> dict:
+    """What the recorded labelled-class probability is (manifest info of the records)."""
+    if cfg.sample_rate < 1:
+        prob = ("full softmax over every class, from a no-grad scoring pass at each step (eval-mode margin, "
+                "frozen statistics); the loss used the Partial FC sampled softmax")
+    else:
+        prob = "full softmax over every class, from the training forward"
+    return {"sample_rate": cfg.sample_rate, "recorded_prob": prob}
+
+
+class Recorder:
+    """Per-sample values seen during one epoch, gathered exactly at its end.
+
+    `full_prob`: record the full-softmax probability of a scoring pass instead of the training forward's
+    (Partial FC sampling: the forward's is the sampled softmax's, see `_record_kind`)."""
+
+    def __init__(self, topk: int, full_prob: bool = False):
         self.topk = topk
+        self.full_prob = full_prob
         self.index, self.prob, self.tk_logit, self.tk_index, self.rest, self.label = [], [], [], [], [], []
 
     def add(self, sample_index, gt_prob, scores=None):
@@ -262,7 +350,8 @@ class Recorder:
             arrays["label_logit"] = gather_by_index(run.ctx, idx, torch.cat(self.label), n).astype(np.float16)
         if run.ctx.is_main:
             save_array(run.out / "probs" / f"epoch_{epoch:03d}.npz", arrays, "train_everything.record",
-                       run.dataset.fingerprint, run.cfg, info={"epoch": epoch, "seen": int(np.isfinite(prob).sum())})
+                       run.dataset.fingerprint, run.cfg,
+                       info={"epoch": epoch, "seen": int(np.isfinite(prob).sum()), **_record_kind(run.cfg)})
 
 
 def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp_dtype=None,
@@ -314,10 +403,11 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
         run.global_step += 1
         if record is not None:
             scores = None
-            if record.topk > 0:
+            if record.topk > 0 or record.full_prob:
                 with torch.no_grad():
                     scores = run.head.score(embeddings.detach().float(), labels.to(ctx.device), topk=record.topk)
-            record.add(sample_index, gt_prob, scores)
+            record.add(sample_index, scores["gt_prob_with_margin"] if record.full_prob else gt_prob,
+                       scores if record.topk > 0 else None)
         loss_sum += loss.detach()
         if on_step is not None:
             on_step(run, epoch, step, loss)
@@ -414,19 +504,94 @@ class VerificationCallback:
         return results
 
 
+RECORD_ARRAYS = ("gt_prob_with_margin", "topk_logits", "topk_index", "rest_mean_logit", "label_logit")
+
+
+def _check_epoch_records(files, fingerprint: Fingerprint, num_classes: int) -> dict:
+    """{name: (per-epoch shape, dtype)} the epoch files agree on; an ArtifactError names the first file that
+    does not hold one epoch of this dataset (wrong epoch in its manifest, wrong sample count, a top-k
+    wider than the classes, arrays missing). Only headers are read."""
+    n = fingerprint.num_images
+    expected = None
+    for epoch, f in enumerate(files, start=1):
+        found = read_manifest(f).get("info", {}).get("epoch")
+        if found is not None and int(found) != epoch:
+            raise ArtifactError(f"{f}: its manifest says epoch {found}, expected {epoch}")
+        heads = {k: v for k, v in npz_headers(f).items() if k in RECORD_ARRAYS}
+        prob = heads.get("gt_prob_with_margin")
+        if prob is None or prob[0] != (n,):
+            raise ArtifactError(f"{f}: expected gt_prob_with_margin of shape ({n},) (one value per sample of the "
+                                f"dataset), found {None if prob is None else prob[0]}")
+        if "topk_logits" in heads:
+            k = heads["topk_logits"][0][-1]
+            want = {"topk_logits": (n, k), "topk_index": (n, k), "rest_mean_logit": (n,),
+                    **({"label_logit": (n,)} if "label_logit" in heads else {})}  # recorded since 2026-12
+            bad = {name: heads.get(name, (None,))[0] for name, shape in want.items()
+                   if heads.get(name, (None,))[0] != shape}
+            if bad:
+                raise ArtifactError(f"{f}: expected top-k arrays of shapes {want}, found {bad}")
+            if k > num_classes:
+                raise ArtifactError(f"{f}: top-{k} logits recorded, but the dataset has {num_classes} classes")
+        layout = {name: (shape, dtype) for name, (shape, dtype, _) in heads.items()}
+        if expected is None:
+            expected = layout
+        elif {k: v[0] for k, v in layout.items()} != {k: v[0] for k, v in expected.items()}:
+            raise ArtifactError(f"{f}: holds arrays {layout}, epoch 1 holds {expected}")
+    return expected
+
+
+def _stream_npy_member(zf, name: str, shape, dtype, parts):
+    """Write one .npy member of an uncompressed .npz from `parts`, C-ordered slices along the first axis."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+        for part in parts:
+            member.write(np.ascontiguousarray(part, dtype=dtype).data)
+
+
 def assemble_history(cfg, fingerprint: Fingerprint):
-    """probs/epoch_XXX.npz -> prob_history.npy (E, N) and topk_logits.npz (E, N, k), with manifests."""
+    """probs/epoch_XXX.npz -> prob_history.npy (E, N) and topk_logits.npz (E, N, k), with manifests.
+
+    Streamed: one epoch file is read at a time and written into its row of the outputs, so memory does
+    not grow with the number of epochs (Glint360K, 20 epochs: 1.4 GB and 21 GB of outputs). Every epoch
+    file is checked first (headers only); each output is written under a temporary name and renamed,
+    and its manifest is written last, so a failure leaves no output that looks complete.
+    """
     out = paths.original_dir(cfg, cfg.network, cfg.loss)
     files = [out / "probs" / f"epoch_{e:03d}.npz" for e in range(1, cfg.num_epoch + 1)]
     missing = [str(f) for f in files if not is_complete(f, fingerprint)]
     if missing:
         raise ArtifactError(f"probability records missing for {len(missing)} epochs, e.g. {missing[0]}")
-    epochs = [read_array(f) for f in files]
-    history = np.stack([e["gt_prob_with_margin"] for e in epochs])
-    save_array(out / "prob_history.npy", history, "train_everything", fingerprint, cfg, inputs=files,
-               info={"shape": list(history.shape), "meaning": "P[epoch, sample]: labelled-class probability "
-                     "with margin during training; NaN = not seen that epoch"})
-    if "topk_logits" in epochs[0]:
-        keys = [k for k in ("topk_logits", "topk_index", "rest_mean_logit", "label_logit") if k in epochs[0]]
-        save_array(out / "topk_logits.npz", {k: np.stack([e[k] for e in epochs]) for k in keys}, "train_everything",
-                   fingerprint, cfg, inputs=files, info={"k": cfg.record_topk})
+    layout = _check_epoch_records(files, fingerprint, fingerprint.num_classes)
+    epochs, n = len(files), fingerprint.num_images
+    hist_path, topk_path = out / "prob_history.npy", out / "topk_logits.npz"
+    for path in (hist_path, topk_path):  # an old manifest must not vouch for a half-replaced file
+        manifest_path(path).unlink(missing_ok=True)
+
+    with atomic_path(hist_path) as tmp:
+        history = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(epochs, n))
+        for e, f in enumerate(files):
+            with np.load(f) as z:
+                history[e] = z["gt_prob_with_margin"]
+        history.flush()
+        del history
+    write_manifest(hist_path, "train_everything", fingerprint, cfg, inputs=files,
+                   info={"shape": [epochs, n], "meaning": "P[epoch, sample]: labelled-class probability with margin "
+                         "during training; NaN = not seen that epoch", **_record_kind(cfg)})
+    if "topk_logits" not in layout:
+        return
+
+    def per_epoch(name):
+        for f in files:
+            with np.load(f) as z:
+                yield z[name]
+
+    with atomic_path(topk_path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name in ("topk_logits", "topk_index", "rest_mean_logit", "label_logit"):
+            if name not in layout:  # label_logit: absent from records of earlier versions
+                continue
+            shape, dtype = layout[name]
+            _stream_npy_member(zf, name, (epochs, *shape), dtype, per_epoch(name))
+    write_manifest(topk_path, "train_everything", fingerprint, cfg, inputs=files,
+                   info={"k": int(layout["topk_logits"][0][-1]), "shape": [epochs, n, int(layout["topk_logits"][0][-1])],
+                         **_record_kind(cfg)})
