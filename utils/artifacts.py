@@ -240,16 +240,22 @@ def load_array(path, fingerprint: Fingerprint, length: int = None):
     return data
 
 
+_EXPECTED_ARRAY = "a NumPy .npy array or .npz of named arrays (numbers, no Python objects)"
+
+
+def check_numpy_magic(path, magic: bytes):
+    """Refuse a file whose first bytes are not those of a .npy or .npz (np.load would take it for a pickle)."""
+    if not magic.startswith((b"\x93NUMPY", b"PK")):
+        what = "a pickle" if magic[:1] == b"\x80" else f"content starting {magic!r}" if magic else "an empty file"
+        raise ArtifactError(f"{path}: refused: {what}, not {_EXPECTED_ARRAY}")
+
+
 def read_array(path):
     """A `.npy` array or the dict of a `.npz`, without pickles: truncated, foreign or object-array files
     are an ArtifactError naming the file."""
-    expected = "a NumPy .npy array or .npz of named arrays (numbers, no Python objects)"
     try:
         with open(path, "rb") as f:
-            magic = f.read(6)
-            if not magic.startswith((b"\x93NUMPY", b"PK")):  # np.load would take anything else for a pickle
-                what = "a pickle" if magic[:1] == b"\x80" else f"content starting {magic!r}" if magic else "an empty file"
-                raise ArtifactError(f"{path}: refused: {what}, not {expected}")
+            check_numpy_magic(path, f.read(6))
             f.seek(0)
             data = np.load(f, allow_pickle=False)
             if isinstance(data, np.lib.npyio.NpzFile):
@@ -258,10 +264,10 @@ def read_array(path):
     except ValueError as e:
         if "allow_pickle" in str(e):  # an object array would need code to run on load
             raise ArtifactError(f"{path}: refused: it holds an object array (Python objects); "
-                                f"expected {expected}") from None
-        raise ArtifactError(f"{path}: truncated or not {expected} ({e})") from None
+                                f"expected {_EXPECTED_ARRAY}") from None
+        raise ArtifactError(f"{path}: truncated or not {_EXPECTED_ARRAY} ({e})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
-        raise ArtifactError(f"{path}: truncated or not {expected} ({type(e).__name__}: {e})") from None
+        raise ArtifactError(f"{path}: truncated or not {_EXPECTED_ARRAY} ({type(e).__name__}: {e})") from None
     return data
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from utils import paths
-from utils.artifacts import ArtifactError, Fingerprint, check_fingerprint, load_array, load_kept_index, read_array
+from utils.artifacts import (ArtifactError, Fingerprint, check_fingerprint, check_numpy_magic, load_array, load_kept_index,
+                             read_array)
 
 SCORE_KEYS = ("gt_prob_with_margin", "gt_prob", "pred", "pred_prob")
 
@@ -121,6 +122,8 @@ def _refuse(path, e) -> ArtifactError:
 
 def open_npy(path) -> np.ndarray:
     """A `.npy` file memory-mapped read-only; object arrays (pickles) are refused."""
+    with open(path, "rb") as f:
+        check_numpy_magic(path, f.read(6))
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
