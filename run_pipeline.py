@@ -304,7 +304,7 @@ class Pipeline:
                                                          "recall_flipped", "recall_open_set")}
             rounds = sorted(paths.clean_dir(base).glob("round_*/summary.json"), key=lambda f: int(f.parent.name[6:]))
             if rounds:  # --clean-rounds: each round's counts and quality
-                results["cleaning"]["rounds"] = [
+                results["cleaning_rounds"] = [
                     {"round": s.get("round"), "change": s.get("change"), **{k: s.get("quality", {}).get(k) for k in
                                                                             ("removed", "precision", "recall")}}
                     for s in (json.loads(f.read_text()) for f in rounds)]

@@ -386,3 +386,20 @@ def test_a_label_map_that_does_not_fit_the_dataset_is_refused():
 def test_pipeline_refuses_zero_rounds():
     r = run_script("run_pipeline.py", "--clean-rounds", "0", check=False)
     assert r.returncode == 2 and "--clean-rounds" in r.stderr
+
+
+def test_measure_tool_prints_a_row_per_rule_and_the_cleanlab_reference(tiny, tmp_path):
+    import dataclasses
+
+    ds = open_dataset(tiny)
+    cfg = parse_config(["--rec", str(tiny), "--output", str(tmp_path)])
+    pred = ds.all_labels.copy()
+    pred[noisy_indices(tiny)] = (pred[noisy_indices(tiny)] + 1) % ds.fingerprint.num_classes
+    write_records(cfg, ds, pred)
+    (paths.original_dir(cfg) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    r = run_script("tools/measure_cleaning.py", "--out", tmp_path)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert {row.split(" | ")[0][2:] for row in rows} == set(cleaning.RULES) | {"cleanlab find_label_issues"}
+    assert all(len(row.split(" | ")) == 8 for row in rows)
+    r = run_script("tools/measure_cleaning.py", "--out", tmp_path / "nothing", check=False)
+    assert r.returncode == 1 and "train the original model first" in r.stderr
