@@ -1,13 +1,23 @@
-"""Cleaning (the paper's auxiliary step): flag training samples whose label the original model
-contradicts, remove them, and write the cleaned kept list with its contiguous label map.
+"""Cleaning: flag training samples whose label the scoring model contradicts, remove them, and write the
+cleaned kept list with its contiguous label map, the lists to share and a contact sheet to audit them.
 
-`--clean_rule` picks the rule (utils/cleaning.py; `argmax`, the paper's: the margin-free arg-max class
-is not the label). With `--relabel true` the flagged samples' suggested labels are written too, for
-retraining on every image with `--coreset_method relabel`. Writes `<output>/clean/`: kept_index.npy,
-label_map.json, flagged.npy, summary.json [, relabel.npz]. With a `noise.json` in the dataset (synthetic
-or noise-injected data), the summary measures the flagged set against the injected noise.
+`--clean_rule` picks the rule (utils/cleaning.py: `argmax`, the paper's and the default; `trajectory`;
+`confident_learning`), `--clean_agree A,B` keeps only what those rules flag too. With `--relabel true` the
+suggested labels of the mislabeled samples are written too, for retraining on every image with
+`--coreset_method relabel`. Writes `<output>/clean/<scorer>/`:
 
-    python clean_trainset.py --rec data/synthetic --output output
+    kept_index.npy, label_map.json, flagged.npy, summary.json [, relabel.npz]
+    mislabeled.npy/.csv   [index, label, suggested_label, confidence], most confident first
+    outliers.npy/.csv     [index, label, score] (score: largest class probability), least claimed first
+    contact_sheet.png     the most confident flagged images beside their labelled and suggested identity
+
+The CSVs add each sample's image file (image-folder datasets) or record key (RecordIO). With a
+`noise.json` in the dataset, the summary measures the cleaning against the injected noise. With
+`--clean_round R` (iterative cleaning, run_pipeline.py --clean-rounds) the same files go to
+`clean/<scorer>/round_<R>/` as well; round R >= 2 reads the scores of round R-1's retrained model
+(eval_trainset.py --clean_round R) and reports how much the flagged set changed.
+
+    python clean_trainset.py --rec data/synthetic --output output --clean_rule trajectory
 
 Every key of config/config.py can be overridden: `python clean_trainset.py --KEY VALUE`; `--help` lists them.
 """
@@ -16,19 +26,23 @@ import logging
 import numpy as np
 
 from utils import paths
-from utils.artifacts import ArtifactError, save_array
-from utils.cleaning import cleaning_quality, get_rule, run_rule
-from utils.kept_sets import write_kept_set
+from utils.artifacts import ArtifactError, load_array, save_array
+from utils.cleaning import (check_clean_config, cleaning_quality, flag_change, flag_lists, get_rule, run_rule,
+                            write_flag_lists)
+from utils.contact_sheet import contact_sheet, save_figure
 from utils.data import open_dataset
-from utils.records import load_noise, open_records
+from utils.kept_sets import write_kept_set
+from utils.records import clean_round_dir, load_noise, open_cleaning_records
 from utils.runtime import run_stage
 
 log = logging.getLogger("diffprob")
 
 
 def run_clean(cfg, ctx=None) -> dict:
+    check_clean_config(cfg)
     rule = get_rule(cfg.clean_rule)
-    rec = open_records(cfg, open_dataset(cfg.rec))  # labels from the record headers alone
+    dataset = open_dataset(cfg.rec)
+    rec = open_cleaning_records(cfg, dataset)  # labels from the record headers alone
     flags = run_rule(rule, rec, cfg)
     labels, n = rec.labels, len(rec.labels)
     kept = np.setdiff1d(np.arange(n, dtype=np.int64), flags.index)
@@ -36,29 +50,56 @@ def run_clean(cfg, ctx=None) -> dict:
         raise ArtifactError("cleaning would remove every sample: the scoring model predicts no label right")
     present = np.unique(labels)
     vanished = np.setdiff1d(present, labels[kept])
+    mislabeled, outliers = flag_lists(flags, labels)
     info = {"rule": rule.name, "removed": int(flags.index.size), "kept": int(kept.size), "kept_fraction": kept.size / n,
+            "mislabeled": int(mislabeled.size), "outliers": int(outliers.size),
             "identities_vanished": int(vanished.size), "vanished": vanished.tolist()[:1000], **flags.info}
     noise = load_noise(cfg.rec)
     if noise is not None:
-        info["quality"] = cleaning_quality(flags.index, noise)
+        info["quality"] = cleaning_quality(flags.index, noise, flags.suggested_label, flags.outlier)
+    folders = [paths.clean_dir(cfg)]
+    if cfg.clean_round >= 1:
+        info["round"] = cfg.clean_round
+        folders.append(clean_round_dir(cfg, cfg.clean_round))
+    if cfg.clean_round >= 2:
+        previous = clean_round_dir(cfg, cfg.clean_round - 1) / "flagged.npy"
+        if not previous.exists():
+            raise ArtifactError(f"missing {previous}: run cleaning round {cfg.clean_round - 1} first")
+        before = load_array(previous, rec.fingerprint)
+        info["change"] = flag_change(before, flags.index)
+        info["converged"] = info["change"] < cfg.clean_tolerance
+        info["previous_flagged"] = int(before.size)
+    sheet = contact_sheet(dataset, mislabeled, outliers, title=f"cleaning ({rule.name}): most confident flags")
 
-    out = paths.clean_dir(cfg)
-    save_array(out / "flagged.npy", flags.index, "clean_trainset", rec.fingerprint, cfg, rec.inputs, info)
-    if cfg.relabel:
-        if flags.suggested_label is None:
-            raise ArtifactError(f"--relabel true: the {rule.name} rule suggests no labels; it can only remove")
-        save_array(out / "relabel.npz", {"index": flags.index, "label": labels[flags.index],
-                                         "suggested_label": flags.suggested_label, "suggested_prob": flags.confidence},
-                   "clean_trainset", rec.fingerprint, cfg, rec.inputs, {"count": int(flags.index.size)})
-    write_kept_set(out, "clean_trainset", kept, labels, rec.fingerprint, cfg, rec.inputs, info)
+    # everything is computed: write; the kept list (the stage's completion mark) last
+    relabel = ~flags.outlier
+    for out in folders:
+        write_flag_lists(out, mislabeled, outliers, dataset, "clean_trainset", cfg, rec.inputs)
+        save_figure(sheet, out / "contact_sheet.png")
+        save_array(out / "flagged.npy", flags.index, "clean_trainset", rec.fingerprint, cfg, rec.inputs, info)
+        if cfg.relabel:
+            if flags.suggested_label is None:
+                raise ArtifactError(f"--relabel true: the {rule.name} rule suggests no labels; it can only remove")
+            save_array(out / "relabel.npz", {"index": flags.index[relabel], "label": labels[flags.index[relabel]],
+                                             "suggested_label": flags.suggested_label[relabel],
+                                             "suggested_prob": flags.confidence[relabel]},
+                       "clean_trainset", rec.fingerprint, cfg, rec.inputs,
+                       {"count": int(relabel.sum()), "outliers_not_relabelled": int(outliers.size)})
+        write_kept_set(out, "clean_trainset", kept, labels, rec.fingerprint, cfg, rec.inputs, info)
 
-    line = (f"cleaning ({rule.name}): removed {flags.index.size} of {n} samples ({flags.index.size / n:.2%}), "
-            f"kept {kept.size / n:.2%}; {vanished.size} of {present.size} identities vanish")
+    line = (f"cleaning ({rule.name}): removed {flags.index.size} of {n} samples ({flags.index.size / n:.2%}: "
+            f"{mislabeled.size} mislabeled, {outliers.size} outliers), kept {kept.size / n:.2%}; "
+            f"{vanished.size} of {present.size} identities vanish")
     if noise is not None:
         q = info["quality"]
         line += f"; against noise.json: precision {q['precision']:.3f}, recall {q['recall']:.3f}"
+    if "change" in info:
+        line += f"; round {cfg.clean_round}: the flagged set changed by {info['change']:.1%}"
     print(line)
-    log.info("%s -> %s", line, out)
+    if cfg.relabel and outliers.size:
+        print(f"relabel.npz holds the {relabel.sum()} mislabeled samples; the {outliers.size} outliers have no "
+              f"suggested label (training with --coreset_method relabel keeps them as labelled)")
+    log.info("%s -> %s", line, ", ".join(map(str, folders)))
     return info
 
 

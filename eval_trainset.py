@@ -5,6 +5,11 @@ probability and arg-max class without margin. The checkpoint is `--eval_epoch` (
 every saved epoch averaged with `--use_all_epochs true`, or an explicit `--checkpoint` (our epoch_XXX.pt,
 or a plain backbone.pth with `--head_checkpoint`). Writes `<output>/scores/<network>_<loss>_<epoch>.npz`.
 
+Cleaning round R >= 2 (`--clean_round R`): scores every sample with the model retrained on round R-1's
+kept list (its last epoch, or `--checkpoint`), its classes mapped back to the dataset's identities through
+its label map; writes `<output>/clean/<scorer>/round_<R>/scores.npz`. A sample whose identity the model no
+longer has gets p(label) = 0 and is counted in the manifest (`label_in_model` is False for it).
+
     python eval_trainset.py --rec data/synthetic --network smallnet --output output
     torchrun --nproc_per_node=8 eval_trainset.py --dataset webface --rec /data/faces_webface_112x112
 
@@ -18,7 +23,8 @@ import numpy as np
 from utils import paths
 from utils.artifacts import ArtifactError, save_array
 from utils.data import open_dataset
-from utils.models import load_scoring_model
+from utils.models import class_tables, load_scoring_model, resolve_checkpoint
+from utils.records import round_model_dir, round_scores_path, round_train_keys
 from utils.redundancy import redundancy_stats
 from utils.runtime import run_stage
 from utils.scoring import score_dataset
@@ -27,9 +33,15 @@ log = logging.getLogger("diffprob")
 
 
 def checkpoints_to_score(cfg) -> list:
-    """The checkpoint(s) `eval_epoch` / `use_all_epochs` / `checkpoint` name."""
+    """The checkpoint(s) `eval_epoch` / `use_all_epochs` / `checkpoint` / `clean_round` name."""
     if cfg.checkpoint:
         return [Path(cfg.checkpoint)]
+    if cfg.clean_round >= 2:
+        model_dir = round_model_dir(cfg, cfg.clean_round - 1)
+        if not (model_dir / "last.pt").exists():
+            raise ArtifactError(f"no retrained model in {model_dir}: retrain on round {cfg.clean_round - 1}'s kept list "
+                                f"first (train_everything.py {' '.join(f'--{k} {v}' for k, v in round_train_keys(cfg, cfg.clean_round - 1).items())})")
+        return [resolve_checkpoint(model_dir / "last.pt")]
     model_dir = paths.original_dir(cfg)
     saved = sorted(model_dir.glob("epoch_*.pt"))
     if not saved:
@@ -46,6 +58,22 @@ def checkpoints_to_score(cfg) -> list:
     return [path]
 
 
+def score_with_label_map(cfg, ctx, model, dataset, embeddings: bool) -> dict:
+    """Scores of every sample by a model trained on a relabelled subset, in the dataset's classes: the model
+    sees each label as its own class; `pred` is mapped back; where the model has no class for a sample's
+    identity, p(label) is 0 (it gives that identity nothing) and `label_in_model` is False."""
+    to_model, to_dataset = class_tables(model.label_map, dataset.source_num_classes, model.path)
+    mapped = to_model[dataset.all_labels]
+    in_model = mapped >= 0
+    view = dataset.with_labels(np.arange(dataset.num_images), np.where(in_model, mapped, 0))
+    result = score_dataset(cfg, ctx, model.backbone, model.head, view, embeddings=embeddings)
+    result["pred"] = to_dataset[result["pred"]]
+    for key in ("gt_prob_with_margin", "gt_prob"):
+        result[key][~in_model] = 0.0
+    result["label_in_model"] = in_model
+    return result
+
+
 def score_trainset(cfg, ctx) -> Path:
     dataset = open_dataset(cfg.rec)
     fp = dataset.fingerprint
@@ -53,9 +81,12 @@ def score_trainset(cfg, ctx) -> Path:
     per_epoch = []
     for i, path in enumerate(ckpts):
         log.info("scoring %d training images with %s", len(dataset), path)
-        model = load_scoring_model(cfg, ctx, path, fp, dataset.num_classes)
+        model = load_scoring_model(cfg, ctx, path, fp, dataset.num_classes, allow_label_map=cfg.clean_round >= 2)
         last = i == len(ckpts) - 1  # the last model's embeddings measure the dataset's redundancy
-        per_epoch.append(score_dataset(cfg, ctx, model.backbone, model.head, dataset, embeddings=last))
+        if model.label_map:
+            per_epoch.append(score_with_label_map(cfg, ctx, model, dataset, embeddings=last))
+        else:
+            per_epoch.append(score_dataset(cfg, ctx, model.backbone, model.head, dataset, embeddings=last))
     embedding = per_epoch[-1].pop("embedding")
     redundancy = redundancy_stats(embedding, dataset.all_labels) if ctx.is_main else None
 
@@ -69,8 +100,17 @@ def score_trainset(cfg, ctx) -> Path:
     result["pred_prob"] = per_epoch[-1]["pred_prob"]
     result["label"] = dataset.all_labels
     mislabeled = int((result["pred"] != result["label"]).sum())
+    info = {}
+    if "label_in_model" in per_epoch[-1]:
+        result["label_in_model"] = per_epoch[-1]["label_in_model"]
+        missing = ~result["label_in_model"]
+        info = {"label_map": True, "samples_without_class": int(missing.sum()),
+                "identities_without_class": np.unique(result["label"][missing]).tolist()}
+        if missing.any():
+            print(f"{int(missing.sum())} samples of {len(info['identities_without_class'])} identities the retrained "
+                  f"model no longer has: scored with p(label) = 0 (label_in_model = false)")
 
-    out = paths.scores_path(cfg)
+    out = scores_output(cfg)
     if ctx.is_main:
         per_id = redundancy["identity"]
         summary = {"share": redundancy["share"], "threshold": redundancy["threshold"],
@@ -81,7 +121,7 @@ def score_trainset(cfg, ctx) -> Path:
                               "embedding space has cosine similarity >= threshold"}
         save_array(out, result, "eval_trainset", fp, cfg, inputs=ckpts,
                    info={"checkpoints": [str(p) for p in ckpts], "mislabeled_by_argmax": mislabeled,
-                         "redundancy": summary})
+                         "redundancy": summary, **info})
         print(f"redundancy: {summary['share']:.1%} of the images have a near-identical image of their identity "
               f"(cosine >= {summary['threshold']:g} in the scoring model's embedding space; "
               f"{summary['identities_with_redundancy']} of {len(per_id['label'])} identities)")
@@ -90,6 +130,11 @@ def score_trainset(cfg, ctx) -> Path:
     return out
 
 
+def scores_output(cfg) -> Path:
+    """The scores file this config writes: the original model's, or a cleaning round's."""
+    return round_scores_path(cfg, cfg.clean_round) if cfg.clean_round >= 2 else paths.scores_path(cfg)
+
+
 if __name__ == "__main__":
     run_stage("eval_trainset", score_trainset, description=__doc__, distributed=True,
-              lock_dir=lambda cfg: paths.scores_path(cfg).parent)
+              lock_dir=lambda cfg: scores_output(cfg).parent)

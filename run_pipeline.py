@@ -31,7 +31,7 @@ from utils import paths
 from utils.artifacts import is_complete, read_manifest
 from utils.data import dataset_fingerprint
 from utils.locking import LOCK_NAME, LockError, OutputLock
-from utils.records import load_noise
+from utils.records import clean_round_dir, load_noise, round_model_dir, round_scores_path, round_train_keys
 from utils.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection import METHODS, canonical_name, list_methods
 
@@ -104,6 +104,7 @@ class Pipeline:
     stop_after: int = 0  # stop after this many steps (0: run all); an interruption on purpose
     seeds: int = 1  # train every configuration with this many seeds (1: the profile's extra full-data seeds only)
     trainees: tuple = ()  # other (network, loss) pairs retrained on the same kept lists
+    clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
     steps_run: list = field(default_factory=list)
     steps_skipped: list = field(default_factory=list)
 
@@ -169,8 +170,13 @@ class Pipeline:
                   *self.keys(is_original_train=True, resume=True))
         self.step("score the training set", ["eval_trainset.py"], lambda: is_complete(paths.scores_path(base), fp),
                   *self.keys())
+        rounds = {"clean_round": 1} if self.clean_rounds > 1 else {}
         self.step("clean the training set", ["clean_trainset.py"],
-                  lambda: is_complete(paths.clean_dir(base) / "kept_index.npy", fp), *self.keys())
+                  lambda: is_complete((clean_round_dir(base, 1) if rounds else paths.clean_dir(base)) / "kept_index.npy",
+                                      fp), *self.keys(**rounds))
+        for r in range(2, self.clean_rounds + 1):
+            if self.clean_round(base, r):
+                break
         self.step("label dictionary", ["generate_label_dict.py"],
                   lambda: is_complete(paths.label_dict_path(base), fp), *self.keys())
         models = {Key("full", 1.0): original}
@@ -207,6 +213,21 @@ class Pipeline:
         print(f"pipeline finished in {time.time() - t0:.0f} s ({len(self.steps_run)} steps run, "
               f"{len(self.steps_skipped)} skipped); results in {self.out}")
         return results
+
+    def clean_round(self, base, r: int) -> bool:
+        """Cleaning round r: retrain on round r-1's kept list, score the full set with that model, clean
+        again. True when the flagged set changed by less than `clean_tolerance` (the rounds stop)."""
+        model, folder = round_model_dir(base, r - 1), clean_round_dir(base, r)
+        self.step(f"clean round {r}: retrain on round {r - 1}'s kept list", ["train_everything.py"],
+                  lambda: (model / "train_summary.json").exists(), *self.keys(**round_train_keys(base, r - 1), resume=True))
+        self.step(f"clean round {r}: score every sample with it", ["eval_trainset.py"],
+                  lambda: is_complete(round_scores_path(base, r), self.fp), *self.keys(clean_round=r))
+        self.step(f"clean round {r}: clean", ["clean_trainset.py"],
+                  lambda: is_complete(folder / "kept_index.npy", self.fp), *self.keys(clean_round=r))
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary.get("converged"):
+            print(f"cleaning converged in round {r}: the flagged set changed by {summary['change']:.1%}")
+        return bool(summary.get("converged"))
 
     def retrain(self, key: Key) -> Path:
         base = self.cfg()
@@ -281,6 +302,12 @@ class Pipeline:
             q = json.loads(clean_summary.read_text()).get("quality", {})
             results["cleaning"] = {k: q.get(k) for k in ("removed", "precision", "recall", "noisy",
                                                          "recall_flipped", "recall_open_set")}
+            rounds = sorted(paths.clean_dir(base).glob("round_*/summary.json"), key=lambda f: int(f.parent.name[6:]))
+            if rounds:  # --clean-rounds: each round's counts and quality
+                results["cleaning_rounds"] = [
+                    {"round": s.get("round"), "change": s.get("change"), **{k: s.get("quality", {}).get(k) for k in
+                                                                            ("removed", "precision", "recall")}}
+                    for s in (json.loads(f.read_text()) for f in rounds)]
         seeds = [r for r in runs if r["method"] == "full"]
         if len(seeds) > 1:
             means = [mean_accuracy(r) for r in seeds]
@@ -349,6 +376,10 @@ def main(argv=None):
                    help="also retrain the same kept lists with these networks (the paper's table 3)")
     p.add_argument("--retrain-losses", default=None, metavar="LOSS,...",
                    help="also retrain the same kept lists with these losses (the paper's table 2)")
+    p.add_argument("--clean-rounds", type=int, default=1, metavar="N",
+                   help="iterative cleaning: clean, retrain on the cleaned set, score every sample with that model, "
+                        "clean again; at most N rounds, fewer when the flagged set changes by less than "
+                        "--set clean_tolerance=T (default 1: clean once)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
@@ -371,11 +402,14 @@ def main(argv=None):
         profile = Profile(**{**profile.__dict__, "methods": ms})
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.clean_rounds < 1:
+        p.error("--clean-rounds must be >= 1")
     dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
     overrides = parse_set(args.set)
     trainees = _trainees(p, args, {**profile.train, **overrides})
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
-                    overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees)
+                    overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
+                    clean_rounds=args.clean_rounds)
     try:
         with OutputLock(args.out, what="run_pipeline.py"):  # one pipeline per output folder
             if args.fresh:  # what an earlier run left, but not the lock just taken

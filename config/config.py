@@ -77,6 +77,13 @@ class Config:
     #                                   retraining uses), or full / relabel (every image; cleaning's flagged
     #                                   ones with their suggested label); the paper's names are aliases
     clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning.py's registry (argmax: the paper's)
+    clean_agree: Optional[List[str]] = None  # other rules that must flag a sample too (agreement; None: none)
+    clean_epochs: str = ""  # trajectory soft labels: recorded epochs "A-B" (1-based, inclusive); "": all
+    clean_probs: str = "trajectory"  # confident_learning's probabilities: trajectory (soft labels) | scores
+    clean_margin_quantile: float = 0.25  # trajectory: flag when another identity beats the label by the
+    #                                      clean majority's margin at this quantile (0 < q < 1)
+    clean_round: int = 0  # iterative cleaning: round R >= 1 (R >= 2 scores with round R-1's retrained model)
+    clean_tolerance: float = 0.01  # rounds stop when the flagged set changes by less (share of the last)
     fraction: float = 0.5  # kept fraction (per identity for rand/dynunc/entropy; overall for DiffProb)
     threshold: Optional[float] = None  # DiffProb threshold t (None: searched for `fraction`)
     window: int = 10  # DynUnc window J (epochs)

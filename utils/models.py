@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from utils.artifacts import ArtifactError, Fingerprint
@@ -137,16 +138,42 @@ class TrainedModel:
     head: torch.nn.Module
     path: Path
     head_name: str
+    label_map: dict = None  # dataset label -> the head's class, for a model trained on a relabelled subset
 
 
-def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_classes: int) -> TrainedModel:
-    """Backbone + full-softmax head of a model trained on the dataset of `fingerprint` (its every class)."""
+def class_tables(label_map: dict, num_classes: int, source) -> tuple:
+    """(dataset label -> model class, -1 where the model has none; model class -> dataset label) of a
+    model trained with `label_map`; an ArtifactError when its classes do not map onto the dataset."""
+    from utils.artifacts import label_map_array
+
+    try:
+        to_model = label_map_array({int(k): int(v) for k, v in label_map.items()}, num_classes)
+    except (ArtifactError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{source}: its label map does not map onto this dataset's {num_classes} identities "
+                            f"({e}); score it on the dataset it was trained from") from None
+    kept = np.flatnonzero(to_model >= 0)
+    if sorted(to_model[kept].tolist()) != list(range(kept.size)):
+        raise ArtifactError(f"{source}: its label map's classes are not 0..{kept.size - 1}; it is not a label map "
+                            f"this toolkit wrote")
+    to_dataset = np.empty(kept.size, dtype=np.int64)
+    to_dataset[to_model[kept]] = kept
+    return to_model, to_dataset
+
+
+def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_classes: int,
+                       allow_label_map: bool = False) -> TrainedModel:
+    """Backbone + full-softmax head of a model trained on the dataset of `fingerprint` (its every class), or
+    with `allow_label_map` on a relabelled subset of it (its `label_map` says which class is which identity)."""
     ckpt = load_checkpoint(follow_marker(ckpt_path))
     if "fingerprint" in ckpt and Fingerprint.from_dict(ckpt["fingerprint"]) != fingerprint:
         raise ArtifactError(f"{ckpt_path} was trained on another dataset ({Fingerprint.from_dict(ckpt['fingerprint'])}) "
                             f"than {cfg.rec} ({fingerprint})")
-    if ckpt.get("label_map"):
-        raise ArtifactError(f"{ckpt_path} was trained on a pruned, relabelled subset; score with the original model")
+    label_map = ckpt.get("label_map") or None
+    if label_map and not allow_label_map:
+        raise ArtifactError(f"{ckpt_path} was trained on a pruned, relabelled subset; score with the original model "
+                            f"(or, for a cleaning round, eval_trainset.py --clean_round R maps its classes back)")
+    if label_map:
+        class_tables(label_map, num_classes, ckpt_path)  # refuse a map that does not fit before building anything
     backbone = load_backbone(cfg, ctx, ckpt, source=ckpt_path)
     info, head_state = load_head_state(ckpt) if "head" in ckpt else (None, None)
     head_source = ckpt_path
@@ -158,11 +185,13 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
         head_source = cfg.head_checkpoint
     name = info["name"] if info else cfg.original_net_loss
     kwargs = info["kwargs"] if info else head_kwargs(cfg)
-    head = build_head(name, cfg.embedding_size, num_classes, ctx, kwargs).to(ctx.device)
+    classes = len(label_map) if label_map else num_classes
+    head = build_head(name, cfg.embedding_size, classes, ctx, kwargs).to(ctx.device)
     shape = tuple(head_state["weight"].shape)
-    if shape != (num_classes, cfg.embedding_size):
-        raise ArtifactError(f"{head_source}: the head's weight is {shape}, expected ({num_classes}, "
-                            f"{cfg.embedding_size}): (the dataset's classes, --embedding_size)")
+    if shape != (classes, cfg.embedding_size):
+        owner = "its label map's classes" if label_map else "the dataset's classes"
+        raise ArtifactError(f"{head_source}: the head's weight is {shape}, expected ({classes}, "
+                            f"{cfg.embedding_size}): ({owner}, --embedding_size)")
     mismatch = _state_mismatch(_without_weight(head.head.state_dict()), _without_weight(head_state))
     if mismatch:
         raise ArtifactError(f"{head_source}: the head's state does not fit {name} ({mismatch})")
@@ -172,4 +201,4 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
         raise ArtifactError(f"{head_source}: the head's state does not fit {name}: {' '.join(str(e).split())}") \
             from None
     head.eval()
-    return TrainedModel(backbone, head, Path(ckpt_path), name)
+    return TrainedModel(backbone, head, Path(ckpt_path), name, label_map)

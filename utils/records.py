@@ -5,12 +5,16 @@
                                               margin as seen during that epoch (NaN: not seen)
     original_<net>_<loss>/topk_logits.npz     training: margin-free top-k logits per epoch and sample
     clean/kept_index.npy                      clean_trainset.py: the samples cleaning keeps
+    clean/<scorer>/round_<R>/                 iterative cleaning: round R's lists; for R >= 2 its scores/
+                                              (eval_trainset.py --clean_round R: the full set scored by the model
+                                              retrained on round R-1's kept list, under round_<R-1>/retrain/)
     <rec>/noise.json                          synthetic or noise-injected data: the injected noise
 
 Every reader names the stage that writes a missing file and refuses a file of another dataset.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import zipfile
@@ -303,3 +307,49 @@ NEEDS = {"scores": "scores", "prob_history": "prob_history", "topk": "topk", "cl
 def open_records(cfg, dataset) -> Records:
     """Records of `dataset` (utils.data.open_dataset(cfg.rec): labels from the record headers alone)."""
     return Records(cfg, dataset.all_labels, dataset.fingerprint, dataset.source_num_classes, inputs=[])
+
+
+def clean_round_dir(cfg, clean_round: int) -> Path:
+    """`clean/<scorer>/round_<R>/`: the lists and counts of cleaning round R (and its scores and model)."""
+    return paths.clean_dir(cfg) / f"round_{int(clean_round)}"
+
+
+def _round_scoring_config(cfg, clean_round: int):
+    return dataclasses.replace(cfg, output=str(clean_round_dir(cfg, clean_round)), eval_epoch=-1, use_all_epochs=False)
+
+
+def round_scores_path(cfg, clean_round: int) -> Path:
+    """Round R's scores (R >= 2): every sample scored by the model retrained on round R-1's kept list
+    (`round_<R>/scores/<scorer>_last.npz`)."""
+    return paths.scores_path(_round_scoring_config(cfg, clean_round))
+
+
+def round_train_keys(cfg, clean_round: int) -> dict:
+    """The config keys that retrain on round R's kept list (train_everything.py): the model lands in
+    `round_model_dir(cfg, R)`, inside the round's folder."""
+    folder = clean_round_dir(cfg, clean_round)
+    return {"output": str(folder), "is_original_train": False, "coreset_method": "full",
+            "kept_index": str(folder / "kept_index.npy"), "label_map": str(folder / "label_map.json")}
+
+
+def round_model_dir(cfg, clean_round: int) -> Path:
+    """Where train_everything.py writes the model retrained on round R's kept list."""
+    return paths.train_dir(dataclasses.replace(cfg, **round_train_keys(cfg, clean_round)))
+
+
+def load_round_scores(cfg, fingerprint: Fingerprint) -> dict:
+    """The scores cleaning round `cfg.clean_round` (>= 2) reads, checked against the dataset."""
+    path = round_scores_path(cfg, cfg.clean_round)
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: score the full set with round {cfg.clean_round - 1}'s retrained model "
+                            f"first (eval_trainset.py --clean_round {cfg.clean_round})")
+    return load_scores(_round_scoring_config(cfg, cfg.clean_round), fingerprint)
+
+
+def open_cleaning_records(cfg, dataset) -> Records:
+    """Records for cleaning: as `open_records`, but in round R >= 2 (`cfg.clean_round`) the scores are the
+    round's (the retrained model's); the trajectory records stay the original training's."""
+    rec = open_records(cfg, dataset)
+    if cfg.clean_round >= 2:
+        rec._load("scores", load_round_scores, round_scores_path(cfg, cfg.clean_round))
+    return rec
