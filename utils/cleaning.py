@@ -31,7 +31,8 @@ from utils.records import NEEDS, Records
 
 __all__ = ["Flags", "Rule", "RULES", "register_rule", "get_rule", "rule_needs", "run_rule", "rule_line",
            "SparseProbs", "trajectory_soft_labels", "confident_learning", "soft_label_flags", "epoch_window",
-           "check_clean_config", "flag_lists", "flag_change", "cleaning_quality"]
+           "trajectory_probs", "scores_probs", "check_clean_config", "flag_lists", "flag_change", "cleaning_quality",
+           "sample_names", "write_flag_lists", "MISLABELED_DTYPE", "OUTLIER_DTYPE"]
 
 
 @dataclass
