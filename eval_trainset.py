@@ -99,6 +99,11 @@ def score_trainset(cfg, ctx) -> Path:
     result["pred"] = per_epoch[-1]["pred"]
     result["pred_prob"] = per_epoch[-1]["pred_prob"]
     result["label"] = dataset.all_labels
+    if len(per_epoch) > 1:
+        # The paper's cleaning over all epochs: per epoch p(label), or -1 where the margin-free arg-max is another
+        # identity, averaged; clean_trainset's argmax rule removes a sample whose average is below 0.
+        votes = [np.where(r["pred"] == result["label"], r["gt_prob_with_margin"], -1.0) for r in per_epoch]
+        result["argmax_vote"] = np.mean(votes, axis=0, dtype=np.float64)
     mislabeled = int((result["pred"] != result["label"]).sum())
     info = {}
     if "label_in_model" in per_epoch[-1]:

@@ -104,6 +104,7 @@ class Pipeline:
     stop_after: int = 0  # stop after this many steps (0: run all); an interruption on purpose
     seeds: int = 1  # train every configuration with this many seeds (1: the profile's extra full-data seeds only)
     trainees: tuple = ()  # other (network, loss) pairs retrained on the same kept lists
+    export: str = "best"  # the kept set written as a dataset: best, none, or <method>_<fraction>
     clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
     steps_run: list = field(default_factory=list)
     steps_skipped: list = field(default_factory=list)
@@ -207,6 +208,8 @@ class Pipeline:
         if self.profile.ijb and (self.rec / "ijb").is_dir():
             ijb = self.evaluate_ijb(models)
         results = self.collect(models, ijb, fp)
+        if self.export != "none":
+            results["export"] = self.export_kept_set(results)
         results["seeds"] = self.seeds
         results["pipeline_seconds"] = time.time() - t0
         write_results(self.out, results)
@@ -256,6 +259,34 @@ class Pipeline:
         out = paths.train_dir(self.cfg(**extra))
         self.step(label, ["train_everything.py"], lambda: (out / "train_summary.json").exists(), *self.keys(**extra))
         return out
+
+    def export_kept_set(self, results: dict) -> dict:
+        """Write one kept set as a dataset of its own (export_trainset.py) and report the size saving.
+
+        `best`: of the pruned models (first seed, the original network), the highest mean verification
+        accuracy (the smaller kept fraction on a tie); or the one `--export <method>_<fraction>` names."""
+        runs = [r for r in results["runs"] if r["method"] != "full" and not r["seed_offset"]
+                and r["trainee"] == results["runs"][0]["trainee"]]
+        if self.export == "best":
+            run = max(runs, key=lambda r: (mean_accuracy(r), -r["kept_fraction"]))
+        else:
+            named = {f"{r['method']}_{r['requested_fraction']:.2f}": r for r in runs}
+            if self.export not in named:
+                raise SystemExit(f"run_pipeline: --export {self.export}: not a kept set of this run; "
+                                 f"one of {', '.join(named)} (or best, none)")
+            run = named[self.export]
+        cfg = self.cfg(coreset_method=run["method"], fraction=run["requested_fraction"])
+        tag = paths.coreset_tag(cfg, run["method"])
+        dst = self.out / "export" / tag
+        self.step(f"export {METHOD_LABELS[run['method']]} {run['requested_fraction']:.0%} as a dataset",
+                  ["export_trainset.py"], lambda: (dst / "export.json").exists(), "--rec", self.rec,
+                  "--kept_index", paths.kept_index_path(cfg, run["method"]),
+                  "--label_map", paths.label_map_path(cfg, run["method"]), "--out", dst)
+        manifest = json.loads((dst / "export.json").read_text())
+        before, after = manifest["bytes"]["before"], manifest["bytes"]["after"]
+        return {"kept_set": tag, "folder": str(dst), "images": manifest["counts"]["images_after"],
+                "identities": manifest["counts"]["identities_after"], "bytes_before": before, "bytes_after": after,
+                "saving_percent": 100.0 * (1 - after / before), "mean_accuracy": mean_accuracy(run)}
 
     def evaluate_ijb(self, models: dict) -> dict:
         out = self.out / "ijb"
@@ -369,6 +400,9 @@ def main(argv=None):
                    f"(the paper's names {', '.join(n for n in list_methods(aliases=True) if n not in METHODS)} too)")
     p.add_argument("--nproc", type=int, default=None, help="processes per node for torchrun (default: visible GPUs)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config keys for every stage, e.g. --set seed=1")
+    p.add_argument("--export", default="best", metavar="KEPT_SET",
+                   help="write a kept set as a dataset folder (<out>/export/<set>) and report the size saving: "
+                        "best (the pruned model with the highest mean accuracy), <method>_<fraction>, or none")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train every configuration (full data, every method x fraction) with N seeds: the training "
                         "seed and, for a seeded selection (Rand), the selection seed; the tables give mean +- std")

@@ -403,3 +403,24 @@ def test_measure_tool_prints_a_row_per_rule_and_the_cleanlab_reference(tiny, tmp
     assert all(len(row.split(" | ")) == 8 for row in rows)
     r = run_script("tools/measure_cleaning.py", "--out", tmp_path / "nothing", check=False)
     assert r.returncode == 1 and "train the original model first" in r.stderr
+
+
+def test_argmax_over_all_epochs_follows_the_papers_vote():
+    """--use_all_epochs: per epoch p(label) or -1 where the arg-max is another identity, averaged; < 0 is removed."""
+    import numpy as np
+
+    from utils.cleaning import flag_argmax
+    from utils.records import Records
+
+    labels = np.array([0, 0, 1, 1])
+    pred = np.array([1, 0, 1, 0])  # the last epoch's arg-max
+    vote = np.mean([[-1.0, 0.9, 0.8, 0.3], [0.7, -1.0, 0.9, -1.0]], axis=0)  # [-0.15, -0.05, 0.85, -0.35]
+    from config.config import parse_config
+
+    cfg = parse_config([])
+    rec = Records(cfg, labels, None, 2)
+    rec._cache["scores"] = {"pred": pred, "pred_prob": np.full(4, 0.5), "argmax_vote": vote}
+    flags = flag_argmax(rec, cfg)
+    assert flags.index.tolist() == [0, 1, 3]  # sample 1: right at the last epoch, wrong on average
+    del rec._cache["scores"]["argmax_vote"]
+    assert flag_argmax(rec, cfg).index.tolist() == [0, 3]  # the last epoch alone

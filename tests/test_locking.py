@@ -1,5 +1,6 @@
 """One run per output folder (utils/locking.py): real processes contending, stale and foreign locks, nesting."""
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -57,10 +58,15 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "what": "crashed.py",
                                                   "started": "2024-01-01T07:31:02", "command": "crashed.py",
                                                   "token": "old"}))
-    with caplog.at_level("WARNING", logger="diffprob"):
-        with OutputLock(tmp_path, what="new.py"):
-            holder = read_lock(tmp_path)
-            assert holder["pid"] == os.getpid() and holder["what"] == "new.py" and holder["command"]
+    logger = logging.getLogger("diffprob")  # a stage run in-process earlier may have stopped its propagation
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="diffprob"):
+            with OutputLock(tmp_path, what="new.py"):
+                holder = read_lock(tmp_path)
+                assert holder["pid"] == os.getpid() and holder["what"] == "new.py" and holder["command"]
+    finally:
+        logger.removeHandler(caplog.handler)
     assert any("taking over the lock of crashed.py" in r.getMessage() for r in caplog.records)
     assert sorted(os.listdir(tmp_path)) == []
 

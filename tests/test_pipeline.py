@@ -2,6 +2,7 @@
 (method, kept fraction, accuracies, TAR, cleaning quality), and each figure is the one its stage wrote."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from tests.helpers import run_script
 from utils.artifacts import load_kept_index
 from utils.cleaning import cleaning_quality
-from utils.data import dataset_fingerprint
+from utils.data import dataset_fingerprint, open_dataset
+from utils.report import mean_accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +67,12 @@ def test_results_follow_the_contract(pipeline):
     assert rows[0][0] == "method" and len(rows) == 1 + len(res["runs"])
     assert "| method | kept |" in (out / "results.md").read_text()
     assert "| DiffProb |" in second  # the table is printed
+    exp = res["export"]  # the best kept set, written as a dataset
+    best = max((r for r in res["runs"] if r["method"] != "full"), key=lambda r: (mean_accuracy(r), -r["kept_fraction"]))
+    assert exp["kept_set"] == f"{best['method']}_{best['requested_fraction']:.2f}"
+    exported = open_dataset(exp["folder"])
+    assert exported.num_images == exp["images"] == best["num_images"] and 0 < exp["saving_percent"] < 100
+    assert "% saved) ->" in second
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -114,6 +122,6 @@ def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
                      .read_text())
     assert arc["loss"] == "ArcFace" and arc["original_net_loss"] == "CosFace"
     md = (out / "results.md").read_text()
-    assert "| Rand | smallnet_CosFace | 50.0% | 2 |" in md and "vs Rand" in md and " ± " in md
-    assert "| DiffProb | smallnet_ArcFace | 50.0% | 1 |" in md
+    assert re.search(r"^\| Rand \| smallnet_CosFace \| [0-9.]+% \| 2 \| [0-9.]+ ± [0-9.]+ \|", md, re.M), md
+    assert "vs Rand" in md and re.search(r"^\| DiffProb \| smallnet_ArcFace \| [0-9.]+% \| 1 \|", md, re.M), md
     assert md in r.stdout

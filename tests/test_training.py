@@ -159,6 +159,10 @@ def test_scoring_all_epochs_and_paper_format_weights(tiny, tmp_path):
     avg = dict(np.load(paths.scores_path(parse_config([str(a) for a in args + ["--use_all_epochs", "true"]]))))
     np.testing.assert_allclose(avg["gt_prob"], (per_epoch[0]["gt_prob"] + per_epoch[1]["gt_prob"]) / 2, rtol=1e-5)
     assert np.array_equal(avg["pred"], per_epoch[1]["pred"])
+    labels = avg["label"]
+    vote = np.mean([np.where(e["pred"] == labels, e["gt_prob_with_margin"].astype(np.float64), -1.0)
+                    for e in per_epoch], axis=0)
+    np.testing.assert_allclose(avg["argmax_vote"], vote, rtol=1e-6)  # the paper's cleaning over all epochs
     # the paper's release format: backbone state dict + head with `kernel` of shape (in_features, classes)
     ckpt = torch.load(paths.original_dir(parse_config([str(a) for a in args])) / "epoch_002.pt", weights_only=False)
     torch.save(ckpt["backbone"], tmp_path / "backbone.pth")

@@ -17,7 +17,7 @@ export's index plan. Peak RSS is the process's high-water mark (VmHWM, which als
 memory-mapped files it touched); peak anon is the highest sampled RssAnon (allocations alone). A step
 whose anonymous memory passes --mem-cap-gb is stopped (the machine is shared) and reported so.
 
-Before writing, the free disk space is checked: the records take epochs x images x 66 bytes twice (the
+Before writing, the free disk space is checked: the records take epochs x images x 68 bytes twice (the
 epoch files and the assembled ones; the epoch files are deleted once assembled unless --keep). When they
 do not fit, fewer epochs are simulated and the table says so; the assemble step's time then scales with
 the epochs. Everything written is deleted at the end.
@@ -99,8 +99,9 @@ def simulate_epoch(labels: np.ndarray, num_classes: int, epoch: int, epochs: int
     logits[unseen] = np.nan
     index[unseen] = -1
     rest[unseen] = np.nan
+    label_logit = logits[:, 0].astype(np.float16)  # the label heads every row's top k here
     return {"gt_prob_with_margin": prob, "topk_logits": logits.astype(np.float16), "topk_index": index,
-            "rest_mean_logit": rest}
+            "rest_mean_logit": rest, "label_logit": label_logit}
 
 
 # ------------------------------------------------------------------------------------------ the steps

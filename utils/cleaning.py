@@ -366,10 +366,18 @@ def soft_label_flags(probs: SparseProbs, labels, num_classes: int, quantile: flo
 @register_rule("argmax", needs=("scores",),
                summary="the paper's: the margin-free arg-max class is not the label")
 def flag_argmax(rec: Records, cfg) -> Flags:
-    """A sample whose margin-free arg-max class differs from its label (DiffProb's auxiliary cleaning)."""
+    """A sample whose margin-free arg-max class differs from its label (DiffProb's auxiliary cleaning).
+
+    With scores of every epoch (`eval_trainset.py --use_all_epochs true`) the paper's rule: per epoch the
+    sample's p(label), or -1 where the arg-max is another identity, averaged over the epochs (`argmax_vote`);
+    a sample whose average is below 0 is removed. The suggestion is the last epoch's arg-max.
+    """
     scores = rec.scores
     pred = scores["pred"]
-    index = np.flatnonzero(pred != rec.labels).astype(np.int64)
+    if "argmax_vote" in scores:
+        index = np.flatnonzero(np.asarray(scores["argmax_vote"]) < 0).astype(np.int64)
+    else:
+        index = np.flatnonzero(pred != rec.labels).astype(np.int64)
     return Flags(index, pred[index], scores["pred_prob"][index])
 
 

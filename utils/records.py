@@ -174,6 +174,8 @@ def npz_headers(path) -> dict:
 
 def open_npz(path) -> dict:
     """The arrays of an `.npz`, memory-mapped read-only where stored uncompressed (else read)."""
+    with open(path, "rb") as f:
+        check_numpy_magic(path, f.read(6))
     out = {}
     compressed = False
     for name, (shape, dtype, offset) in npz_headers(path).items():

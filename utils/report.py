@@ -178,6 +178,12 @@ def _dataset_notes(results: dict) -> str:
         c = results["cleaning"]
         text += (f"\nCleaning removed {c['removed']} samples; against the injected noise ({c['noisy']} samples): "
                  f"precision {c['precision']:.3f}, recall {c['recall']:.3f}.\n")
+    exp = results.get("export")
+    if exp:
+        text += (f"\nExported {exp['kept_set']} ({100 * exp['mean_accuracy']:.2f} mean accuracy) as a dataset: "
+                 f"{exp['images']} images of {exp['identities']} identities, {exp['bytes_after'] / 2**20:.1f} MiB "
+                 f"instead of {exp['bytes_before'] / 2**20:.1f} MiB ({exp['saving_percent']:.1f}% saved) -> "
+                 f"{exp['folder']}\n")
     red = results["dataset"].get("redundancy")
     if red:
         text += (f"\nRedundancy: {red['share']:.1%} of the training images have a near-identical image of their "
