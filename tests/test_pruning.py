@@ -1,4 +1,4 @@
-"""utils/pruning.py against literal per-identity reference loops (../shared/PIPELINE.md), plus its errors.
+"""utils/pruning.py against literal per-identity reference loops (the paper's rules as pseudocode), plus its errors.
 
 The references below are written as plainly as possible, one Python loop per identity. They are the
 specification the vectorised code is checked against.

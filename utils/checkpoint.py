@@ -63,7 +63,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def _reason(e: Exception) -> str:
-    """What torch's message says is wrong, without its advice (e.g. to load with weights_only=False)."""
+    """What torch's message says is wrong, without its advice on loading the file in an unrestricted way."""
     text = " ".join(str(e).split())
     unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
     return unpickler.group(1) if unpickler else text.split(". ")[0]

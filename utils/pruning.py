@@ -92,6 +92,16 @@ def _check_fraction(fraction, name: str = "fraction") -> float:
     return f
 
 
+def _check_scores(scores, n: int) -> np.ndarray:
+    """One numeric score per sample (any numeric dtype; NaN allowed)."""
+    scores = np.asarray(scores)
+    if scores.shape != (n,):
+        raise InputError(f"scores and labels differ in length: scores shape {scores.shape}, {n} labels")
+    if scores.dtype.kind not in "fiub":
+        raise InputError(f"scores must be a numeric array, found dtype {scores.dtype}")
+    return scores
+
+
 def _check_min(min_samples_per_id) -> int:
     try:
         m = operator.index(min_samples_per_id)
@@ -278,16 +288,12 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
 
     An identity with ``n`` (non-excluded) samples keeps ``k = int(n * fraction)``. If ``k < MIN``, it keeps
     ``MIN`` when ``n > MIN`` and all ``n`` otherwise (the rule of DynUnc and Rand in the DiffProb paper).
-    Equal scores keep the lower sample index first, and NaN counts as the lowest score. This is the single place that implements "per identity, keep k
-    by score", and every score-based method and Rand calls it.
+    Equal scores keep the lower sample index first, and NaN counts as the lowest score. This is the single
+    place that implements "per identity, keep k by score", and every score-based method and Rand calls it.
     """
     labels = _int_labels(labels)
     n = labels.size
-    scores = np.asarray(scores)
-    if scores.shape != (n,):
-        raise InputError(f"scores and labels differ in length: scores shape {scores.shape}, {n} labels")
-    if scores.dtype.kind not in "fiub":
-        raise InputError(f"scores must be a numeric array, found dtype {scores.dtype}")
+    scores = _check_scores(scores, n)
     fraction = _check_fraction(fraction)
     min_k = _check_min(min_samples_per_id)
     mask = _excluded_mask(excluded, n)

@@ -38,8 +38,8 @@ import operator
 import numpy as np
 
 from utils.errors import InputError
-from utils.pruning import (_check_fraction, _check_min, _dense_labels, _excluded_mask, _group_order, _int_labels,
-                           _stable_order, keep_top_per_identity)
+from utils.pruning import (_check_fraction, _check_min, _check_scores, _dense_labels, _excluded_mask, _group_order,
+                           _int_labels, _stable_order, keep_top_per_identity)
 
 __all__ = ["el2n_scores", "forgetting_scores", "aum_scores", "margin_scores", "least_confidence_scores", "ccs_keep"]
 
@@ -361,12 +361,7 @@ def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50
     """
     labels = _int_labels(labels)
     n = labels.size
-    sc = np.asarray(scores)
-    if sc.shape != (n,):
-        raise InputError(f"scores and labels differ in length: scores shape {sc.shape}, {n} labels")
-    if sc.dtype.kind not in "fiub":
-        raise InputError(f"scores must be a numeric array, found dtype {sc.dtype}")
-    sc = sc.astype(np.float64)
+    sc = _check_scores(scores, n).astype(np.float64)
     if np.isinf(sc).any():
         raise InputError(f"scores must be finite or NaN (equal-width strata need a finite range), found "
                          f"scores[{int(np.argmax(np.isinf(sc)))}] = {sc[np.isinf(sc)][0]}")
