@@ -14,6 +14,7 @@ interrupted run resumes where it stopped (training itself resumes from its last 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -106,6 +107,8 @@ class Pipeline:
     trainees: tuple = ()  # other (network, loss) pairs retrained on the same kept lists
     export: str = "best"  # the kept set written as a dataset: best, none, or <method>_<fraction>
     clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
+    data_args: list = None  # the synthetic generator's arguments (default: the profile's)
+    data_config: dict = None  # the SyntheticConfig they give: an existing data folder must match it
     steps_run: list = field(default_factory=list)
     steps_skipped: list = field(default_factory=list)
 
@@ -158,9 +161,10 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if self.synthetic:
+            self.check_existing_data()
             self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
                       lambda: (self.rec / "train.idx").exists() and (self.rec / "dataset.json").exists(),
-                      "--out", self.rec, *self.profile.data)
+                      "--out", self.rec, *(self.data_args if self.data_args is not None else self.profile.data))
         elif not (self.rec / "train.rec").exists():
             raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
         fp = self.fp = dataset_fingerprint(self.rec)
@@ -216,6 +220,18 @@ class Pipeline:
         print(f"pipeline finished in {time.time() - t0:.0f} s ({len(self.steps_run)} steps run, "
               f"{len(self.steps_skipped)} skipped); results in {self.out}")
         return results
+
+    def check_existing_data(self):
+        """A resumed run must not reuse synthetic data made with other generator options (--data, profile)."""
+        desc = self.rec / "dataset.json"
+        if self.data_config is None or not desc.exists():
+            return
+        made = json.loads(desc.read_text()).get("config", {})
+        diff = {k: (made.get(k), v) for k, v in self.data_config.items() if made.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}={old!r} (asked: {new!r})" for k, (old, new) in sorted(diff.items()))
+            raise SystemExit(f"run_pipeline: {self.rec} was made with other generator options: {said}; "
+                             f"use another --out, or --fresh to start over")
 
     def clean_round(self, base, r: int) -> bool:
         """Cleaning round r: retrain on round r-1's kept list, score the full set with that model, clean
@@ -368,6 +384,34 @@ def parse_set(items) -> dict:
     return out
 
 
+def synthetic_args(profile: Profile, items) -> tuple:
+    """The generator's arguments: the profile's, then `--data key=value` overrides (e.g. redundancy=0.5
+    redundant_id_share=1), checked by make_synthetic_dataset.py's own parser and SyntheticConfig.validate.
+    Returns (argument list, the SyntheticConfig they give, as a dict)."""
+    from make_synthetic_dataset import build_arg_parser
+    from utils.synthetic import SyntheticConfig
+
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    extra = []
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"run_pipeline: --data expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        if k not in fields:
+            raise SystemExit(f"run_pipeline: --data {k}: not an option of the synthetic generator; valid: "
+                             f"{', '.join(sorted(fields))}")
+        extra += ["--" + k.replace("_", "-"), v]
+    parser = build_arg_parser()
+    parser.exit_on_error = False
+    try:
+        args = parser.parse_args(["--out", "-", *profile.data, *extra])
+        cfg = SyntheticConfig(**{f: getattr(args, f) for f in fields}).validate()
+    except (argparse.ArgumentError, ValueError) as e:
+        raise SystemExit(f"run_pipeline: --data: {e}") from None
+    return [*profile.data, *extra], dataclasses.asdict(cfg)
+
+
 def _trainees(p, args, train: dict) -> tuple:
     """(network, loss) pairs to retrain besides the original model's: every pair of the named networks and
     losses (each list defaults to the original's), the original pair itself left out."""
@@ -414,6 +458,9 @@ def main(argv=None):
                    help="iterative cleaning: clean, retrain on the cleaned set, score every sample with that model, "
                         "clean again; at most N rounds, fewer when the flagged set changes by less than "
                         "--set clean_tolerance=T (default 1: clean once)")
+    p.add_argument("--data", nargs="*", metavar="KEY=VALUE",
+                   help="synthetic generator options over the profile's (make_synthetic_dataset.py --help lists "
+                        "them), e.g. --data redundancy=0.5 redundant_id_share=1 for a highly redundant set")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
@@ -440,10 +487,13 @@ def main(argv=None):
         p.error("--clean-rounds must be >= 1")
     dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
     overrides = parse_set(args.set)
+    if args.data and args.rec is not None:
+        p.error("--data sets the synthetic generator's options; it does not apply to --rec")
+    data_args, data_config = synthetic_args(profile, args.data) if args.rec is None else (None, None)
     trainees = _trainees(p, args, {**profile.train, **overrides})
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
-                    clean_rounds=args.clean_rounds)
+                    clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config)
     try:
         with OutputLock(args.out, what="run_pipeline.py"):  # one pipeline per output folder
             if args.fresh:  # what an earlier run left, but not the lock just taken

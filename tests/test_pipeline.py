@@ -125,3 +125,51 @@ def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
     assert re.search(r"^\| Rand \| smallnet_CosFace \| [0-9.]+% \| 2 \| [0-9.]+ ± [0-9.]+ \|", md, re.M), md
     assert "vs Rand" in md and re.search(r"^\| DiffProb \| smallnet_ArcFace \| [0-9.]+% \| 1 \|", md, re.M), md
     assert md in r.stdout
+
+
+def test_generator_options_reach_the_data_and_a_resume_must_match_them(tmp_path):
+    """`--data key=value` sets the synthetic generator's options over the profile's (here a highly redundant
+    set); a later run on the same folder with other options is refused instead of reusing the old data."""
+    out = tmp_path / "redundant"
+    asked = ["--data", "redundancy=0.4", "redundant_id_share=1", "flip_rate=0.1"]
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1", *asked)
+    assert "stopped after step 1" in r.stdout
+    made = json.loads((out / "data" / "dataset.json").read_text())
+    assert made["config"]["redundancy"] == 0.4 and made["config"]["redundant_id_share"] == 1.0
+    assert made["config"]["flip_rate"] == 0.1 and made["config"]["num_ids"] == 24  # the profile's, kept
+    truth = json.loads((out / "data" / "redundancy.json").read_text())
+    # every identity may hold re-shoots, and the realised share is close to the asked one (the first clean
+    # image of an identity and its noisy images never re-shoot, so it is lower)
+    assert len(truth["redundant_identities"]) == 24
+    assert 0.25 < truth["share"] <= 0.4, truth["share"]
+    before = (out / "data" / "train.rec").stat().st_mtime_ns
+
+    again = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1", *asked)
+    assert "[ 1] make the synthetic dataset: complete, skipped" in again.stdout
+
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1",
+                   "--data", "redundancy=0.2", check=False)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "made with other generator options" in err[0], r.stderr
+    assert "redundancy=0.4 (asked: 0.2)" in err[0] and "redundant_id_share=1.0 (asked: 0.3)" in err[0], err[0]
+    assert (out / "data" / "train.rec").stat().st_mtime_ns == before  # the data was left alone
+
+
+@pytest.mark.parametrize("data, message", [
+    (["foo=1"], "--data foo: not an option of the synthetic generator"),
+    (["redundancy=0.9"], "redundancy must lie in [0, 0.7 * redundant_id_share]"),
+    (["redundancy=lots"], "argument --redundancy: invalid float value: 'lots'"),
+    (["redundancy"], "--data expects KEY=VALUE, got 'redundancy'"),
+])
+def test_bad_generator_options_are_refused_before_anything_is_made(tmp_path, data, message):
+    out = tmp_path / "demo"
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--data", *data, check=False)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_generator_options_do_not_apply_to_a_real_dataset(tmp_path):
+    r = run_script("run_pipeline.py", "--rec", tmp_path, "--data", "redundancy=0.5", check=False)
+    assert r.returncode == 2 and "--data sets the synthetic generator's options" in r.stderr, r.stderr

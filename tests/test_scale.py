@@ -155,6 +155,20 @@ def test_bench_scale_runs_every_step_and_writes_the_contract_json(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_scale_runs_only_the_asked_steps_after_the_set_up(tmp_path):
+    from tools.bench_scale import FIXED_STEPS
+
+    _run([sys.executable, "tools/bench_scale.py", "--scale", "small", "--json", str(tmp_path / "s.json"),
+          "--dir", str(tmp_path), "--only", "clean:trajectory,select:entropy"], timeout=600)
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert list(rows) == [*FIXED_STEPS, "clean:trajectory", "select:entropy"]
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    r = subprocess.run([sys.executable, "tools/bench_scale.py", "--scale", "small", "--only", "select:nope"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--only: unknown steps ['select:nope']" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run_prints_every_section_with_numbers():
     out = _run(["bash", "tools/gpu_check.sh", "--dry-run"], timeout=900)
     sections = re.split(r"^== (\w+) ==$", out, flags=re.M)

@@ -376,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-cap-gb", type=float, default=13.0, help="stop a step whose anonymous memory passes this")
     p.add_argument("--keep", action="store_true", help="keep the epoch files after assembling, and the folder")
+    p.add_argument("--only", default=None, metavar="STEP,...",
+                   help="run only these steps after the set-up (the records are always written), e.g. "
+                        "clean:trajectory,select:entropy; the steps after the selections need a select: step")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -387,6 +390,16 @@ def main(argv=None) -> int:
         (work / f"result-{args.step.replace(':', '_')}.json").write_text(json.dumps(result))
         return 0
 
+    names = step_names()
+    if args.only:
+        asked_steps = [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = [x for x in asked_steps if x not in names]
+        if unknown:
+            p.error(f"--only: unknown steps {unknown}; valid: {', '.join(names)}")
+        if set(asked_steps) & set(LATE_STEPS) and not any(x.startswith("select:") for x in asked_steps):
+            p.error("--only: label_map, write_selection and plan_export read a selection's kept list: name a "
+                    "select: step too (select:diffprob is used first)")
+        names = [n for n in names if n in FIXED_STEPS or n in asked_steps]
     base = Path(args.dir or tempfile.gettempdir())
     epochs, disk_note = disk_plan(base, args.scale, args.epochs, args.keep)
     asked = args.epochs
@@ -399,7 +412,7 @@ def main(argv=None) -> int:
     rows = {}
     work = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=base))
     try:
-        for name in step_names():
+        for name in names:
             row = in_fresh_process(name, args, work)
             rows[name] = row
             print(f"  {name:<28} {row['seconds']:>8.1f} s  peak RSS {row['peak_rss_gb']:6.2f} GB  "

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from utils.blocks import for_each_block
 from utils.errors import InputError
 
 __all__ = [
@@ -882,8 +883,11 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
         raise InputError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
     out = np.empty(N, dtype=np.float64)
     chunk = max(1, (1 << 16) // (E * k))  # the (samples, E * k) temporaries stay in cache
-    for a in range(0, N, chunk):
-        out[a:a + chunk] = _entropy_block(lg[:, a:a + chunk], ix[:, a:a + chunk], rest[:, a:a + chunk], C, a)
+
+    def block(a, b):
+        out[a:b] = _entropy_block(lg[:, a:b], ix[:, a:b], rest[:, a:b], C, a)
+
+    for_each_block(block, N, chunk)  # on every core
     return out
 
 
