@@ -279,18 +279,22 @@ class Pipeline:
     def export_kept_set(self, results: dict) -> dict:
         """Write one kept set as a dataset of its own (export_trainset.py) and report the size saving.
 
-        `best`: of the pruned models (first seed, the original network), the highest mean verification
-        accuracy (the smaller kept fraction on a tie); or the one `--export <method>_<fraction>` names."""
-        runs = [r for r in results["runs"] if r["method"] != "full" and not r["seed_offset"]
-                and r["trainee"] == results["runs"][0]["trainee"]]
+        `best`: of the pruned models of the original network, the kept set with the highest mean verification
+        accuracy, averaged over the seeds when there are several (the smaller kept fraction on a tie); or the
+        one `--export <method>_<fraction>` names."""
+        runs = [r for r in results["runs"] if r["method"] != "full" and r["trainee"] == results["runs"][0]["trainee"]]
+        named = {}
+        for r in runs:  # every seed of one kept set
+            named.setdefault(f"{r['method']}_{r['requested_fraction']:.2f}", []).append(r)
+        accuracy = {tag: sum(map(mean_accuracy, rs)) / len(rs) for tag, rs in named.items()}
         if self.export == "best":
-            run = max(runs, key=lambda r: (mean_accuracy(r), -r["kept_fraction"]))
+            tag = max(named, key=lambda t: (accuracy[t], -named[t][0]["kept_fraction"]))
+        elif self.export not in named:
+            raise SystemExit(f"run_pipeline: --export {self.export}: not a kept set of this run; "
+                             f"one of {', '.join(named)} (or best, none)")
         else:
-            named = {f"{r['method']}_{r['requested_fraction']:.2f}": r for r in runs}
-            if self.export not in named:
-                raise SystemExit(f"run_pipeline: --export {self.export}: not a kept set of this run; "
-                                 f"one of {', '.join(named)} (or best, none)")
-            run = named[self.export]
+            tag = self.export
+        run = next(r for r in named[tag] if not r["seed_offset"])
         cfg = self.cfg(coreset_method=run["method"], fraction=run["requested_fraction"])
         tag = paths.coreset_tag(cfg, run["method"])
         dst = self.out / "export" / tag
@@ -302,7 +306,8 @@ class Pipeline:
         before, after = manifest["bytes"]["before"], manifest["bytes"]["after"]
         return {"kept_set": tag, "folder": str(dst), "images": manifest["counts"]["images_after"],
                 "identities": manifest["counts"]["identities_after"], "bytes_before": before, "bytes_after": after,
-                "saving_percent": 100.0 * (1 - after / before), "mean_accuracy": mean_accuracy(run)}
+                "saving_percent": 100.0 * (1 - after / before), "mean_accuracy": accuracy[tag],
+                "seeds": len(named[tag])}
 
     def evaluate_ijb(self, models: dict) -> dict:
         out = self.out / "ijb"

@@ -125,6 +125,15 @@ def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
     assert re.search(r"^\| Rand \| smallnet_CosFace \| [0-9.]+% \| 2 \| [0-9.]+ ± [0-9.]+ \|", md, re.M), md
     assert "vs Rand" in md and re.search(r"^\| DiffProb \| smallnet_ArcFace \| [0-9.]+% \| 1 \|", md, re.M), md
     assert md in r.stdout
+    # with seeds, the exported kept set is the best by its mean over the seeds
+    mean = {}
+    for x in res["runs"]:
+        if x["method"] != "full" and x["trainee"] == "smallnet_CosFace":
+            mean.setdefault(f"{x['method']}_{x['requested_fraction']:.2f}", []).append(mean_accuracy(x))
+    mean = {tag: sum(v) / len(v) for tag, v in mean.items()}
+    assert res["export"]["seeds"] == 2 and res["export"]["kept_set"] == max(mean, key=mean.get)
+    assert res["export"]["mean_accuracy"] == mean[res["export"]["kept_set"]]
+    assert "mean accuracy over 2 seeds) as a dataset" in r.stdout
 
 
 def test_generator_options_reach_the_data_and_a_resume_must_match_them(tmp_path):

@@ -180,7 +180,8 @@ def _dataset_notes(results: dict) -> str:
                  f"precision {c['precision']:.3f}, recall {c['recall']:.3f}.\n")
     exp = results.get("export")
     if exp:
-        text += (f"\nExported {exp['kept_set']} ({100 * exp['mean_accuracy']:.2f} mean accuracy) as a dataset: "
+        over = f" over {exp['seeds']} seeds" if exp.get("seeds", 1) > 1 else ""
+        text += (f"\nExported {exp['kept_set']} ({100 * exp['mean_accuracy']:.2f} mean accuracy{over}) as a dataset: "
                  f"{exp['images']} images of {exp['identities']} identities, {exp['bytes_after'] / 2**20:.1f} MiB "
                  f"instead of {exp['bytes_before'] / 2**20:.1f} MiB ({exp['saving_percent']:.1f}% saved) -> "
                  f"{exp['folder']}\n")
