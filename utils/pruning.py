@@ -103,14 +103,19 @@ def _check_scores(scores, n: int) -> np.ndarray:
     return scores
 
 
-def _check_min(min_samples_per_id) -> int:
+def _check_int(value, name: str, minimum: int, why: str = "") -> int:
+    """`value` as an int of at least `minimum`, else an InputError naming `name` (and `why` the minimum)."""
     try:
-        m = operator.index(min_samples_per_id)
+        v = operator.index(value)
     except TypeError:
-        raise InputError(f"min_samples_per_id must be an integer >= 0, found {min_samples_per_id!r}") from None
-    if m < 0:
-        raise InputError(f"min_samples_per_id must be >= 0, found {m}")
-    return m
+        raise InputError(f"{name} must be an integer >= {minimum}, found {value!r}") from None
+    if v < minimum:
+        raise InputError(f"{name} must be >= {minimum}{why}, found {v}")
+    return v
+
+
+def _check_min(min_samples_per_id) -> int:
+    return _check_int(min_samples_per_id, "min_samples_per_id", 0)
 
 
 def _check_prob(prob, n: int, mask: np.ndarray | None) -> np.ndarray:
@@ -773,12 +778,7 @@ def dynunc_scores(history, window=10) -> np.ndarray:
     tiny variance, such as converged samples, keep full precision. A one-pass sum-of-squares would
     cancel there.
     """
-    try:
-        J = operator.index(window)
-    except TypeError:
-        raise InputError(f"window must be an integer >= 2, found {window!r}") from None
-    if J < 2:
-        raise InputError(f"window must be >= 2 (a standard deviation needs two epochs), found {J}")
+    J = _check_int(window, "window", 2, " (a standard deviation needs two epochs)")
     h = np.asarray(history)
     if h.ndim != 2:
         raise InputError(f"history must have shape (num_epochs, num_samples), found shape {h.shape}")

@@ -38,8 +38,8 @@ import operator
 import numpy as np
 
 from utils.errors import InputError
-from utils.pruning import (_check_fraction, _check_min, _check_scores, _dense_labels, _excluded_mask, _group_order,
-                           _int_labels, _stable_order, keep_top_per_identity)
+from utils.pruning import (_check_fraction, _check_int, _check_min, _check_scores, _dense_labels, _excluded_mask,
+                           _group_order, _int_labels, _stable_order, keep_top_per_identity)
 
 __all__ = ["el2n_scores", "forgetting_scores", "aum_scores", "margin_scores", "least_confidence_scores", "ccs_keep"]
 
@@ -373,12 +373,7 @@ def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50
         raise InputError(f"beta must be a number in [0, 1), found {beta!r}") from None
     if not 0.0 <= beta_f < 1.0:
         raise InputError(f"beta (the hardest fraction dropped) must be in [0, 1), found {beta}")
-    try:
-        S = operator.index(strata)
-    except TypeError:
-        raise InputError(f"strata must be an integer >= 1, found {strata!r}") from None
-    if S < 1:
-        raise InputError(f"strata must be >= 1, found {S}")
+    S = _check_int(strata, "strata", 1)
     random_rank = np.random.default_rng(seed).permutation(n)  # drawn before excluding: same order either way
     mask = _excluded_mask(excluded, n)
     sel = None if mask is None else np.flatnonzero(~mask)
