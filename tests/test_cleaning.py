@@ -9,12 +9,13 @@ import pytest
 
 from config.config import parse_config
 from tests.helpers import REPO, TINY_TRAIN, make_tiny_dataset, run_script
-from utils import cleaning, paths, pruning
+from utils import cleaning, paths
 from utils.artifacts import Fingerprint, load_array, load_kept_index, read_array, save_array
 from utils.cleaning import SparseProbs
 from utils.data import open_dataset
 from utils.errors import InputError
 from utils.records import Records, clean_round_dir, round_model_dir, round_scores_path, round_train_keys
+from utils.soft_labels import soft_label_entropy
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -105,7 +106,7 @@ def test_soft_labels_from_top_k_agree_with_the_entropy_method_and_price_unlisted
     rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (K - k)
     labels = rng.integers(0, K, N)
     soft = cleaning.trajectory_soft_labels(lg, order, rest, labels, K, keep=E * k)  # every class ever in a top k
-    assert np.allclose(soft.entropy, pruning.soft_label_entropy(lg, order, rest, K))
+    assert np.allclose(soft.entropy, soft_label_entropy(lg, order, rest, K))
     listed = soft.classes == labels[:, None]
     assert np.allclose(soft.label_prob[~listed.any(axis=1)], soft.rest_prob[~listed.any(axis=1)])
     assert np.allclose(soft.label_prob[listed.any(axis=1)], soft.probs[listed])

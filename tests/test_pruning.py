@@ -13,7 +13,8 @@ import pytest
 from utils import pruning
 from utils.pruning import (diffprob, diffprob_for_fraction, diffprob_threshold_for_fraction, dynunc_scores,
                            format_summary, identity_index, keep_top_per_identity, label_map_for,
-                           per_identity_counts, random_keep, selection_summary, soft_label_entropy)
+                           per_identity_counts, random_keep, selection_summary)
+from utils.soft_labels import soft_label_entropy
 
 
 # ============================================================================ references
@@ -493,7 +494,6 @@ def test_plot_selection_writes_a_png(tmp_path):
 
 
 def test_entropy_averages_over_the_epochs_a_sample_was_seen_in():
-    from utils.pruning import soft_label_entropy
 
     rng = np.random.default_rng(7)
     E, N, k, C = 4, 6, 3, 9

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from utils.pruning import keep_top_per_identity, soft_label_entropy
+from utils.pruning import keep_top_per_identity
+from utils.soft_labels import soft_label_entropy
 from utils.scores import (aum_scores, ccs_keep, el2n_scores, forgetting_scores, least_confidence_scores,
                           margin_scores)
 

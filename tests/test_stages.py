@@ -10,6 +10,7 @@ from tests.helpers import make_tiny_dataset, run_script
 from utils import paths, pruning
 from utils.artifacts import load_array, load_kept_index, load_label_map, save_array
 from utils.data import open_dataset
+from utils.soft_labels import soft_label_entropy
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_dynunc_rand_entropy_stages(setup):
     assert (paths.coreset_dir(cfg, "rand") / "plot.png").exists()
     run_script("coreset_entropy.py", *setup["args"])
     topk = load_array(paths.topk_history_path(cfg), fp)
-    entropy = pruning.soft_label_entropy(topk["topk_logits"].astype(np.float32), topk["topk_index"],
+    entropy = soft_label_entropy(topk["topk_logits"].astype(np.float32), topk["topk_index"],
                                          topk["rest_mean_logit"].astype(np.float32), fp.num_classes)
     expect = pruning.keep_top_per_identity(entropy, labels, 0.5)
     assert np.array_equal(load_kept_index(paths.kept_index_path(cfg, "entropy"), fp), expect)

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import pruning, scores  # noqa: E402
+from utils.soft_labels import soft_label_entropy  # noqa: E402
 
 SCALES = {  # images, identities, largest identity
     "casia": (490_623, 10_572, 804),
@@ -222,7 +223,7 @@ def bench_scores(scale: str, seed: int, repeat: int, fraction: float, labels, wo
     run("aum_scores", lambda: scores.aum_scores(lg, ix, rest, ll, labels, num_classes), nan)
     run("margin_scores(epoch=-1)", lambda: scores.margin_scores(lg, ix, rest, num_classes), nan)
     run("least_confidence_scores(epoch=-1)", lambda: scores.least_confidence_scores(lg, ix, rest, num_classes), nan)
-    run("soft_label_entropy", lambda: pruning.soft_label_entropy(lg, ix, rest, num_classes), nan)
+    run("soft_label_entropy", lambda: soft_label_entropy(lg, ix, rest, num_classes), nan)
     run(f"ccs_keep(el2n, {fraction})", lambda: scores.ccs_keep(el2n, labels, fraction),
         lambda k: f"kept {k.size / labels.size:.5f}")
     return table.rows

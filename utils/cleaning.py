@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from config import config as config_module
-from utils.blocks import for_each_block
+from utils.soft_labels import SparseProbs, soft_labels
 from utils.errors import InputError
 from utils.records import NEEDS, Records
 
@@ -155,23 +155,6 @@ def check_clean_config(cfg):
 
 
 # ------------------------------------------------------------------------------------- probabilities
-@dataclass
-class SparseProbs:
-    """Per sample the probabilities of a few classes (no N x K matrix).
-
-    `classes` (N, m) int64, by descending probability, -1 where fewer are known; `probs` (N, m) float64
-    (0 where `classes` is -1); `label_prob` (N,) the labelled class's probability (NaN: the sample was never
-    seen); `rest_prob` (N,) the probability of each class not listed (NaN: unknown), `entropy` (N,) nats of
-    the whole distribution where it is known.
-    """
-    classes: np.ndarray
-    probs: np.ndarray
-    label_prob: np.ndarray
-    rest_prob: np.ndarray
-    entropy: Optional[np.ndarray] = None
-    source: str = ""
-
-
 def trajectory_soft_labels(topk_logits, topk_index, rest_mean_logit, labels, num_classes: int,
                            keep: int = None) -> SparseProbs:
     """The soft label of "Data Pruning Can Do More": softmax of each sample's logits averaged over epochs.
@@ -183,11 +166,10 @@ def trajectory_soft_labels(topk_logits, topk_index, rest_mean_logit, labels, num
     epoch's top k takes the rest mean instead of its own logit, and the classes never in any top k share
     one value (`rest_prob`); both are exact when k = num_classes. Since a top-k logit is at least the
     rest mean, every listed class is at least as probable as any unlisted one, so `classes[:, 0]` is the
-    soft label's arg-max. Keeps the `keep` (default k) most probable classes per sample. O(E N k log),
-    chunked: no N x K array. Each recorded logit less its epoch's rest mean is rounded to float32 (relative
-    error 6e-8; the records hold float16) and summed in float64.
+    soft label's arg-max. Keeps the `keep` (default k) most probable classes per sample (ties: the lower
+    class id first). One streamed pass in blocks of samples, in float64, no N x K array (utils/soft_labels.py).
     """
-    lg, ix, rest = np.asarray(topk_logits), np.asarray(topk_index), np.asarray(rest_mean_logit)
+    lg, ix, rest = (np.asanyarray(x) for x in (topk_logits, topk_index, rest_mean_logit))  # memory maps stay
     labels = np.asarray(labels, dtype=np.int64)
     if lg.ndim != 3 or ix.shape != lg.shape or rest.shape != lg.shape[:2]:
         raise InputError(f"top-k records: expected topk_logits and topk_index of shape (epochs, samples, k) and "
@@ -199,77 +181,10 @@ def trajectory_soft_labels(topk_logits, topk_index, rest_mean_logit, labels, num
                          f"original model with --record_topk K (K > 0)")
     if labels.shape != (N,):
         raise InputError(f"labels of shape {labels.shape} for top-k records of {N} samples")
+    if ix.dtype.kind not in "iu":
+        raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
     keep = k if keep is None else int(keep)
-    out = SparseProbs(np.full((N, keep), -1, np.int64), np.zeros((N, keep)), np.full(N, np.nan),
-                      np.full(N, np.nan), np.full(N, np.nan), "trajectory")
-    chunk = max(1, min((1 << 20) // (E * k), ((1 << 31) - 1) // C))  # (sample, class) keys below 2**31
-
-    def block(a, b):
-        _soft_block(lg[:, a:b], ix[:, a:b], rest[:, a:b], labels[a:b], C, out, a)
-
-    for_each_block(block, N, chunk)  # on every core
-    return out
-
-
-def _soft_block(lg, ix, rest, labels, C: int, out: SparseProbs, offset: int):
-    E, n, k = lg.shape
-    lg, ix = lg.astype(np.float64), ix.astype(np.int64)
-    if ix.max(initial=-1) >= C:  # checked block by block: the records are read once
-        raise InputError(f"top-k records name class {int(ix.max())}; the dataset has {C} classes: they belong to "
-                         f"another dataset")
-    seen = (ix >= 0).all(axis=2) & np.isfinite(lg).all(axis=2)  # (E, n)
-    rest = np.where(seen, 0.0 if k == C else rest.astype(np.float64), 0.0)  # k == C: no class outside the top k
-    if not np.isfinite(rest).all():
-        raise InputError(f"rest_mean_logit is not finite for a seen sample (samples {offset}..{offset + n - 1})")
-    e_seen = seen.sum(axis=0)
-    per_epoch = np.maximum(e_seen, 1)
-    rest_sum = rest.sum(axis=0)
-    # Every recorded logit of a seen (epoch, sample), less that epoch's rest mean, as float32 bits packed below its
-    # (sample, class) key (< 2**31, see the chunk size): one sort of 64-bit integers groups the pairs, where
-    # np.unique with an inverse needs an argsort (7x slower at this size).
-    key = (ix + (np.arange(n, dtype=np.int64) * C)[None, :, None])[seen].ravel()
-    bits = (lg - rest[:, :, None])[seen].ravel().astype(np.float32).view(np.uint32).astype(np.int64)
-    packed = (key << 32) | bits
-    packed.sort()
-    skey = packed >> 32
-    start = np.flatnonzero(np.concatenate([[True], skey[1:] != skey[:-1]])) if skey.size else np.zeros(0, np.int64)
-    uk = skey[start]
-    count = np.diff(np.append(start, skey.size))
-    sample = uk // C
-    if (count > e_seen[sample]).any():
-        raise InputError("topk_index repeats a class within one epoch's top k")
-    value = (packed & 0xFFFFFFFF).astype(np.uint32).view(np.float32).astype(np.float64)
-    value_sum = np.add.reduceat(value, start) if start.size else np.zeros(0)
-    z = (value_sum + rest_sum[sample]) / per_epoch[sample]  # mean logit of a listed class
-    z_rest = rest_sum / per_epoch  # mean logit of a class never in a top k
-    n_rest = C - np.bincount(sample, minlength=n)
-    top = np.full(n, -np.inf)
-    np.maximum.at(top, sample, z)
-    top = np.where(n_rest > 0, np.maximum(top, z_rest), top)
-    d = z - top[sample]
-    a = np.exp(d)
-    d_rest = np.where(n_rest > 0, z_rest - top, 0.0)
-    a_rest = np.where(n_rest > 0, np.exp(d_rest), 0.0)
-    total = np.bincount(sample, a, minlength=n) + n_rest * a_rest
-    p = a / total[sample]
-    ok = e_seen > 0
-    rows = slice(offset, offset + n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        spread = np.bincount(sample, a * d, minlength=n) + n_rest * a_rest * d_rest
-        out.entropy[rows] = np.where(ok, np.log(total) - spread / total, np.nan)
-        out.rest_prob[rows] = np.where(ok, a_rest / total, np.nan)
-    want = np.arange(n) * C + labels
-    pos = np.minimum(np.searchsorted(uk, want), max(uk.size - 1, 0))
-    found = uk[pos] == want if uk.size else np.zeros(n, bool)
-    out.label_prob[rows] = np.where(ok, np.where(found, p[pos] if uk.size else 0.0, out.rest_prob[rows]), np.nan)
-    # per sample, by descending probability: one stable float64 sort of sample + (1 - p) / 2 (probabilities closer
-    # than the float64 spacing at n, 1e-12 for 5,000 samples, count as tied: the lower class first, as before)
-    order = np.argsort(sample + (1.0 - p) * 0.5, kind="stable")
-    rank = np.arange(order.size) - np.searchsorted(sample, np.arange(n))[sample[order]]
-    pick = rank < out.classes.shape[1]
-    s = sample[order][pick] + offset
-    out.classes[s, rank[pick]] = (uk % C)[order][pick]
-    out.probs[s, rank[pick]] = p[order][pick]
+    return soft_labels(lg, ix, rest, C, labels, keep)  # streamed in blocks, on every core (utils/soft_labels.py)
 
 
 def scores_probs(rec: Records, cfg=None) -> SparseProbs:
@@ -321,8 +236,22 @@ def confident_learning(probs: SparseProbs, labels, num_classes: int) -> tuple:
     with np.errstate(invalid="ignore"):
         thresholds = np.bincount(labels, weights=np.nan_to_num(probs.label_prob), minlength=C) / counts
     thresholds = np.maximum(np.where(counts > 0, thresholds, 2.0), 2e-6)
-    cls = np.concatenate([probs.classes, labels[:, None]], axis=1)
-    p = np.concatenate([probs.probs, np.nan_to_num(probs.label_prob)[:, None]], axis=1)
+    n = labels.size
+    issue, guess, guess_prob = np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, np.nan)
+    for a in range(0, n, _CL_ROWS):  # in blocks of rows: the (rows, m) temporaries stay small at Glint360K scale
+        rows = slice(a, min(n, a + _CL_ROWS))
+        issue[rows], guess[rows], guess_prob[rows] = _confident_rows(
+            probs.classes[rows], probs.probs[rows], probs.label_prob[rows], labels[rows], thresholds)
+    return issue, guess, guess_prob, thresholds
+
+
+_CL_ROWS = 1 << 20
+
+
+def _confident_rows(classes, probs, label_prob, labels, thresholds) -> tuple:
+    """confident_learning's decision for a block of rows: (issue, guessed class or -1, its probability or NaN)."""
+    cls = np.concatenate([classes, labels[:, None]], axis=1)
+    p = np.concatenate([probs, np.nan_to_num(label_prob)[:, None]], axis=1)
     listed = cls >= 0
     listed[:, :-1] &= cls[:, :-1] != labels[:, None]  # the label's own column holds its probability
     value = np.where(listed, p, -np.inf)
@@ -334,8 +263,8 @@ def confident_learning(probs: SparseProbs, labels, num_classes: int) -> tuple:
     value[:, -1] += 1e-6  # cleanlab keeps a sample whose label is the arg-max within this margin
     issue &= _lowest_class_at_max(cls, value)[0] != labels
     guess_prob = np.where(listed & (cls == guess[:, None]), p, -np.inf).max(axis=1)
-    issue &= np.isfinite(probs.label_prob)  # never-seen samples are not judged
-    return issue, np.where(issue, guess, -1), np.where(issue, guess_prob, np.nan), thresholds
+    issue &= np.isfinite(label_prob)  # never-seen samples are not judged
+    return issue, np.where(issue, guess, -1), np.where(issue, guess_prob, np.nan)
 
 
 def soft_label_flags(probs: SparseProbs, labels, num_classes: int, quantile: float) -> Flags:

@@ -6,7 +6,8 @@ The pruning rules of the DiffProb paper and of the methods it is compared with:
   labelled-class probability is within ``t`` of the last kept sample.
 * ``diffprob_threshold_for_fraction`` and ``diffprob_for_fraction``: the threshold for a requested kept fraction.
 * ``dynunc_scores``: DynUnc (He et al. 2023), the uncertainty computed from per-epoch probabilities.
-* ``soft_label_entropy``: the importance used in "Data Pruning Can Do More" (Yang et al., TMLR).
+* the entropy of "Data Pruning Can Do More" (Yang et al., TMLR) is ``utils.soft_labels.soft_label_entropy``,
+  streamed over the top-k records with the cleaning's soft labels.
 * ``keep_top_per_identity``: the one helper that keeps k samples per identity by score. DynUnc, the
   entropy method and Rand all go through it.
 * ``random_keep``: Rand, uniformly at random within each identity.
@@ -29,12 +30,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from utils.blocks import for_each_block
 from utils.errors import InputError
 
 __all__ = [
     "diffprob", "diffprob_threshold_for_fraction", "diffprob_for_fraction", "dynunc_scores",
-    "keep_top_per_identity", "random_keep", "soft_label_entropy", "per_identity_counts", "identity_index",
+    "keep_top_per_identity", "random_keep", "per_identity_counts", "identity_index",
     "label_map_for", "selection_summary", "format_summary",
 ]
 
@@ -835,121 +835,3 @@ def _dynunc_block(block: np.ndarray, J: int) -> np.ndarray:
         total = np.where(ok, std, 0.0).sum(axis=0)
         return np.where(n_win > 0, total / n_win, np.nan)
 
-
-# ============================================================================ soft-label entropy
-def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) -> np.ndarray:
-    """Importance from "Data Pruning Can Do More" (Yang et al., TMLR): the entropy (nats) of the soft label.
-
-    The soft label is the softmax of the mean over epochs of the full logit vector. Only the top k logits
-    of each epoch were recorded, so the mean logit vector is approximated:
-
-    * ``topk_logits`` (E, N, k) float, ``topk_index`` (E, N, k) int in [0, num_classes), distinct within an
-      epoch's top k;
-    * ``rest_mean_logit`` (E, N): the mean of the logits outside that epoch's top k.
-
-    The mean logit of a class c that entered some epoch's top k is the mean over epochs of its logit
-    where it is in the top k, and the epoch's rest mean elsewhere. Every class never in any top k gets
-    the mean of the rest means. The entropy of softmax over all ``num_classes`` entries of that vector is
-    exact, because the equal tail values enter the log-sum-exp and the entropy in closed form. With
-    ``k == num_classes`` there is no approximation: this is the entropy of softmax(mean logits), and
-    ``rest_mean_logit`` is ignored. Returns float64 (N,). Keep the most uncertain samples by passing it
-    to ``keep_top_per_identity``.
-
-    Epochs in which a sample was not seen (training drops the last partial batch) are recorded with
-    index -1 / NaN logits; the mean is then over the epochs the sample was seen in, and a sample never
-    seen gets NaN (ranked lowest). Inputs may be float16 and memory-mapped: they are read in blocks of
-    samples.
-
-    Computation: relative to the tail value t = mean of the seen rest means, class c sits at
-    x_c = sum over the seen epochs that have c in the top k of (logit - that epoch's rest mean), divided
-    by the number of seen epochs; the other classes sit at 0. One sort of packed (class, epoch, slot)
-    keys per sample groups the entries by class, and segment sums give the x_c.
-    """
-    lg = np.asarray(topk_logits)
-    ix = np.asarray(topk_index)
-    rest = np.asarray(rest_mean_logit)
-    C = operator.index(num_classes)
-    if lg.ndim != 3 or ix.shape != lg.shape:
-        raise InputError(f"topk_logits and topk_index must both have shape (epochs, samples, k), found "
-                         f"{lg.shape} and {ix.shape}")
-    E, N, k = lg.shape
-    if E == 0 or N == 0 or k == 0:
-        raise InputError(f"empty input: topk arrays have shape {lg.shape}")
-    if rest.shape != (E, N):
-        raise InputError(f"rest_mean_logit must have shape {(E, N)}, found {rest.shape}")
-    if ix.dtype.kind not in "iu":
-        raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
-    if C < k:
-        raise InputError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
-    out = np.empty(N, dtype=np.float64)
-    chunk = max(1, (1 << 16) // (E * k))  # the (samples, E * k) temporaries stay in cache
-
-    def block(a, b):
-        out[a:b] = _entropy_block(lg[:, a:b], ix[:, a:b], rest[:, a:b], C, a)
-
-    for_each_block(block, N, chunk)  # on every core
-    return out
-
-
-def _entropy_block(lg, ix, rest, C: int, offset: int) -> np.ndarray:
-    E, n, k = lg.shape
-    L = E * k
-    val = np.ascontiguousarray(lg.transpose(1, 0, 2), dtype=np.float64)  # (n, E, k)
-    # Keys class * L + (epoch * k + slot), one row of L per sample; an unseen epoch's slot j gets class
-    # C + j, so its keys stay distinct, sort last and are dropped.
-    kdt = np.int32 if (C + k) * L < 2 ** 31 else np.int64
-    key = np.ascontiguousarray(ix.transpose(1, 0, 2), dtype=kdt)
-    if int(key.max()) >= C:
-        raise InputError(f"topk_index must be in [0, {C}), found {int(key.max())} (samples {offset}..)")
-    # seen: every slot of that epoch has a class and a finite logit
-    bad = key < 0
-    bad |= ~np.isfinite(val)
-    seen = np.ones((n, E), dtype=bool)
-    rows_bad = bad.reshape(n, L).any(axis=1)
-    if rows_bad.any():
-        seen[rows_bad] = ~bad[rows_bad].any(axis=2)
-    use_rest = k < C
-    r = np.ascontiguousarray(rest.T, dtype=np.float64) if use_rest else np.zeros((n, E))  # (n, E)
-    if use_rest and not np.isfinite(r[seen]).all():
-        raise InputError(f"rest_mean_logit must be finite when k < num_classes (samples {offset}..)")
-    d = val
-    d -= r[:, :, None]  # logit above its epoch's rest mean
-    unseen = ~seen
-    d[unseen] = 0.0
-    key[unseen] = C + np.arange(k, dtype=kdt)
-    key *= L
-    key += np.arange(L, dtype=kdt).reshape(E, k)
-    key = key.reshape(n, L)
-    key.sort(axis=1)
-    q = key // L  # class
-    q_e = key // k  # class * E + epoch
-    if (q_e[:, 1:] == q_e[:, :-1]).any():
-        raise InputError("topk_index repeats a class within one epoch's top k")
-    entry = key - q * L
-    entry += np.arange(0, n * L, L, dtype=kdt if n * L < 2 ** 31 else np.int64)[:, None]
-    ds = d.ravel().take(entry.ravel())
-    new = np.empty((n, L), dtype=bool)
-    new[:, 0] = True
-    np.not_equal(q[:, 1:], q[:, :-1], out=new[:, 1:])
-    starts = np.flatnonzero(new)
-    x = np.add.reduceat(ds, starts)
-    real = q.ravel()[starts] < C
-    grow = starts[real] // L  # sample of each (sample, class) group
-    x = x[real] / seen.sum(axis=1)[grow]
-    n_u = np.bincount(grow, minlength=n)
-    ok = seen.any(axis=1)  # a seen sample has at least one class group
-    seg = np.zeros(n, dtype=np.int64)
-    np.cumsum(n_u[:-1], out=seg[1:])
-    seg = seg[ok]
-    tail = (C - n_u[ok]).astype(np.float64)  # classes never in a seen top k, all at 0
-    m = np.maximum.reduceat(x, seg)
-    m = np.where(tail > 0, np.maximum(m, 0.0), m)
-    xm = x - np.repeat(m, n_u[ok])
-    a = np.exp(xm)
-    at = tail * np.exp(-m)
-    Z = np.add.reduceat(a, seg) + at
-    S = np.add.reduceat(a * xm, seg) - at * m
-    out = np.full(n, np.nan)
-    # H = -sum p log p = log Z - sum_c a_c (x_c - m) / Z   with a_c = exp(x_c - m), Z = sum_c a_c
-    out[ok] = np.log(Z) - S / Z
-    return out

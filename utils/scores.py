@@ -37,6 +37,7 @@ import operator
 
 import numpy as np
 
+from utils.blocks import chunk_samples, iter_chunks
 from utils.errors import InputError
 from utils.pruning import (_check_fraction, _check_int, _check_min, _check_scores, _dense_labels, _excluded_mask,
                            _group_order, _int_labels, _stable_order, keep_top_per_identity)
@@ -49,7 +50,7 @@ _BLOCK = 1 << 20  # record entries (epochs x samples x k) per block: a few MB of
 # ============================================================================ validation and block reading
 def _check_records(topk_logits, topk_index, rest_mean_logit, num_classes, labels=None, label_logit=None):
     """The inputs as arrays (memory maps stay memory maps), checked: (lg or None, ix, rest or None, C, y, ll)."""
-    ix = np.asarray(topk_index)
+    ix = np.asanyarray(topk_index)
     if ix.ndim != 3:
         raise InputError(f"topk_index must have shape (epochs, samples, k), found shape {ix.shape}")
     E, N, k = ix.shape
@@ -57,7 +58,7 @@ def _check_records(topk_logits, topk_index, rest_mean_logit, num_classes, labels
         raise InputError(f"empty input: topk_index has shape {ix.shape} (epochs, samples and k must be > 0)")
     if ix.dtype.kind not in "iu":
         raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
-    lg = None if topk_logits is None else np.asarray(topk_logits)
+    lg = None if topk_logits is None else np.asanyarray(topk_logits)
     if lg is not None:
         if lg.shape != ix.shape:
             raise InputError(f"topk_logits and topk_index shapes differ: {lg.shape} and {ix.shape}")
@@ -67,7 +68,7 @@ def _check_records(topk_logits, topk_index, rest_mean_logit, num_classes, labels
     for name, arr in (("rest_mean_logit", rest_mean_logit), ("label_logit", label_logit)):
         if arr is None:
             continue
-        a = np.asarray(arr)
+        a = np.asanyarray(arr)
         if a.shape != (E, N):
             raise InputError(f"{name} must have shape {(E, N)} (epochs, samples) like the top-k records, "
                              f"found {a.shape}")
@@ -111,10 +112,14 @@ def _epoch_row(epoch, num_epochs: int) -> int:
     return e - 1
 
 
-def _spans(num_samples: int, entries_per_sample: int):
+def _blocks(arrays, num_samples: int, entries_per_sample: int):
+    """(a, b, [x[:, a:b] for x in arrays]) over blocks of samples of _BLOCK record entries, read a chunk at a time
+    (utils/blocks.py: file reads of memory-mapped records, so the process never holds the whole file)."""
     step = max(64, _BLOCK // max(1, entries_per_sample))
-    for a in range(0, num_samples, step):
-        yield a, min(num_samples, a + step)
+    for a0, b0, rows in iter_chunks(arrays, num_samples, chunk_samples(arrays, step)):
+        for a in range(a0, b0, step):
+            b = min(b0, a + step)
+            yield a, b, [None if x is None else x[:, a - a0:b - a0] for x in rows]
 
 
 def _seen(ix: np.ndarray, C: int, a: int) -> np.ndarray:
@@ -176,11 +181,10 @@ def el2n_scores(topk_logits, topk_index, rest_mean_logit, labels, num_classes, e
     E, N, k = ix.shape
     rows = _epoch_row(epoch, E) + 1
     out = np.empty(N, dtype=np.float64)
-    for a, b in _spans(N, rows * k):
-        seen = _seen(ix[:rows, a:b], C, a)
-        e = _el2n_block(lg[:rows, a:b], ix[:rows, a:b], rest[:rows, a:b], y[a:b], C,
-                        None if ll is None else ll[:rows, a:b], seen)
-        out[a:b] = _mean_over_seen(e, seen, a, "EL2N")
+    arrays = (lg[:rows], ix[:rows], rest[:rows], None if ll is None else ll[:rows])
+    for a, b, (lg_b, ix_b, rest_b, ll_b) in _blocks(arrays, N, rows * k):
+        seen = _seen(ix_b, C, a)
+        out[a:b] = _mean_over_seen(_el2n_block(lg_b, ix_b, rest_b, y[a:b], C, ll_b, seen), seen, a, "EL2N")
     return out
 
 
@@ -230,9 +234,9 @@ def forgetting_scores(topk_index, labels, num_classes) -> np.ndarray:
     _, ix, _, C, y, _ = _check_records(None, topk_index, None, num_classes, labels)
     E, N, k = ix.shape
     out = np.empty(N, dtype=np.float64)
-    for a, b in _spans(N, E * k):
-        seen = _seen(ix[:, a:b], C, a)
-        correct = (ix[:, a:b, 0] == y[a:b]) & seen
+    for a, b, (ix_b,) in _blocks((ix,), N, E * k):
+        seen = _seen(ix_b, C, a)
+        correct = (ix_b[:, :, 0] == y[a:b]) & seen
         events = np.zeros(b - a, dtype=np.int64)
         last = np.zeros(b - a, dtype=bool)  # correct at the last seen epoch
         for e in range(E):
@@ -265,13 +269,13 @@ def aum_scores(topk_logits, topk_index, rest_mean_logit, label_logit, labels, nu
     if k == 1 and rest is None:
         raise InputError("aum_scores with k == 1 needs rest_mean_logit (the stand-in for the second logit)")
     out = np.empty(N, dtype=np.float64)
-    for a, b in _spans(N, E * k):
-        seen = _seen(ix[:, a:b], C, a)
-        top = lg[:, a:b, :2].astype(np.float32)
-        second = top[..., 1] if k > 1 else rest[:, a:b].astype(np.float32)
-        label_on_top = ix[:, a:b, 0] == y[a:b]
+    for a, b, (lg_b, ix_b, rest_b, ll_b) in _blocks((lg, ix, rest if k == 1 else None, ll), N, E * k):
+        seen = _seen(ix_b, C, a)
+        top = lg_b[:, :, :2].astype(np.float32)
+        second = top[..., 1] if k > 1 else rest_b.astype(np.float32)
+        label_on_top = ix_b[:, :, 0] == y[a:b]
         with np.errstate(invalid="ignore"):
-            margin = ll[:, a:b].astype(np.float32) - np.where(label_on_top, second, top[..., 0])
+            margin = ll_b.astype(np.float32) - np.where(label_on_top, second, top[..., 0])
         out[a:b] = -_mean_over_seen(margin, seen, a, "AUM")
     return out
 
@@ -286,10 +290,11 @@ def _epoch_uncertainty(topk_logits, topk_index, rest_mean_logit, num_classes, ep
     row = _epoch_row(epoch, E)
     out = np.empty(N)
     n_rest = C - k
-    for a, b in _spans(N, k):
-        seen = _seen(ix[row:row + 1, a:b], C, a)[0]
-        t = lg[row, a:b].astype(np.float64)
-        r = rest[row, a:b].astype(np.float64) if n_rest else np.full(b - a, -np.inf)
+    arrays = (lg[row:row + 1], ix[row:row + 1], rest[row:row + 1] if n_rest else None)
+    for a, b, (lg_b, ix_b, rest_b) in _blocks(arrays, N, k):
+        seen = _seen(ix_b, C, a)[0]
+        t = lg_b[0].astype(np.float64)
+        r = rest_b[0].astype(np.float64) if n_rest else np.full(b - a, -np.inf)
         with np.errstate(invalid="ignore"):
             m = np.maximum(t[:, 0], r)
             ex = np.exp(t - m[:, None])

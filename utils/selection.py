@@ -21,6 +21,7 @@ import numpy as np
 
 from config import config as config_module
 from utils import paths, pruning, scores
+from utils.soft_labels import soft_label_entropy
 from utils.records import NEEDS, Records  # noqa: F401  (Records: what selection functions take)
 from utils.artifacts import ArtifactError
 from utils.errors import InputError
@@ -220,7 +221,7 @@ def _score_least_confidence(rec, cfg):
 
 def _score_entropy(rec, cfg):
     t = rec.topk
-    return pruning.soft_label_entropy(t["topk_logits"], t["topk_index"], t["rest_mean_logit"], rec.num_classes), {}
+    return soft_label_entropy(t["topk_logits"], t["topk_index"], t["rest_mean_logit"], rec.num_classes), {}
 
 
 def _score_dynunc(rec, cfg):
