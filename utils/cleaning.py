@@ -245,7 +245,7 @@ def confident_learning(probs: SparseProbs, labels, num_classes: int) -> tuple:
     return issue, guess, guess_prob, thresholds
 
 
-_CL_ROWS = 1 << 20
+_CL_ROWS = 1 << 14  # rows per block: (rows, k + 1) temporaries that stay in cache
 
 
 def _confident_rows(classes, probs, label_prob, labels, thresholds) -> tuple:

@@ -145,16 +145,20 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
     d = np.ascontiguousarray(lg.transpose(1, 0, 2), dtype=np.float64)
     bad = key < 0
     bad |= ~np.isfinite(d)
-    seen = ~bad.any(axis=2)  # (n, E)
+    seen = np.ones((n, E), dtype=bool)
+    rows_bad = bad.reshape(n, L).any(axis=1)  # few rows have an unseen epoch: per (sample, epoch) only for those
+    if rows_bad.any():
+        seen[rows_bad] = ~bad[rows_bad].any(axis=2)
     if k < C:
         r = np.ascontiguousarray(rest.T, dtype=np.float64)
         if not np.isfinite(r[seen]).all():
             raise InputError(f"rest_mean_logit must be finite for every epoch a sample was seen in when k < "
                              f"num_classes; it is not for a sample in {offset}..{offset + n - 1}")
         d -= r[:, :, None]  # logit above its epoch's rest mean
-    unseen = ~seen
-    d[unseen] = 0.0
-    key[unseen] = C + np.arange(k, dtype=kdt)
+    if rows_bad.any():
+        unseen = ~seen
+        d[unseen] = 0.0
+        key[unseen] = C + np.arange(k, dtype=kdt)
     key *= L
     key += np.arange(L, dtype=kdt).reshape(E, k)
     key = key.reshape(n, L)
@@ -169,17 +173,17 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
     new[:, 0] = True
     np.not_equal(q[:, 1:], q[:, :-1], out=new[:, 1:])
     starts = np.flatnonzero(new)
-    x = np.add.reduceat(ds, starts)
+    x = np.bincount(np.cumsum(new.ravel(), dtype=np.intp) - 1, weights=ds, minlength=starts.size)  # group sums
     cls = q.ravel()[starts]
-    real = cls < C
-    starts, x, cls = starts[real], x[real], cls[real]
+    if rows_bad.any():
+        real = cls < C
+        starts, x, cls = starts[real], x[real], cls[real]
     grow = starts // L  # the sample of each (sample, class) group, ascending; classes ascending within it
     n_seen = seen.sum(axis=1)
     x /= n_seen[grow]
-    n_u = np.bincount(grow, minlength=n)
+    first = np.searchsorted(grow, np.arange(n + 1))  # each sample's first group
+    n_u = np.diff(first)
     ok = n_seen > 0  # a seen sample has at least one class group
-    first = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(n_u, out=first[1:])
     seg = first[:-1][ok]
     tail = (C - n_u[ok]).astype(np.float64)  # classes never in a seen top k, all at 0
     m = np.maximum.reduceat(x, seg) if seg.size else np.zeros(0)
@@ -195,7 +199,8 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
     out.entropy[rows] = entropy
     if labels is None:
         return
-    p = a / np.repeat(Z, n_u[ok])
+    z_row = np.ones(n)
+    z_row[ok] = Z  # a group's probability is a / z_row[its row]
     rest_p = np.full(n, np.nan)
     rest_p[ok] = np.where(tail > 0, np.exp(-m) / Z, 0.0)
     out.rest_prob[rows] = rest_p
@@ -203,27 +208,28 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
     want = np.arange(n, dtype=np.int64) * C + labels
     pos = np.minimum(np.searchsorted(gkey, want), max(gkey.size - 1, 0))
     found = gkey[pos] == want if gkey.size else np.zeros(n, bool)
-    out.label_prob[rows] = np.where(ok, np.where(found, p[pos] if gkey.size else 0.0, rest_p), np.nan)
+    label_p = np.where(found, a[pos] / z_row, rest_p) if gkey.size else rest_p
+    out.label_prob[rows] = np.where(ok, label_p, np.nan)
     keep = out.classes.shape[1]
-    if keep == 0 or p.size == 0:
+    if keep == 0 or a.size == 0:
         return
-    # Per row, the classes by descending mean logit (so probability), ties to the lower class: one short sort per
-    # row of int64 keys (the distance below the row's top, >= 0, as float32 bits, then the class; pads sort last).
-    # Classes whose distances agree to float32 precision (relative 6e-8) count as tied.
-    cb = max(1, int(C - 1).bit_length())
-    below = (0.0 - xm).astype(np.float32).view(np.int32).astype(np.int64)  # >= +0.0: bits in the float's order
-    below <<= cb
-    below |= cls
-    order_key = np.full((n, L), np.iinfo(np.int64).max)
-    order_key.ravel()[starts] = below
-    order_key.sort(axis=1)
-    top = order_key[:, :keep]
-    listed = top != np.iinfo(np.int64).max
-    top_c = np.where(listed, top & ((1 << cb) - 1), -1)
-    r, c = np.nonzero(listed)
-    pos = np.searchsorted(gkey, r * C + top_c[r, c])
-    top_p = np.zeros((n, top.shape[1]))
-    top_p[r, c] = p[pos]
+    # Per row, the groups by descending mean logit (so probability), ties to the lower class: one short sort per row
+    # of int64 keys (the distance below the row's top, >= +0.0, as float32 bits, then the group's place in its row,
+    # where classes ascend; pads sort last). Distances that agree to float32 precision (relative 6e-8) count as tied.
+    place_bits = max(1, int(L - 1).bit_length())
+    dist = np.subtract(0.0, xm, out=np.empty(xm.size, np.float32), casting="same_kind")
+    order = np.left_shift(dist.view(np.int32), place_bits, dtype=np.int64)
+    order |= np.arange(order.size) - first[grow]
+    pad = np.iinfo(np.int64).max
+    dense = np.full((n, L), pad)
+    dense.ravel()[starts] = order
+    dense.sort(axis=1)
+    top = dense[:, :keep]
+    r, c = np.nonzero(top != pad)
+    g = first[r] + (top[r, c] & ((1 << place_bits) - 1))
+    top_c = np.full(top.shape, -1, np.int64)
+    top_p = np.zeros(top.shape)
+    top_c[r, c] = cls[g]
+    top_p[r, c] = a[g] / z_row[r]
     out.classes[rows, :top.shape[1]] = top_c
     out.probs[rows, :top.shape[1]] = top_p
-
