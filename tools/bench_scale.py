@@ -4,18 +4,20 @@
     python tools/bench_scale.py --json scale.json --scale casia        # CASIA-WebFace: 490,623 images, 34 epochs
     python tools/bench_scale.py --json scale.json --scale small        # 20,000 images: checks the tool itself
 
-It writes, in a temporary folder under --dir, what a training run at that scale leaves on disk, the way
-the run writes it: a RecordIO dataset of tiny records (InsightFace layout, the project's writer;
-log-normal identity sizes), one `probs/epoch_XXX.npz` per epoch with its manifest (labelled-class
-probability float32, top-10 margin-free logits float16 with their classes int32, the rest's mean
-float16; samples a drop_last epoch leaves out are NaN / -1, as training gathers them) and the scoring
-stage's `scores/*.npz`. Then it runs every later step in a fresh process, so each step's peak memory is
-its own: reading the dataset layout from the record headers, `assemble_history`, every cleaning rule of
-utils/cleaning.py's registry and every selection method of utils/selection.py's registry (whatever they
-hold when it runs), the label map, writing a selection (kept list, label map, summary, plot) and the
-export's index plan. Peak RSS is the process's high-water mark (VmHWM, which also counts the pages of
-memory-mapped files it touched); peak anon is the highest sampled RssAnon (allocations alone). A step
-whose anonymous memory passes --mem-cap-gb is stopped (the machine is shared) and reported so.
+It writes, in a temporary folder under --dir, what a training run at that scale leaves on disk, the way the
+run writes it: a RecordIO dataset of tiny records (InsightFace layout, the project's writer; log-normal
+identity sizes), one `probs/epoch_XXX.npz` per epoch with its manifest (labelled-class probability float32,
+top-10 margin-free logits float16 with their classes int32, the rest's mean float16; samples a drop_last epoch
+leaves out are NaN / -1, as training gathers them) and the scoring stage's `scores/*.npz`. 2% of the samples
+are flipped labels: another identity on top of every epoch's top k (the label outside it) and of the scoring
+model's arg-max, so the cleaning rules have something to flag. Then it runs every later step in a fresh
+process, so each step's peak memory is its own: reading the dataset layout from the record headers,
+`assemble_history`, every cleaning rule of utils/cleaning.py's registry and every selection method of
+utils/selection.py's registry (whatever they hold when it runs), the label map, writing a selection (kept
+list, label map, summary, plot) and the export's index plan. Peak RSS is the process's high-water mark (VmHWM,
+which also counts the pages of memory-mapped files it touched; the top-k records are read with file reads,
+utils/blocks.py); peak anon is the highest sampled RssAnon (allocations alone). A step whose anonymous memory
+passes --mem-cap-gb is stopped (the machine is shared) and reported so.
 
 Before writing, the free disk space is checked: the records take epochs x images x 68 bytes twice (the
 epoch files and the assembled ones; the epoch files are deleted once assembled unless --keep). When they
@@ -77,6 +79,12 @@ def _quality(n: int, seed: int) -> np.ndarray:
     return np.where(easy, rng.beta(8, 1, n), rng.beta(1.2, 3, n)).astype(np.float32)
 
 
+def _disagrees(n: int, seed: int) -> np.ndarray:
+    """The 2% of samples the simulated models put in another identity (the trajectory's top class and the
+    scoring model's arg-max), so the cleaning steps have something to flag."""
+    return np.random.default_rng([seed, 99]).random(n) < 0.02
+
+
 def simulate_epoch(labels: np.ndarray, num_classes: int, epoch: int, epochs: int, seed: int) -> dict:
     """One epoch's records as Recorder.write saves them (dtypes, NaN / -1 for the samples not seen)."""
     n = labels.size
@@ -90,6 +98,9 @@ def simulate_epoch(labels: np.ndarray, num_classes: int, epoch: int, epochs: int
     index[:, 0] = labels
     np.add(labels[:, None], steps, out=index[:, 1:], casting="unsafe")
     index[:, 1:] %= num_classes  # distinct within a row: the steps add up to less than the classes
+    wrong = _disagrees(n, seed)  # a flipped label: another identity on top in every epoch, the label not in the top k
+    index[wrong, 0] = (labels[wrong] + 1) % num_classes
+    index[wrong, 1:] = (labels[wrong, None] + 1 + steps[wrong]) % num_classes  # still distinct
     gaps = rng.random((n, TOPK), dtype=np.float32)
     gaps *= np.float32(3)
     logits = (np.float32(40) * q)[:, None] - np.cumsum(gaps, axis=1, dtype=np.float32)
@@ -99,7 +110,7 @@ def simulate_epoch(labels: np.ndarray, num_classes: int, epoch: int, epochs: int
     logits[unseen] = np.nan
     index[unseen] = -1
     rest[unseen] = np.nan
-    label_logit = logits[:, 0].astype(np.float16)  # the label heads every row's top k here
+    label_logit = np.where(wrong, rest, logits[:, 0]).astype(np.float16)  # a flipped label sits among the rest
     return {"gt_prob_with_margin": prob, "topk_logits": logits.astype(np.float16), "topk_index": index,
             "rest_mean_logit": rest, "label_logit": label_logit}
 
@@ -167,9 +178,8 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
         seconds += time.perf_counter() - t
         del arrays
     q = _quality(labels.size, seed)
-    rng = np.random.default_rng([seed, 99])
     pred = labels.copy()
-    wrong = rng.random(labels.size) < 0.02  # the model disagrees with 2% of the labels
+    wrong = _disagrees(labels.size, seed)  # the model disagrees with 2% of the labels
     pred[wrong] = (labels[wrong] + 1) % fp.num_classes
     save_array(paths.scores_path(cfg), {"gt_prob_with_margin": q, "gt_prob": q, "pred": pred,
                                         "pred_prob": np.maximum(q, np.float32(0.5)), "label": labels},
