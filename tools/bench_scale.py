@@ -329,6 +329,8 @@ def in_fresh_process(name: str, args, work: Path) -> dict:
     result_file = work / f"result-{name.replace(':', '_')}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--work", str(work), "--scale", args.scale,
            "--epochs", str(args.epochs), "--seed", str(args.seed)]
+    if hasattr(os, "sync"):
+        os.sync()  # the previous step's writes reach the disk first, not during this step's timing
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     output = []
