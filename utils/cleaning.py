@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from config import config as config_module
+from utils.blocks import for_each_block
 from utils.soft_labels import SparseProbs, soft_labels
 from utils.errors import InputError
 from utils.records import NEEDS, Records
@@ -238,10 +239,13 @@ def confident_learning(probs: SparseProbs, labels, num_classes: int) -> tuple:
     thresholds = np.maximum(np.where(counts > 0, thresholds, 2.0), 2e-6)
     n = labels.size
     issue, guess, guess_prob = np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, np.nan)
-    for a in range(0, n, _CL_ROWS):  # in blocks of rows: the (rows, m) temporaries stay small at Glint360K scale
-        rows = slice(a, min(n, a + _CL_ROWS))
+
+    def block(a, b):  # in blocks of rows, on every core: the (rows, m) temporaries stay in cache
+        rows = slice(a, b)
         issue[rows], guess[rows], guess_prob[rows] = _confident_rows(
             probs.classes[rows], probs.probs[rows], probs.label_prob[rows], labels[rows], thresholds)
+
+    for_each_block(block, n, _CL_ROWS)
     return issue, guess, guess_prob, thresholds
 
 
