@@ -27,7 +27,7 @@ import numpy as np
 
 from config import config as config_module
 from utils.blocks import for_each_block
-from utils.soft_labels import SparseProbs, soft_labels
+from utils.soft_labels import SparseProbs, checked_records, soft_labels
 from utils.errors import InputError
 from utils.records import NEEDS, Records
 
@@ -170,20 +170,11 @@ def trajectory_soft_labels(topk_logits, topk_index, rest_mean_logit, labels, num
     soft label's arg-max. Keeps the `keep` (default k) most probable classes per sample (ties: the lower
     class id first). One streamed pass in blocks of samples, in float64, no N x K array (utils/soft_labels.py).
     """
-    lg, ix, rest = (np.asanyarray(x) for x in (topk_logits, topk_index, rest_mean_logit))  # memory maps stay
+    lg, ix, rest, C = checked_records(topk_logits, topk_index, rest_mean_logit, num_classes)
     labels = np.asarray(labels, dtype=np.int64)
-    if lg.ndim != 3 or ix.shape != lg.shape or rest.shape != lg.shape[:2]:
-        raise InputError(f"top-k records: expected topk_logits and topk_index of shape (epochs, samples, k) and "
-                         f"rest_mean_logit (epochs, samples); found {lg.shape}, {ix.shape}, {rest.shape}")
-    E, N, k = lg.shape
-    C = int(num_classes)
-    if E == 0 or k == 0:
-        raise InputError(f"top-k records of shape {lg.shape} hold no logits (top-k of 0 or no epoch): train the "
-                         f"original model with --record_topk K (K > 0)")
+    N, k = lg.shape[1:]
     if labels.shape != (N,):
         raise InputError(f"labels of shape {labels.shape} for top-k records of {N} samples")
-    if ix.dtype.kind not in "iu":
-        raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
     keep = k if keep is None else int(keep)
     return soft_labels(lg, ix, rest, C, labels, keep)  # streamed in blocks, on every core (utils/soft_labels.py)
 

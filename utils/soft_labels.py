@@ -27,7 +27,7 @@ import numpy as np
 from utils.blocks import chunk_samples, for_each_block, iter_chunks
 from utils.errors import InputError
 
-__all__ = ["SparseProbs", "soft_labels", "soft_label_entropy"]
+__all__ = ["SparseProbs", "soft_labels", "soft_label_entropy", "checked_records"]
 
 BLOCK_ENTRIES = 1 << 17  # (sample, epoch, slot) entries per block a thread computes: its temporaries stay in cache
 
@@ -78,21 +78,31 @@ def soft_label_entropy(topk_logits, topk_index, rest_mean_logit, num_classes) ->
     by the number of seen epochs; the other classes sit at 0. One sort of packed (class, epoch, slot)
     keys per sample groups the entries by class, and segment sums give the x_c (`soft_labels`).
     """
-    lg, ix, rest = (np.asanyarray(x) for x in (topk_logits, topk_index, rest_mean_logit))  # memory maps stay
+    lg, ix, rest, C = checked_records(topk_logits, topk_index, rest_mean_logit, num_classes)
+    if lg.shape[1] == 0:
+        raise InputError(f"empty input: topk arrays have shape {lg.shape}")
+    return soft_labels(lg, ix, rest, C).entropy
+
+
+def checked_records(topk_logits, topk_index, rest_mean_logit, num_classes) -> tuple:
+    """(topk_logits, topk_index, rest_mean_logit, num_classes) checked for `soft_labels`; memory maps stay
+    memory maps (they are read in chunks)."""
+    lg, ix, rest = (np.asanyarray(x) for x in (topk_logits, topk_index, rest_mean_logit))
     C = operator.index(num_classes)
     if lg.ndim != 3 or ix.shape != lg.shape:
         raise InputError(f"topk_logits and topk_index must both have shape (epochs, samples, k), found "
                          f"{lg.shape} and {ix.shape}")
     E, N, k = lg.shape
-    if E == 0 or N == 0 or k == 0:
-        raise InputError(f"empty input: topk arrays have shape {lg.shape}")
+    if E == 0 or k == 0:
+        raise InputError(f"empty input: top-k records of shape {lg.shape} hold no logits (top-k of 0 or no epoch): "
+                         f"train the original model with --record_topk K (K > 0)")
     if rest.shape != (E, N):
         raise InputError(f"rest_mean_logit must have shape {(E, N)}, found {rest.shape}")
     if ix.dtype.kind not in "iu":
         raise InputError(f"topk_index must be integers, found dtype {ix.dtype}")
     if C < k:
         raise InputError(f"num_classes ({C}) is smaller than the recorded top k ({k})")
-    return soft_labels(lg, ix, rest, C).entropy
+    return lg, ix, rest, C
 
 
 def soft_labels(topk_logits, topk_index, rest_mean_logit, num_classes: int, labels=None, keep: int = 0,
@@ -102,7 +112,7 @@ def soft_labels(topk_logits, topk_index, rest_mean_logit, num_classes: int, labe
 
     Inputs: `topk_logits` (E, N, k) margin-free logits (any float dtype), `topk_index` (E, N, k) their
     classes, -1 where the sample was not seen that epoch, `rest_mean_logit` (E, N) the mean logit of the
-    classes outside that epoch's top k (ignored when k = num_classes). Shapes are the caller's to check.
+    classes outside that epoch's top k (ignored when k = num_classes).
     A sample is seen in an epoch when all k classes are set and all k logits are finite; its mean is over
     the epochs it was seen in; a sample never seen gets NaN everywhere. Relative to the tail (the mean of
     the seen rest means), a listed class sits at x_c = sum over the seen epochs with c in the top k of
@@ -110,6 +120,7 @@ def soft_labels(topk_logits, topk_index, rest_mean_logit, num_classes: int, labe
     ranked by descending probability, ties to the lower class id (classes whose distances below the row's
     most probable class agree to float32 precision, relative 6e-8, count as tied). Raises InputError for a class outside
     [0, num_classes), a class repeated within an epoch's top k, or a non-finite rest mean of a seen epoch.
+    The arrays' shapes and types are the caller's to check (`checked_records`).
     """
     lg, ix, rest = topk_logits, topk_index, rest_mean_logit
     E, N, k = lg.shape
@@ -147,7 +158,8 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
     bad |= ~np.isfinite(d)
     seen = np.ones((n, E), dtype=bool)
     rows_bad = bad.reshape(n, L).any(axis=1)  # few rows have an unseen epoch: per (sample, epoch) only for those
-    if rows_bad.any():
+    any_bad = bool(rows_bad.any())
+    if any_bad:
         seen[rows_bad] = ~bad[rows_bad].any(axis=2)
     if k < C:
         r = np.ascontiguousarray(rest.T, dtype=np.float64)
@@ -155,7 +167,7 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
             raise InputError(f"rest_mean_logit must be finite for every epoch a sample was seen in when k < "
                              f"num_classes; it is not for a sample in {offset}..{offset + n - 1}")
         d -= r[:, :, None]  # logit above its epoch's rest mean
-    if rows_bad.any():
+    if any_bad:
         unseen = ~seen
         d[unseen] = 0.0
         key[unseen] = C + np.arange(k, dtype=kdt)
@@ -175,7 +187,7 @@ def _block(lg, ix, rest, C: int, offset: int, labels, out: SparseProbs):
     starts = np.flatnonzero(new)
     x = np.bincount(np.cumsum(new.ravel(), dtype=np.intp) - 1, weights=ds, minlength=starts.size)  # group sums
     cls = q.ravel()[starts]
-    if rows_bad.any():
+    if any_bad:
         real = cls < C
         starts, x, cls = starts[real], x[real], cls[real]
     grow = starts // L  # the sample of each (sample, class) group, ascending; classes ascending within it
