@@ -122,11 +122,8 @@ def test_an_error_in_a_later_chunk_names_its_samples(on_disk, small_chunks):
     rec, _, labels, _ = on_disk
     ix = rec["topk_index"].copy()
     ix[3, 90, 2] = 40  # a class the dataset does not have, in the last chunk
-    with pytest.raises(InputError, match=r"another dataset") as e:
+    with pytest.raises(InputError, match=r"found class 40 \(sample 90\).*another dataset"):
         cleaning.trajectory_soft_labels(rec["topk_logits"], ix, rec["rest_mean_logit"], labels, 40)
-    first = int(str(e.value).split("samples ")[1].split("..")[0])
-    last = int(str(e.value).split("..")[1].split(")")[0])
-    assert first <= 90 <= last and first > 0
 
 
 def test_confident_learning_in_row_blocks_equals_one_block(monkeypatch):

@@ -7,7 +7,7 @@ samples at a time. An array that is a read-only memory map or a view of one (`ut
 caller computes the previous chunk: the reads are large and sequential, and the bytes read stay in the
 operating system's page cache instead of the process (touching a memory map's pages counts them in the
 process's resident memory). Other arrays are sliced. `for_each_block` then runs a function over blocks of
-a chunk on threads (numpy releases the GIL in sorts and array arithmetic).
+a chunk on threads (numpy releases the GIL in sorts and array arithmetic, the compiled kernels throughout).
 """
 from __future__ import annotations
 
