@@ -7,7 +7,7 @@ most probable classes follow from the groups. Compiled with numba (no Python per
 blocks of a chunk run on every core), cached on disk after the first call.
 
 Float16 records arrive as their uint16 bits (numba has no float16) and are widened here by a table, exactly.
-Errors come back in `status` (code, sample in the block, value) for the caller to word:
+Errors come back in `status` (code, sample in the block, value) for the caller to word.
 """
 from __future__ import annotations
 
