@@ -134,6 +134,29 @@ def test_soft_label_rule_finds_a_flip_and_an_outlier_without_ground_truth():
     assert flags.info["clean_majority"] == labels.size - 2
 
 
+def test_soft_label_rule_reads_only_the_top_two_classes():
+    """The trajectory rule computes 2 classes per sample, not k: its flags are those of the full top k."""
+    rng = np.random.default_rng(5)
+    K, k = 12, 4
+    labels = np.repeat(np.arange(K), 15)
+    logits = rng.normal(scale=1.5, size=(5, labels.size, K))
+    logits[:, np.arange(labels.size), labels] += 3
+    logits[:, ::9] = rng.normal(scale=2.0, size=(5, logits[:, ::9].shape[1], K))  # samples the model does not follow
+    flips = np.array([4, 22, 40, 58])
+    logits[:, flips, labels[flips]] -= 3  # images of the next identity under this label
+    logits[:, flips, (labels[flips] + 1) % K] += 3
+    index = np.argsort(-logits, axis=2)[:, :, :k]
+    lg = np.take_along_axis(logits, index, axis=2)
+    rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (K - k)
+    flags = [cleaning.soft_label_flags(cleaning.trajectory_soft_labels(lg, index, rest, labels, K, keep=keep),
+                                       labels, K, 0.1) for keep in (2, 5 * k)]
+    two, all_listed = flags
+    assert np.isin(flips, two.index[~two.outlier]).all() and two.outlier.any()
+    for name in ("index", "suggested_label", "confidence", "outlier"):
+        np.testing.assert_array_equal(getattr(two, name), getattr(all_listed, name), err_msg=name)
+    assert two.info == all_listed.info
+
+
 # ---------------------------------------------------------------------------------------- registry
 def crafted_records(rng, n=120, k_classes=6, topk=3, epochs=4):
     """Records of a tiny dataset with in-memory scores and top-k records (labels 0..K-1, every identity used)."""

@@ -187,12 +187,13 @@ def scores_probs(rec: Records, cfg=None) -> SparseProbs:
                        np.asarray(s["gt_prob"], np.float64), np.full(n, np.nan), None, "scores")
 
 
-def trajectory_probs(rec: Records, cfg) -> SparseProbs:
-    """Soft labels of the original training's top-k records over the epochs `cfg.clean_epochs`."""
+def trajectory_probs(rec: Records, cfg, keep: int = None) -> SparseProbs:
+    """Soft labels of the original training's top-k records over the epochs `cfg.clean_epochs`, with the `keep`
+    (default: the recorded k) most probable classes of each sample."""
     t = rec.topk
     window = epoch_window(cfg.clean_epochs, t["topk_logits"].shape[0])
     return trajectory_soft_labels(t["topk_logits"][window], t["topk_index"][window], t["rest_mean_logit"][window],
-                                  rec.labels, rec.num_classes)
+                                  rec.labels, rec.num_classes, keep)
 
 
 PROB_SOURCES = {"trajectory": (trajectory_probs, ("topk",)), "scores": (scores_probs, ("scores",))}
@@ -325,7 +326,8 @@ def flag_argmax(rec: Records, cfg) -> Flags:
                        "identity claims it as it claims its own images, else an outlier")
 def flag_trajectory(rec: Records, cfg) -> Flags:
     """"Data Pruning Can Do More"'s soft label as a cleaning rule (see `soft_label_flags`)."""
-    flags = soft_label_flags(trajectory_probs(rec, cfg), rec.labels, rec.num_classes, cfg.clean_margin_quantile)
+    probs = trajectory_probs(rec, cfg, keep=2)  # the rule reads the top class and the runner-up
+    flags = soft_label_flags(probs, rec.labels, rec.num_classes, cfg.clean_margin_quantile)
     flags.info["epochs"] = cfg.clean_epochs or "all"
     return flags
 

@@ -118,8 +118,9 @@ def soft_labels(topk_logits, topk_index, rest_mean_logit, num_classes: int, labe
     the epochs it was seen in; a sample never seen gets NaN everywhere. Relative to the tail (the mean of
     the seen rest means), a listed class sits at x_c = sum over the seen epochs with c in the top k of
     (logit - that epoch's rest mean) / seen epochs, every other class at 0; all in float64. Classes are
-    ranked by descending probability, ties (equal mean logits) to the lower class id. Raises InputError for a class outside
-    [0, num_classes), a class repeated within an epoch's top k, or a non-finite rest mean of a seen epoch.
+    ranked by descending probability, ties (equal mean logits) to the lower class id. Raises InputError
+    (naming the sample) for a class outside [0, num_classes), a class repeated within an epoch's top k, or a
+    non-finite rest mean of a seen epoch.
     The arrays' shapes and types are the caller's to check (`checked_records`).
     """
     lg, ix, rest = topk_logits, topk_index, rest_mean_logit
