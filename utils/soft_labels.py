@@ -109,7 +109,8 @@ def checked_records(topk_logits, topk_index, rest_mean_logit, num_classes) -> tu
 def soft_labels(topk_logits, topk_index, rest_mean_logit, num_classes: int, labels=None, keep: int = 0,
                 source: str = "trajectory") -> SparseProbs:
     """The soft labels of (E, N, k) top-k records: always the entropy; with `labels`, also the labelled
-    class's probability, the probability of an unlisted class and the `keep` most probable classes.
+    class's probability, the probability of an unlisted class and the `keep` most probable classes (without
+    labels, those fields are empty arrays).
 
     Inputs: `topk_logits` (E, N, k) margin-free logits (any float dtype), `topk_index` (E, N, k) their
     classes, -1 where the sample was not seen that epoch, `rest_mean_logit` (E, N) the mean logit of the
@@ -128,8 +129,9 @@ def soft_labels(topk_logits, topk_index, rest_mean_logit, num_classes: int, labe
     C = int(num_classes)
     keep = int(keep) if labels is not None else 0
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-    out = SparseProbs(np.full((N, keep), -1, np.int64), np.zeros((N, keep)), np.full(N, np.nan),
-                      np.full(N, np.nan), np.full(N, np.nan), source)
+    n = N if labels is not None else 0  # without labels only the entropy is computed (and allocated)
+    out = SparseProbs(np.full((n, keep), -1, np.int64), np.zeros((n, keep)), np.full(n, np.nan),
+                      np.full(n, np.nan), np.full(N, np.nan), source)
     block = max(1, BLOCK_ENTRIES // (E * k))
     chunk = chunk_samples((lg, ix, rest), block)
 
