@@ -16,9 +16,9 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-__all__ = ["soft_block", "HALF", "OK", "CLASS_RANGE", "REPEATED_CLASS", "REST_NOT_FINITE"]
+__all__ = ["soft_block", "HALF", "CLASS_RANGE", "REPEATED_CLASS", "REST_NOT_FINITE"]
 
-OK, CLASS_RANGE, REPEATED_CLASS, REST_NOT_FINITE = 0, 1, 2, 3
+CLASS_RANGE, REPEATED_CLASS, REST_NOT_FINITE = 1, 2, 3  # status codes; 0: no error
 
 
 HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # binary16 bits -> value
@@ -34,6 +34,12 @@ def _widen_compiled(h, half):
     if isinstance(h, types.Integer):
         return lambda h, half: np.float64(half[h])
     return lambda h, half: np.float64(h)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _slot(c, mask):
+    """A class's first slot in the hash table (its high bits folded in, so ids equal in their low bits spread)."""
+    return ((c ^ (c >> 11) ^ (c >> 22)) * 2654435761) & mask
 
 
 @numba.njit(nogil=True, cache=True)
@@ -87,7 +93,7 @@ def soft_block(lg, ix, rest, num_classes, labels, with_labels, use_rest, half, e
             for j in range(k):
                 c = cbuf[j]
                 d = dbuf[j] - r  # the logit above its epoch's rest mean
-                h = ((c ^ (c >> 11) ^ (c >> 22)) * 2654435761) & mask
+                h = _slot(c, mask)
                 while True:
                     if stamp[h] != i:  # a free slot: the class's first entry
                         stamp[h] = i
@@ -132,7 +138,7 @@ def soft_block(lg, ix, rest, num_classes, labels, with_labels, use_rest, half, e
         rest_prob[i] = rp
         lab = labels[i]
         lp = rp
-        h = ((lab ^ (lab >> 11) ^ (lab >> 22)) * 2654435761) & mask
+        h = _slot(lab, mask)
         while stamp[h] == i:
             if slot_cls[h] == lab:
                 lp = np.exp(gx[slot_g[h]] - m) / z
