@@ -248,9 +248,11 @@ class ShardedClassifier(nn.Module):
 
     def _local_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Global class ids -> column in this slice, -1 where the class lives on another rank."""
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"ShardedClassifier: labels must be in [0, {self.num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if labels.numel():
+            low, high = torch.aminmax(labels)
+            low, high = torch.stack([low, high]).tolist()  # one host-device sync, not two
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"ShardedClassifier: labels must be in [0, {self.num_classes}), got [{low}, {high}]")
         here = (labels >= self.class_start) & (labels < self.class_end)
         return torch.where(here, labels - self.class_start, torch.full_like(labels, -1))
 

@@ -169,14 +169,22 @@ def test_bench_scale_runs_only_the_asked_steps_after_the_set_up(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_prints_every_section_with_numbers():
-    out = _run(["bash", "tools/gpu_check.sh", "--dry-run"], timeout=900)
+def test_gpu_check_dry_run_prints_every_section_with_numbers(tmp_path):
+    out = _run(["bash", "tools/gpu_check.sh", "--dry-run", "--json", str(tmp_path / "gpu.json")], timeout=900)
     sections = re.split(r"^== (\w+) ==$", out, flags=re.M)
     found = dict(zip(sections[1::2], sections[2::2]))
-    assert list(found) == ["env", "data", "train", "score", "bf16", "pipeline"]
+    assert list(found) == ["env", "data", "loader", "train", "score", "bf16", "torchrun", "pipeline", "summary"]
     number = r"\d+(\.\d+)? images/s"
+    assert re.search(r"RecordIO loader alone \(1 workers\) .* " + number, found["loader"])
     assert len(re.findall(number, found["train"])) == 6 and "compile=True" in found["train"]
-    assert "RecordIO loader" in found["train"] and re.search(number, found["score"])
+    assert "RecordIO loader" in found["train"] and "profile of 5 steps" in found["train"]
+    assert len(re.findall(number, found["score"])) == 3
     assert re.search(r"relative difference \d\.\d+ \(tolerance 0.05\): agree", found["bf16"])
+    assert re.search(r"exit status 0, \d+\.\d s; checkpoints \['epoch_001.pt'\]", found["torchrun"])
     assert re.search(r"exit status 0, \d+\.\d s", found["pipeline"])
+    assert "target >= 8000: (not judged on CPU)" in found["summary"]
     assert "gpu_check (dry-run): ok" in out
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert figures["failed_sections"] == [] and figures["torchrun"]["exit"] == 0
+    assert figures["train_ours_compiled_end_to_end"]["images_per_s"] > 0
+    assert len(figures["bf16"]["fp32"]) == len(figures["bf16"]["bf16"]) == 6

@@ -6,7 +6,7 @@ Two inputs:
 
 and two loops:
   ours       utils.training.train_step: flip/scale on the device, autocast (bf16 on GPUs that have it),
-             channels_last, optional torch.compile
+             channels_last, fused SGD (on CUDA), optional torch.compile
   plain      the paper repository's recipe: fp32, NCHW, images scaled on the host
 
     python tools/bench_train.py --network iresnet50 --batch-size 256 --num-classes 10572        # on a GPU
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from backbones import get_model  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
-from utils.training import train_step  # noqa: E402
+from utils.training import make_sgd, train_step  # noqa: E402
 from utils.embedding import amp_dtype, forward_uint8  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; fp32 runs are still reported against bf16 peak.
@@ -89,20 +89,64 @@ def plain_step(backbone, head, optimizer, images, labels, device):
     return loss
 
 
+def bench_loader(args, device) -> dict:
+    """The RecordIO loader alone (decode, augmentation, collation in --workers processes): its images/s is
+    the most any training loop fed by it can reach."""
+    batches = recordio_batches(args)
+    for _ in range(args.warmup):
+        next(batches)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        next(batches)
+    ips = args.steps * args.batch_size / (time.perf_counter() - t0)
+    return {"loop": "load", "device": "cpu", "images_per_s": ips, "gflops_per_image": 0.0, "mfu": None,
+            "dtype": "uint8", "compile": False}
+
+
+def profile_steps(step, device, step_ms: float, steps: int = 5, rows: int = 15):
+    """torch.profiler over `steps` more steps: where one step's time goes, by operator (device time on CUDA),
+    and the share of a step (`step_ms`, timed without the profiler) during which the device was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {steps} steps, sorted by {key} (times per {steps} steps):")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    if device.type == "cuda":  # kernel time alone: the operators' rows hold their kernels' time again
+        from torch.autograd import DeviceType
+
+        busy = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
+        print(f"profile: device busy {busy:.2f} ms per step, against {step_ms:.2f} ms per step timed without the "
+              f"profiler: the device idles {max(0.0, 100 * (1 - busy / step_ms)):.0f}% of a step")
+
+
 def bench(args, loop: str) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if loop == "load":
+        return bench_loader(args, device)
     torch.manual_seed(0)
     backbone = get_model(args.network, num_features=args.embedding_size, input_size=args.image_size).to(device)
     head = ShardedClassifier(args.loss, args.embedding_size, args.num_classes).to(device)
-    optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=0.01,
-                                momentum=0.9, weight_decay=5e-4)
-    fpi = flops_per_image(backbone, args.image_size, device)
     ours = loop in ("ours", "score")
+    optimizer = make_sgd(backbone, head, device if ours else torch.device("cpu"), lr=0.01, momentum=0.9,
+                         weight_decay=5e-4)  # ours: fused on CUDA (the toolkit's); plain: the loop over tensors
+    fpi = flops_per_image(backbone, args.image_size, device)
     amp = amp_dtype(args.dtype, device) if ours else None
     channels_last = ours and device.type == "cuda"
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    model = torch.compile(backbone) if ours and args.compile else backbone
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # both loops: as the toolkit and InsightFace's trainer
+    compiled = ours and args.compile
+    model = torch.compile(backbone, mode=args.compile_mode) if compiled else backbone
+    graphs = compiled and args.compile_mode == "reduce-overhead"  # CUDA graphs: a new step frees the last one's outputs
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     batches = recordio_batches(args) if args.loader == "recordio" else \
         synthetic_batches(args, device if ours else torch.device("cpu"), args.num_classes)
@@ -112,11 +156,15 @@ def bench(args, loop: str) -> dict:
     @torch.no_grad()
     def score_step():  # eval_trainset.py's inner loop: forward + head.score
         images, labels = next(batches)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         emb = forward_uint8(model, images, device, amp, channels_last)
         return head.score(emb, labels.to(device))["gt_prob"]
 
     def training_step():
         images, labels = next(batches)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if ours:
             return train_step(model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp,
                               channels_last=channels_last, grad_clip=5.0, clip_params=clip)[0]
@@ -134,12 +182,17 @@ def bench(args, loop: str) -> dict:
         loss = step()
     loss.detach().sum().item()  # waits for the device
     seconds = time.perf_counter() - t0
+    if args.profile:
+        try:
+            profile_steps(step, device, 1e3 * seconds / args.steps)
+        except Exception as e:  # the profile is a diagnosis; the timing above stands without it
+            print(f"profile failed: {type(e).__name__}: {e}")
     ips = args.steps * args.batch_size / seconds
     peak = peak_flops(device, args.peak_tflops)
     return {"loop": loop, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "images_per_s": ips, "gflops_per_image": fpi / 1e9,
             "mfu": ((1 if loop == "score" else 3) * fpi * ips / peak) if peak else None,
-            "dtype": str(amp).replace("torch.", "") if amp else "fp32", "compile": bool(ours and args.compile)}
+            "dtype": str(amp).replace("torch.", "") if amp else "fp32", "compile": bool(compiled)}
 
 
 def main(argv=None):
@@ -154,20 +207,25 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (ours)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--loader", default="synthetic", choices=["synthetic", "recordio"])
     p.add_argument("--rec", default=None, help="RecordIO folder for --loader recordio")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--loops", default="plain,ours,score",
-                   help="which loops to time: plain, ours (training steps), score (eval_trainset inference)")
+                   help="which loops to time: plain, ours (training steps), score (eval_trainset inference), "
+                        "load (the RecordIO loader alone)")
+    p.add_argument("--profile", action="store_true", help="after the timing, profile 5 steps of each loop")
     p.add_argument("--device", default="auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs' bf16 peak)")
     args = p.parse_args(argv)
-    if args.loader == "recordio" and not args.rec:
-        p.error("--loader recordio needs --rec DIR")
+    if (args.loader == "recordio" or "load" in args.loops.split(",")) and not args.rec:
+        p.error("--loader recordio and --loops load need --rec DIR")
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"{args.network} + {args.loss}, batch {args.batch_size}, {args.image_size}px, {args.num_classes} classes, "
-          f"{args.loader} input, {args.steps} timed steps")
+          f"{args.loader} input, {args.steps} timed steps" + (f", compile mode {args.compile_mode}" if args.compile else ""))
     print(f"{'loop':<6} {'device':<24} {'dtype':<9} {'compile':<8} {'images/s':>10} {'GFLOP/img':>10} {'MFU':>7}")
     for loop in args.loops.split(","):
         r = bench(args, loop)

@@ -67,6 +67,8 @@ def pick_device(cfg, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError("device=cuda but no CUDA GPU is visible (use --device cpu or auto)")
         torch.cuda.set_device(local_rank)
+        # Batches have one shape for a whole run: cuDNN times its algorithms once per shape and keeps the fastest.
+        torch.backends.cudnn.benchmark = True
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

@@ -32,6 +32,8 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
     sampler = PaddedDistributedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False)
     loader = DataLoader(dataset, batch_size=cfg.score_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=ctx.device.type == "cuda")
+    if cfg.compile:  # default mode: the embeddings of every batch are kept, so no CUDA graphs' reused buffers
+        backbone = torch.compile(backbone)
     keys = SCORE_KEYS + (("embedding",) if embeddings else ())
     parts = {k: [] for k in keys}
     index = []

@@ -135,7 +135,7 @@ def prepare_run(cfg, ctx: Context) -> Run:
         backbone = backbone.to(memory_format=torch.channels_last)
     train_backbone = backbone
     if cfg.compile:
-        train_backbone = torch.compile(train_backbone)
+        train_backbone = torch.compile(train_backbone, mode=cfg.compile_mode)
     if ctx.distributed:
         train_backbone = DistributedDataParallel(
             train_backbone, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
@@ -151,8 +151,7 @@ def prepare_run(cfg, ctx: Context) -> Run:
     if cfg.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     lr = cfg.lr * global_batch / 512
-    optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}],
-                                lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_sgd(backbone, head, ctx.device, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     run = Run(cfg, ctx, out, dataset, loader, sampler, backbone, train_backbone, head, optimizer, scheduler,
@@ -160,6 +159,23 @@ def prepare_run(cfg, ctx: Context) -> Run:
     if cfg.resume:
         _resume(run)
     return run
+
+
+def make_sgd(backbone, head, device: torch.device, *, lr: float, momentum: float, weight_decay: float):
+    """SGD over two parameter groups (backbone, head): the paper's optimizer, as one fused kernel on CUDA.
+
+    The fused step is the same update as the loop over tensors, up to the order of float operations. On CPU
+    the loop over tensors is kept: the tests' bitwise resume checks hold for it.
+    """
+    return torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=lr,
+                           momentum=momentum, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+
+
+def keep_fused(optimizer):
+    """After `load_state_dict`, which copies the saving run's `fused` / `foreach` into the groups (a checkpoint
+    written on CPU resumed on a GPU, or the reverse): back to this optimizer's own choice."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
 
 
 def _image_size(dataset) -> int:
@@ -280,6 +296,7 @@ def _resume(run: Run):
     run.backbone.load_state_dict(light["backbone"])
     run.head.load_state_dict(state["head_shard"])
     run.optimizer.load_state_dict(state["optimizer"])
+    keep_fused(run.optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
@@ -385,9 +402,13 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
     clip_params = list(run.backbone.parameters())
     step = 0
     run.skipped_images = 0
+    # CUDA graphs replay into the same output buffers: a new step frees the last one's outputs (read by then)
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and ctx.device.type == "cuda"
     for step, (images, labels, sample_index) in enumerate(run.loader):
         if step >= run.steps_per_epoch:
             break
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if cfg.skip_bad_images and images.shape[0] < cfg.batch_size:
             run.skipped_images += cfg.batch_size - images.shape[0]  # collate_skip_bad dropped (and logged) them
             if images.shape[0] < 2:  # batch norm needs two samples

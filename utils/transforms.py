@@ -16,5 +16,6 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator = None, p: flo
     flip = torch.rand(images.shape[0], generator=generator, device="cpu") < p
     if not bool(flip.any()):
         return images
-    flip = flip.to(images.device)
+    if images.is_cuda:  # from pinned memory, without the host-device sync a pageable copy makes
+        flip = flip.pin_memory().to(images.device, non_blocking=True)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
