@@ -1,4 +1,4 @@
-"""What the first GPU run changed (README "Speed", 2026-12-04), pinned on CPU: fused SGD, its state across devices,
+"""What the first GPU run changed (docs/speed.md, 2026-12-04), pinned on CPU: fused SGD, its state across devices,
 torch.compile's mode for training, compiled scoring, the label check's single host-device sync."""
 
 import numpy as np

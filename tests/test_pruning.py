@@ -28,7 +28,7 @@ def ref_identities(labels, excluded=()):
 
 
 def ref_diffprob(prob, labels, t, min_samples=5, excluded=()):
-    """PIPELINE.md's pseudocode, line by line (plus the documented t = 0 exit)."""
+    """The rule's pseudocode (DiffProb's per-identity loop), line by line (plus the documented t = 0 exit)."""
     kept = []
     for mine in ref_identities(labels, excluded):
         O = sorted(mine, key=lambda i: (float(prob[i]), i))  # ascending, stable

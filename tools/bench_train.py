@@ -1,4 +1,4 @@
-"""Training-step throughput: images/s and model FLOPs utilisation, for the README's speed table.
+"""Training-step throughput: images/s and model FLOPs utilisation, for docs/speed.md.
 
 Two inputs:
   synthetic  uint8 batches already on the device: the step alone (backbone + head + optimizer)

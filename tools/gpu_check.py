@@ -1,4 +1,4 @@
-"""The one-call GPU check (`bash tools/gpu_check.sh`): every figure the README's "Speed" section needs from a GPU.
+"""The one-call GPU check (`bash tools/gpu_check.sh`): every GPU figure of docs/speed.md.
 
     bash tools/gpu_check.sh                          # one GPU: iresnet50 + CosFace at 112 px (about 7 min on an H200)
     bash tools/gpu_check.sh --json out/gpu.json      # the figures as JSON too
@@ -23,7 +23,7 @@ Sections, in order, each a header line `== name ==` and its numbers:
              GPU, gloo on CPU) with the per-epoch recording, checkpoint and verification
   pipeline   `python run_pipeline.py --profile tiny` end to end on the device (the dry run: its first 3 steps
              on the data above, 3 training steps)
-  summary    the figures against the targets (README "Speed")
+  summary    the figures against the targets (docs/speed.md)
 
 A section that fails prints its error and the check goes on with the next one; the exit status is 1 if any
 section failed or a figure disagrees. The dry run uses the CPU, forces bf16 autocast for the curves (the
@@ -63,7 +63,7 @@ MODES = {
                               "max_steps_per_epoch=3"], pipeline_on_data=True),
 }
 CURVE_TOLERANCE = 0.05  # relative difference of the mean loss over the last 5 steps, bf16 vs fp32
-# README "Speed": iresnet50 + CosFace at 112 px on one H200.
+# docs/speed.md: iresnet50 + CosFace at 112 px on one H200.
 TARGETS = {"train_end_to_end": 8000.0, "train_speedup_vs_paper": 4.0, "score": 25000.0}
 
 

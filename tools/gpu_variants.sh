@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Follow-up GPU measurements (README "Speed"): after tools/gpu_check.sh found the compiled step leaving the GPU idle,
+# Follow-up GPU measurements (docs/speed.md): after tools/gpu_check.sh found the compiled step leaving the GPU idle,
 # the variants of ours that remove host overhead: cuDNN autotuning, fewer host-device syncs, CUDA graphs
 # (torch.compile mode reduce-overhead), for training and scoring, on-device and through the RecordIO loader.
 set -uo pipefail
