@@ -53,4 +53,5 @@ def run_verification(cfg, ctx, args) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("eval_verification", run_verification, description=__doc__, extra_args=add_model_args)
+    run_stage("eval_verification", run_verification, description=__doc__, extra_args=add_model_args,
+              preset_needed=True)

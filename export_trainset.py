@@ -3,7 +3,8 @@
     python export_trainset.py --rec /data/faces_webface_112x112 \
         --kept_index output/runs/coresets/iresnet50_CosFace/diffprob_0.50/kept_index.npy --out /data/webface_diffprob50
 
---kept_index: a kept list (.npy with its manifest, or the paper's `kept_index = [...]` text);
+--kept_index: a kept list (.npy with its manifest, a plain integer .npy as `numpy.save` writes one, checked for
+dtype, range and duplicates only, or the paper's `kept_index = [...]` text);
 --label_map: the label map written beside it (default: the contiguous map of the surviving labels);
 --relabel_file: cleaning's relabel.npz, whose samples take their suggested label before renumbering;
 --overwrite true: replace an existing --out. Writes train.rec/.idx/property (InsightFace layout, payloads
@@ -30,8 +31,8 @@ def run_export(cfg, ctx, args) -> dict:
     if not args.out:
         raise UserError("--out DST is required: the dataset folder to create")
     if not cfg.kept_index and not args.relabel_file:
-        raise UserError("--kept_index FILE is required: a kept list (.npy with its manifest, or the paper's "
-                        "'kept_index = [...]' text)")
+        raise UserError("--kept_index FILE is required: a kept list (.npy, with its manifest or plain, or the "
+                        "paper's 'kept_index = [...]' text)")
     summary = export_dataset(cfg.rec, cfg.kept_index or None, cfg.label_map or None, args.out,
                              relabel=args.relabel_file, overwrite=args.overwrite == "true")
     print(format_summary(summary))

@@ -30,7 +30,7 @@ def run_label_mapping(cfg, ctx=None) -> dict:
                  label_dict)
         labels, inputs = open_dataset(cfg.rec).all_labels, [Path(cfg.rec)]
     kept_path = paths.kept_index_path(cfg)
-    kept = load_kept_index(kept_path, fp)
+    kept = load_kept_index(kept_path, fp, plain=bool(cfg.kept_index))
     label_map = pruning.label_map_for(kept, labels)
     out = Path(cfg.label_map) if cfg.label_map else kept_path.with_name("label_map.json")
     save_label_map(out, label_map, "label_mapping", fp, cfg, [kept_path, *inputs])

@@ -27,14 +27,16 @@ from pathlib import Path
 
 import torch
 
-from config.config import ConfigError, parse_config, parse_value
+from config.config import DATASET_PRESETS, ConfigError, infer_dataset, parse_config, parse_value
 from utils import paths
 from utils.artifacts import is_complete, read_manifest
 from utils.data import dataset_fingerprint
+from utils.errors import UserError
 from utils.locking import LOCK_NAME, LockError, OutputLock
 from utils.records import clean_round_dir, load_noise, round_model_dir, round_scores_path, round_train_keys
 from utils.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection import METHODS, canonical_name, list_methods
+from utils.training import check_bins
 
 REPO = Path(__file__).resolve().parent
 
@@ -71,9 +73,17 @@ PROFILES = {
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
         fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
-    # The default demo: 2 CPU cores, under 10 minutes.
+    # The default first run: every method, fraction, table, plot and export of the demo at about 40% of "cpu"'s
+    # training (100 identities, 6 epochs): under 10 minutes on a slow 2-core laptop (docs/results.md).
+    "demo": Profile(
+        "the default: a first run, 2-3 minutes on 2 CPU cores where tools/bench_train.py's paper-style loop makes "
+        "about 1,000-2,000 images/s",
+        data=["--num-ids", "100", "--image-size", "32", "--seed", "0"],
+        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=6, lr_steps=[4, 5], lr=0.4,
+                   num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
+    # The demo until 2026-12-04 (its table is in docs/results.md): 150 identities, 12 epochs.
     "cpu": Profile(
-        "the default: 2 CPU cores, under 10 minutes",
+        "the fuller CPU run: 150 identities, 12 epochs; about 5 minutes on 2 CPU cores",
         data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
                    num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
@@ -87,7 +97,20 @@ PROFILES = {
 }
 
 
+# With a real --rec the dataset preset decides the schedule and the verification targets (the paper's recipe);
+# a profile fills only these: the model, the batch per process, the loader and the logging.
+REAL_DATA_PROFILE_KEYS = ("network", "embedding_size", "batch_size", "num_workers", "record_topk", "frequent")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def _flag(value):
+    if isinstance(value, dict):  # head_args
+        return ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value).lower() if isinstance(value, bool) else str(value)
@@ -121,20 +144,49 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ plumbing
     def keys(self, **extra) -> list:
-        values = {"rec": self.rec, "output": self.runs, "dataset": self.dataset, **self.profile.train,
-                  **self.overrides, **extra}
+        train = self.profile.train if self.dataset == "synthetic" else \
+            {k: v for k, v in self.profile.train.items() if k in REAL_DATA_PROFILE_KEYS}
+        values = {"rec": self.rec, "output": self.runs, "dataset": self.dataset, **train, **self.overrides, **extra}
         return [x for k, v in values.items() for x in (f"--{k}", _flag(v))]
 
     def cfg(self, **extra):
         return parse_config(self.keys(**extra))
 
-    def step(self, title: str, script: list, done, *args):
-        """Run one stage script unless `done()` says its outputs are complete."""
+    def planned_work(self) -> tuple:
+        """(training, other steps) the run will do: training in full-data trainings (a kept set of 50%: 0.5),
+        the other steps counted. What the ETA is measured against."""
+        one_set = 1.0 + sum(self.profile.fractions) * len(self.profile.methods)  # full data + every kept list
+        seeds = (self.seeds - 1) * one_set if self.seeds > 1 else float(self.profile.extra_seeds)
+        training = one_set + len(self.trainees) * one_set + seeds + (self.clean_rounds - 1)
+        seeded = sum(METHODS[m].seeded for m in self.profile.methods)
+        other = (int(self.synthetic) + 3 + 2 * (self.clean_rounds - 1) + len(self.profile.fractions)
+                 * (len(self.profile.methods) + max(0, self.seeds - 1) * seeded)
+                 + int(self.profile.ijb) + int(self.export != "none"))
+        return training, other
+
+    def progress(self, work: float, seconds: float) -> str:
+        """'   (m:ss elapsed; about m:ss left)': the training still to do at this run's seconds per unit of
+        training, plus the other steps still to run at their mean time so far."""
+        key = "train" if work > 0 else "other"
+        self.spent[key][0] += work if work > 0 else 1
+        self.spent[key][1] += seconds
+        if self.spent["train"][0] <= 0:
+            return ""
+        (train_done, train_s), (other_done, other_s) = self.spent["train"], self.spent["other"]
+        train_left = max(0.0, self.work_total[0] - self.skipped["train"] - train_done)
+        other_left = max(0.0, self.work_total[1] - self.skipped["other"] - other_done)
+        left = train_left * train_s / train_done + (other_left * other_s / other_done if other_done else 0.0)
+        return f"   ({_clock(time.time() - self.t_start)} elapsed; about {_clock(left)} left)"
+
+    def step(self, title: str, script: list, done, *args, work: float = 0.0):
+        """Run one stage script unless `done()` says its outputs are complete; `work` is its share of training
+        (1: a full-data training) for the ETA."""
         n = len(self.steps_run) + len(self.steps_skipped) + 1
         if self.stop_after and n > self.stop_after:
             raise StopPipeline(n - 1)
         if done():
             self.steps_skipped.append(title)
+            self.skipped["train" if work > 0 else "other"] += work if work > 0 else 1
             print(f"[{n:2d}] {title}: complete, skipped", flush=True)
             return
         cmd = [sys.executable]
@@ -154,12 +206,14 @@ class Pipeline:
             raise SystemExit(f"run_pipeline: step '{title}' failed (exit {r.returncode}); last lines of "
                              f"{self.log_file}:\n" + "\n".join(tail))
         self.steps_run.append(title)
-        print(f" {time.time() - t0:.0f} s", flush=True)
+        print(f" {time.time() - t0:.0f} s{self.progress(work, time.time() - t0)}", flush=True)
 
     # --------------------------------------------------------------------------------------- steps
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
+        t0 = self.t_start = time.time()
+        self.work_total, self.spent, self.skipped = self.planned_work(), {"train": [0.0, 0.0], "other": [0.0, 0.0]}, \
+            {"train": 0.0, "other": 0.0}
         if self.synthetic:
             self.check_existing_data()
             self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
@@ -169,10 +223,15 @@ class Pipeline:
             raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
         fp = self.fp = dataset_fingerprint(self.rec)
         base = self.cfg()
+        if self.dataset != "synthetic":
+            try:
+                check_bins(base)  # before hours of training, not after
+            except UserError as e:
+                raise SystemExit(f"run_pipeline: error: {e}") from None
         original = paths.original_dir(base, base.network, base.loss)
         self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
                   lambda: (original / "train_summary.json").exists(),
-                  *self.keys(is_original_train=True, resume=True))
+                  *self.keys(is_original_train=True, resume=True), work=1.0)
         self.step("score the training set", ["eval_trainset.py"], lambda: is_complete(paths.scores_path(base), fp),
                   *self.keys())
         rounds = {"clean_round": 1} if self.clean_rounds > 1 else {}
@@ -209,7 +268,7 @@ class Pipeline:
             for seed in range(1, self.profile.extra_seeds + 1):
                 models[Key("full", 1.0, seed)] = self.retrain(Key("full", 1.0, seed))
         ijb = {}
-        if self.profile.ijb and (self.rec / "ijb").is_dir():
+        if self.profile.ijb and paths.ijb_root(base).is_dir():
             ijb = self.evaluate_ijb(models)
         results = self.collect(models, ijb, fp)
         if self.export != "none":
@@ -238,7 +297,8 @@ class Pipeline:
         again. True when the flagged set changed by less than `clean_tolerance` (the rounds stop)."""
         model, folder = round_model_dir(base, r - 1), clean_round_dir(base, r)
         self.step(f"clean round {r}: retrain on round {r - 1}'s kept list", ["train_everything.py"],
-                  lambda: (model / "train_summary.json").exists(), *self.keys(**round_train_keys(base, r - 1), resume=True))
+                  lambda: (model / "train_summary.json").exists(), *self.keys(**round_train_keys(base, r - 1), resume=True),
+                  work=1.0)
         self.step(f"clean round {r}: score every sample with it", ["eval_trainset.py"],
                   lambda: is_complete(round_scores_path(base, r), self.fp), *self.keys(clean_round=r))
         self.step(f"clean round {r}: clean", ["clean_trainset.py"],
@@ -273,7 +333,8 @@ class Pipeline:
         if key.trainee:
             label += f" [{key.trainee}]"
         out = paths.train_dir(self.cfg(**extra))
-        self.step(label, ["train_everything.py"], lambda: (out / "train_summary.json").exists(), *self.keys(**extra))
+        self.step(label, ["train_everything.py"], lambda: (out / "train_summary.json").exists(), *self.keys(**extra),
+                  work=key.fraction)
         return out
 
     def export_kept_set(self, results: dict) -> dict:
@@ -321,7 +382,8 @@ class Pipeline:
             have = json.loads(done.read_text()).get("models", {})
             return all(_model_name(k) in have for k in models)
 
-        self.step(f"evaluate {len(models)} models on IJB-C (1:1 and 1:N)", ["eval_ijbc.py"], complete,
+        target = self.cfg().ijb_target.upper().replace("IJB", "IJB-")
+        self.step(f"evaluate {len(models)} models on {target} (1:1 and 1:N)", ["eval_ijbc.py"], complete,
                   *self.keys(), "--models", spec, "--out", out)
         return json.loads(done.read_text())["models"]
 
@@ -434,6 +496,27 @@ def _trainees(p, args, train: dict) -> tuple:
     return tuple((n, x) for n in nets for x in losses if (n, x) != (base_net, base_loss))
 
 
+def show_config(pipe: Pipeline) -> dict:
+    """--show-config: what the original model's training will use, in one screen; exit 2 if a .bin is missing."""
+    cfg = pipe.cfg(is_original_train=True)
+    world = max(1, pipe.nproc)
+    keys = ("dataset", "rec", "network", "loss", "s", "m", "embedding_size", "num_epoch", "lr_steps", "lr_decay",
+            "warmup_epoch", "batch_size", "momentum", "weight_decay", "grad_clip", "val_targets", "ijb_root",
+            "ijb_target", "num_workers", "dtype")
+    shown = {k: getattr(cfg, k) for k in keys}
+    for k, v in shown.items():
+        print(f"{k:<16} {v}")
+    global_batch = cfg.batch_size * world
+    print(f"{'processes':<16} {world} (global batch {global_batch}, lr {cfg.lr} x {global_batch}/512 = "
+          f"{cfg.lr * global_batch / 512:g})")
+    if cfg.dataset != "synthetic":
+        try:
+            check_bins(cfg)
+        except UserError as e:
+            raise SystemExit(f"run_pipeline: error: {e}") from None
+    return shown
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the DiffProb paper's experiment end to end: data, original model, "
                                 "scoring, cleaning, pruning (Rand, DynUnc, DiffProb, cleaning + DiffProb), "
@@ -442,8 +525,14 @@ def main(argv=None):
     p.add_argument("--rec", default=None, help="a real RecordIO dataset folder (default: make a synthetic one)")
     p.add_argument("--profile", default=None, choices=sorted(PROFILES),
                    help="scale: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
-                   + " (default: gpu when a GPU is visible, else cpu)")
-    p.add_argument("--dataset", default=None, help="config preset for --rec (webface, ms1mv2, glint360k)")
+                   + " (default: gpu when a GPU is visible, else demo)")
+    p.add_argument("--dataset", default=None, choices=list(DATASET_PRESETS),
+                   help="the preset of a real --rec: its epochs, lr steps and verification sets (default: told "
+                        "from the class count in its property file, with a printed line)")
+    p.add_argument("--ijb_root", default=None, metavar="DIR",
+                   help="IJB release folder (loose_crop/, meta/) to evaluate every model on (default: <rec>/ijb "
+                        "when it exists)")
+    p.add_argument("--ijb_target", default=None, choices=["ijbc", "ijbb"], help="which IJB set (default: ijbc)")
     p.add_argument("--fractions", default=None, help="kept fractions, comma-separated (default: the profile's)")
     p.add_argument("--methods", default=None, help=f"pruning methods, comma-separated, from {', '.join(list_methods())} "
                    f"(the paper's names {', '.join(n for n in list_methods(aliases=True) if n not in METHODS)} too)")
@@ -466,12 +555,15 @@ def main(argv=None):
     p.add_argument("--data", nargs="*", metavar="KEY=VALUE",
                    help="synthetic generator options over the profile's (make_synthetic_dataset.py --help lists "
                         "them), e.g. --data redundancy=0.5 redundant_id_share=1 for a highly redundant set")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the original model's resolved training config (schedule, targets, batch, lr) and "
+                        "check that the verification sets are there, then exit without running anything")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count()
-    profile = PROFILES[args.profile or ("gpu" if gpus else "cpu")]
+    profile = PROFILES[args.profile or ("gpu" if gpus else "demo")]
     if args.fractions:
         try:
             fr = tuple(float(x) for x in args.fractions.split(","))
@@ -490,8 +582,26 @@ def main(argv=None):
         p.error("--seeds must be >= 1")
     if args.clean_rounds < 1:
         p.error("--clean-rounds must be >= 1")
-    dataset = args.dataset or ("synthetic" if args.rec is None else "webface")
+    if args.rec is None:
+        if args.dataset:
+            p.error("--dataset names the preset of a real --rec; the synthetic data has its own")
+        dataset = "synthetic"
+    else:
+        if not (Path(args.rec) / "train.rec").exists():
+            p.error(f"--rec {args.rec}: no train.rec there (a RecordIO dataset folder: train.rec, train.idx, property)")
+        dataset = args.dataset
+        if dataset is None:
+            try:
+                dataset, how = infer_dataset(args.rec)
+            except ConfigError as e:
+                p.error(str(e).replace("dataset=auto", "--dataset not given:"))
+            print(f"dataset: {dataset} ({how}); --dataset chooses another preset", flush=True)
     overrides = parse_set(args.set)
+    for key in ("ijb_root", "ijb_target"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.ijb_root is not None and not (Path(args.ijb_root) / "meta").is_dir():
+        p.error(f"--ijb_root {args.ijb_root}: not an IJB release folder (expected loose_crop/ and meta/ in it)")
     if args.data and args.rec is not None:
         p.error("--data sets the synthetic generator's options; it does not apply to --rec")
     data_args, data_config = synthetic_args(profile, args.data) if args.rec is None else (None, None)
@@ -499,6 +609,8 @@ def main(argv=None):
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
                     clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config)
+    if args.show_config:
+        return show_config(pipe)
     try:
         with OutputLock(args.out, what="run_pipeline.py"):  # one pipeline per output folder
             if args.fresh:  # what an earlier run left, but not the lock just taken

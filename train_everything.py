@@ -3,7 +3,8 @@
 With `--is_original_train true` it trains on the full dataset and records, after every epoch, each
 sample's labelled-class probability with margin (DynUnc's input) and its margin-free top-k logits
 (soft-label entropy); with `--is_original_train false` it retrains on a kept list (`--coreset_method`
-and `--fraction` name one the pruning stages wrote, or `--kept_index`/`--label_map` give one).
+and `--fraction` name one the pruning stages wrote, or `--kept_index`/`--label_map` give one; a plain integer
+`.npy` kept list, without a manifest, is checked for dtype, range and duplicates only).
 
     python train_everything.py --rec data/synthetic --network smallnet
     torchrun --nproc_per_node=8 train_everything.py --dataset webface --rec /data/faces_webface_112x112
@@ -81,4 +82,5 @@ def train(cfg, ctx) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("train_everything", train, description=__doc__, distributed=True, lock_dir=paths.train_dir)
+    run_stage("train_everything", train, description=__doc__, distributed=True, lock_dir=paths.train_dir,
+              preset_needed=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 import warnings
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 from utils.errors import ToolkitError
 
@@ -27,7 +28,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 @dataclass
 class Config:
     # ---- data -------------------------------------------------------------------------------
-    dataset: str = "synthetic"  # preset: webface (CASIA-WebFace), ms1mv2, glint360k, synthetic
+    dataset: str = "auto"  # preset: webface (CASIA-WebFace), ms1mv2, glint360k, synthetic; auto: synthetic for a
+    #                        folder make_synthetic_dataset.py wrote, else read from the class count in `property`
     rec: str = "data/synthetic"  # dataset folder: train.rec, train.idx, property, *.bin, ijb/
     output: str = "output"  # experiment folder; every stage reads and writes below it
     val_targets: Optional[List[str]] = None  # .bin names in `rec` (None: the preset's)
@@ -43,6 +45,9 @@ class Config:
     s: Optional[float] = None  # scale (None: the loss table's)
     m: Optional[float] = None  # margin (None: the loss table's)
     std: Optional[float] = None  # margin std of the Elastic heads (None: the loss table's)
+    head_args: Dict[str, float] = field(default_factory=dict)  # the head's other parameters, NAME=VALUE,... (e.g.
+    #                                `--head_args m1=-0.2,t=0.3` for RobustFace; --help lists every head's); a
+    #                                parameter not given keeps the loss table's value; s, m, std: the keys above
     sample_rate: float = 1.0  # Partial FC: share of each rank's class centres in a training step (positives
     #                           always; 1: every class). With < 1 the records hold the full-softmax probability
     # ---- optimisation (paper recipe) ----------------------------------------------------------
@@ -118,6 +123,31 @@ DATASET_PRESETS = {
     "synthetic": dict(num_epoch=12, lr_steps=[8, 10], val_targets=["syn_frontal", "syn_pose"]),
 }
 
+# The class count in `property` of the public releases (InsightFace's dataset zoo): how `dataset=auto` tells them.
+PRESET_CLASSES = {10572: "webface", 85742: "ms1mv2", 360232: "glint360k"}
+
+
+def infer_dataset(rec) -> tuple:
+    """(preset, how it was told) of the dataset folder `rec` for `dataset=auto`; ConfigError when it cannot be told.
+
+    Synthetic: the folder has the generator's dataset.json, or the synthetic verification sets (an exported or
+    noisy copy of a synthetic set). A real release: its class count. A missing folder resolves to synthetic
+    (the stage that reads it then says what is missing)."""
+    from pathlib import Path
+
+    rec = Path(rec)
+    if not rec.exists() or (rec / "dataset.json").exists() or (rec / "syn_frontal.bin").exists():
+        return "synthetic", "a synthetic dataset"
+    try:
+        classes = int((rec / "property").read_text().split(",")[0])
+    except (OSError, ValueError):  # not a dataset folder (yet): the stage reading it says what is wrong
+        return "synthetic", "no readable property file"
+    if classes in PRESET_CLASSES:
+        return PRESET_CLASSES[classes], f"{classes:,} classes in {rec / 'property'}"
+    raise ConfigError(f"dataset=auto cannot tell which dataset {rec} is ({classes:,} classes, not a synthetic "
+                      f"one): pass --dataset {' | '.join(DATASET_PRESETS)}")
+
+
 # Allowed values per key. The registries add theirs when they are imported: `coreset_method` from
 # utils/selection.py (selection methods), `clean_rule` from utils/cleaning.py (cleaning rules).
 CHOICES = {
@@ -125,7 +155,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "coreset_order": ("descending", "ascending"),
     "ijb_target": ("ijbc", "ijbb"),
-    "dataset": tuple(DATASET_PRESETS),
+    "dataset": ("auto", *DATASET_PRESETS),
 }
 
 
@@ -138,13 +168,15 @@ class ConfigError(ToolkitError, ValueError):
 
 
 def _base_type(tp):
-    """(base type, is_list) of a field annotation such as Optional[List[int]]."""
+    """(base type, is_list) of a field annotation such as Optional[List[int]] (dict for a Dict[...] field)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     if origin in (list, List):
         return typing.get_args(tp)[0], True
+    if origin in (dict, Dict):
+        return dict, False
     return tp, False
 
 
@@ -166,6 +198,19 @@ def _parse_scalar(key, text, tp):
         raise ConfigError(f"--{key}: expected {tp.__name__}, got {text!r}") from None
 
 
+def _parse_mapping(key, text) -> dict:
+    """`NAME=VALUE,NAME=VALUE` -> {NAME: "VALUE"} ("" -> {}); the values are converted when the config is resolved."""
+    out = {}
+    for item in text.replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"--{key}: expected NAME=VALUE items separated by commas, got {item!r}")
+        if name in out:
+            raise ConfigError(f"--{key}: {name} is given twice")
+        out[name] = value
+    return out
+
+
 def parse_value(key: str, text: str):
     """Parse command-line text for `key` into the field's type ('none' clears an Optional key)."""
     tp = typing.get_type_hints(Config)[key]
@@ -173,6 +218,8 @@ def parse_value(key: str, text: str):
     if optional and text.strip().lower() in ("none", "null"):
         return None
     base, is_list = _base_type(tp)
+    if base is dict:
+        return _parse_mapping(key, text)
     if is_list:
         return [_parse_scalar(key, t, base) for t in text.replace(",", " ").split()]
     return _parse_scalar(key, text, base)
@@ -213,16 +260,80 @@ def _check(cfg: Config):
         raise ConfigError(f"num_epoch={cfg.num_epoch} must be >= 1")
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill the None keys from the preset and loss tables; checks values. Returns a new Config."""
+# Head parameters with a config key of their own; head_args holds the others of HEAD_DEFAULTS' row.
+HEAD_KEYS = ("s", "m", "std")
+
+
+def _head_args(loss: str, given) -> dict:
+    """The head_args of `loss` as {name: float}; ConfigError naming the loss and its keys, or the bad value."""
     from losses.registry import HEAD_DEFAULTS
+
+    if not isinstance(given, dict):
+        raise ConfigError(f"head_args must be NAME=VALUE pairs, got {given!r}")
+    valid = [k for k in HEAD_DEFAULTS[loss] if k not in HEAD_KEYS]
+    own = [k for k in HEAD_DEFAULTS[loss] if k in HEAD_KEYS]
+    listing = f"{', '.join(valid) or 'none'} ({', '.join(own)}: --{', --'.join(own)})"
+    keys = sorted(k for k in given if k in HEAD_KEYS)
+    if keys:
+        raise ConfigError(f"head_args {', '.join(keys)}: give {'them' if len(keys) > 1 else 'it'} as "
+                          f"{', '.join('--' + k for k in keys)}, not in head_args; head_args of loss={loss}: {listing}")
+    unknown = sorted(k for k in given if k not in valid)
+    if unknown:
+        raise ConfigError(f"head_args {', '.join(unknown)}: not a parameter of loss={loss}; its head_args: {listing}")
+    out = {}
+    for name in valid:  # in the table's order
+        if name in given:
+            value = given[name]
+            try:
+                number = math.nan if isinstance(value, bool) else float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise ConfigError(f"head_args {name}={value!r}: expected a finite number")
+            out[name] = number
+    return out
+
+
+def head_params(cfg) -> dict:
+    """Every constructor parameter of the head of a resolved config: the loss table's row, then s, m, std and
+    head_args as the config gives them (what training builds the head with and records in the checkpoint)."""
+    from losses.registry import HEAD_DEFAULTS
+
+    row = HEAD_DEFAULTS[cfg.loss]
+    given = {k: getattr(cfg, k) for k in HEAD_KEYS if k in row and getattr(cfg, k) is not None}
+    return {**row, **given, **cfg.head_args}
+
+
+def head_params_help() -> str:
+    """Every head's parameters with the loss table's defaults (the --help text of head_args)."""
+    from losses.registry import HEAD_DEFAULTS
+
+    rows = "; ".join(f"{name}: {', '.join(f'{k}={v:g}' for k, v in row.items())}"
+                     for name, row in HEAD_DEFAULTS.items())
+    return (f"the head's parameters other than {', '.join(HEAD_KEYS)} (those: --{', --'.join(HEAD_KEYS)}), "
+            f"NAME=VALUE,...; each head's parameters and defaults: {rows}")
+
+
+def resolve(cfg: Config, preset_needed: bool = True) -> Config:
+    """Fill the None keys from the preset and loss tables; checks values. Returns a new Config."""
+    from losses.registry import HEAD_DEFAULTS, get_head
 
     values = dataclasses.asdict(cfg)
     for key, names in ALIASES.items():
         values[key] = names.get(values[key], values[key])
+    if values["dataset"] == "auto":
+        try:
+            values["dataset"], how = infer_dataset(values["rec"])
+        except ConfigError:
+            if preset_needed:
+                raise
+            how = None  # a stage that reads no schedule or targets (pruning, cleaning, export) runs on any folder
+        if values["dataset"] not in ("synthetic", "auto"):
+            print(f"dataset: {values['dataset']} ({how}); --dataset chooses another preset", file=sys.stderr)
     cfg = Config(**values)
     _check(cfg)
-    for key, value in DATASET_PRESETS[cfg.dataset].items():
+    # dataset=auto left unresolved (a stage without a schedule): the synthetic row fills the keys nobody reads
+    for key, value in DATASET_PRESETS["synthetic" if cfg.dataset == "auto" else cfg.dataset].items():
         if values[key] is None:
             values[key] = list(value) if isinstance(value, list) else value
     by_lower = {name.lower(): name for name in HEAD_DEFAULTS}
@@ -230,9 +341,14 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"loss={cfg.loss!r} is not a known head; valid: {', '.join(HEAD_DEFAULTS)}")
     loss = values["loss"] = by_lower[cfg.loss.lower()]
     values["original_net_loss"] = by_lower.get(cfg.original_net_loss.lower(), cfg.original_net_loss)
-    for key in ("s", "m", "std"):
+    for key in HEAD_KEYS:
         if values[key] is None:
             values[key] = HEAD_DEFAULTS[loss].get(key)
+    values["head_args"] = _head_args(loss, values["head_args"])
+    try:  # the head's own checks of its values (e.g. RobustFace's mu), on a head of two 1-d class centres
+        get_head(loss, 1, 2, **head_params(Config(**values)))
+    except ValueError as e:  # the heads' messages name the head
+        raise ConfigError(str(e)) from None
     if values["dropout"] is None:
         values["dropout"] = 0.4 if values["network"] in ("iresnet18", "iresnet34", "iresnet50") else 0.0
     if not 0 <= values["dropout"] < 1:
@@ -247,35 +363,51 @@ def resolve(cfg: Config) -> Config:
     return Config(**values)
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every key of config/config.py can be given as --KEY VALUE (lists: comma-separated; "
-        "booleans: true/false; Optional keys: none).",
-    )
+def build_parser(description: str = "", stage: str = None, argv=()) -> argparse.ArgumentParser:
+    """The parser of every config key. With `stage` (a stage script's name), `--help` shows the keys that stage
+    reads (config/stage_keys.py) and names the others, which it still accepts; `--help-all` shows every key."""
+    shown = None
+    if stage is not None and "--help-all" not in argv:
+        from config.stage_keys import REPO, stage_keys
+
+        shown = stage_keys(REPO / f"{stage}.py", [f.name for f in dataclasses.fields(Config)])
+    others = [f.name for f in dataclasses.fields(Config) if shown is not None and f.name not in shown]
+    epilog = ("Keys: --KEY VALUE (lists: comma-separated; head_args: NAME=VALUE,...; booleans: true/false; Optional "
+              "keys: none).")
+    if others:
+        epilog += (f"\n\nThe shared config's other keys are accepted but not read by {stage}: {', '.join(others)} "
+                   f"(--help-all lists every key with its default).")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=epilog)
+    parser.add_argument("--help-all", action="help", help="show every key of the shared config and exit")
     defaults = Config()
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         base, is_list = _base_type(hints[f.name])
         kind = f"list of {base.__name__}" if is_list else base.__name__
         one_of = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
+        if base is dict:
+            kind, one_of = "name=value,...", f"; {head_params_help()}"
+        hidden = shown is not None and f.name not in shown
         parser.add_argument(f"--{f.name}", metavar=kind.upper().replace(" ", "_"), default=None,
-                            help=f"default: {getattr(defaults, f.name)!r}{one_of}")
+                            help=argparse.SUPPRESS if hidden else f"default: {getattr(defaults, f.name)!r}{one_of}")
     return parser
 
 
-def parse_config(argv=None, description: str = "", extra=None, defaults: Config = None):
+def parse_config(argv=None, description: str = "", extra=None, defaults: Config = None, preset_needed: bool = True,
+                 stage: str = None):
     """Defaults of config/config.py + `--key value` overrides, resolved and checked.
 
     An unknown key or a value of the wrong type exits with status 2 and names the valid keys.
     `extra` is an optional callable adding stage-specific arguments to the parser; the parsed
-    namespace is then returned too: (cfg, args).
+    namespace is then returned too: (cfg, args). `preset_needed`: the stage reads the dataset preset's
+    schedule or verification targets, so `dataset=auto` must tell the dataset (else it may stay `auto`).
+    `stage`: the stage script's name, whose `--help` then lists the keys it reads.
     """
-    parser = build_parser(description)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(description, stage, argv)
     if extra is not None:
         extra(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.print_usage(sys.stderr)
@@ -288,7 +420,7 @@ def parse_config(argv=None, description: str = "", extra=None, defaults: Config 
             text = getattr(args, f.name)
             if text is not None:
                 overrides[f.name] = parse_value(f.name, text)
-        cfg = resolve(dataclasses.replace(base, **overrides))
+        cfg = resolve(dataclasses.replace(base, **overrides), preset_needed=preset_needed)
     except ConfigError as e:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,21 @@ def run_script(script, *args, check=True, torchrun=0, timeout=600):
     return r
 
 
+def write_random_topk(cfg, fp, rng, epochs=6, k=4):
+    """Random top-k records (label logits too) as training writes them, for the methods that read them."""
+    import numpy as np
+
+    from utils import paths
+    from utils.artifacts import save_array
+
+    n = fp.num_images
+    save_array(paths.topk_history_path(cfg), {
+        "topk_logits": rng.normal(size=(epochs, n, k)).astype(np.float16),
+        "topk_index": np.stack([rng.permutation(fp.num_classes)[:k] for _ in range(epochs * n)]).reshape(epochs, n, k),
+        "rest_mean_logit": np.zeros((epochs, n), np.float16),
+        "label_logit": rng.normal(size=(epochs, n)).astype(np.float16)}, "train_everything", fp)
+
+
 def make_tiny_dataset(out: Path):
     run_script("make_synthetic_dataset.py", "--out", out, *TINY_DATASET)
     return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from config.config import parse_config
-from tests.helpers import make_tiny_dataset, run_script
+from tests.helpers import make_tiny_dataset, run_script, write_random_topk
 from utils import paths, pruning
 from utils.artifacts import load_array, load_kept_index, load_label_map, save_array
 from utils.data import open_dataset
@@ -39,12 +39,7 @@ def setup(tiny, tmp_path):
     hist = rng.random((6, n)).astype(np.float32)
     hist[2, ::7] = np.nan
     save_array(paths.prob_history_path(cfg), hist, "train_everything", fp)
-    k = 4
-    save_array(paths.topk_history_path(cfg), {
-        "topk_logits": rng.normal(size=(6, n, k)).astype(np.float16),
-        "topk_index": np.stack([rng.permutation(fp.num_classes)[:k] for _ in range(6 * n)]).reshape(6, n, k),
-        "rest_mean_logit": np.zeros((6, n), np.float16),
-        "label_logit": rng.normal(size=(6, n)).astype(np.float16)}, "train_everything", fp)
+    write_random_topk(cfg, fp, rng)
     return dict(args=args, cfg=cfg, labels=labels, fp=fp, prob=prob, hist=hist, noisy=noisy, pred=pred,
                 vanished=int(last_id))
 

@@ -275,7 +275,7 @@ def step_write_selection(work: Path, scale: str, epochs: int, seed: int) -> dict
     method = get_method(name)
     t = time.perf_counter()
     write_selection(cfg, paths.coreset_dir(cfg, name), method, Selection(kept, scores), rec)
-    return {"seconds": time.perf_counter() - t, "note": f"{name}: kept_index.npy, label_map.json, summary, plot"}
+    return {"seconds": time.perf_counter() - t, "note": f"{name}: ranking, kept_index.npy, label_map.json, summary, plot"}
 
 
 def step_plan_export(work: Path, scale: str, epochs: int, seed: int) -> dict:

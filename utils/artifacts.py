@@ -15,6 +15,7 @@ import datetime
 import errno
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import ToolkitError
+
+log = logging.getLogger("diffprob")
 
 
 class ArtifactError(ToolkitError):
@@ -275,7 +278,12 @@ def read_array(path):
 _TEXT_RE = re.compile(r"^\s*kept_index\s*=\s*\[(.*)\]\s*$", re.S)
 
 
-def validate_kept_index(kept, num_images: int, source="kept index") -> np.ndarray:
+def validate_kept_index(kept, num_images: int, source="kept index", duplicates: str = "merge") -> np.ndarray:
+    """Sample indices as sorted unique int64, after checks of shape, dtype and range (one ArtifactError each).
+
+    `duplicates="merge"` drops repeated indices (the toolkit's writers); `"refuse"` names the first one
+    (a list from elsewhere, which cannot be told from a damaged one).
+    """
     if isinstance(kept, dict):
         raise ArtifactError(f"{source}: holds named arrays {sorted(kept)} (.npz); expected one 1-D .npy array of "
                             f"sample indices")
@@ -287,10 +295,20 @@ def validate_kept_index(kept, num_images: int, source="kept index") -> np.ndarra
     if not np.issubdtype(kept.dtype, np.integer):
         nan = f" ({int(np.isnan(kept).sum())} NaN)" if np.issubdtype(kept.dtype, np.floating) else ""
         raise ArtifactError(f"{source}: sample indices must be integers, got {kept.dtype}{nan}")
+    outside = (kept < 0) | (kept >= num_images)  # before the cast: a uint64 above 2**63 stays outside
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ArtifactError(f"{source}: indices must be in [0, {num_images}) (the dataset has {num_images} images); "
+                            f"the first outside is {kept[i]} at position {i} ({int(outside.sum())} outside)")
     kept = kept.astype(np.int64)
-    if kept.min() < 0 or kept.max() >= num_images:
-        raise ArtifactError(f"{source}: indices must be in [0, {num_images}); found {kept.min()}..{kept.max()}")
     if np.any(np.diff(kept) <= 0):
+        if duplicates == "refuse":
+            order = np.argsort(kept, kind="stable")
+            repeat = np.flatnonzero(kept[order][1:] == kept[order][:-1])
+            if repeat.size:
+                i = int(order[repeat + 1].min())  # the first position that repeats an earlier one
+                raise ArtifactError(f"{source}: sample index {kept[i]} appears more than once (again at position "
+                                    f"{i}; {repeat.size} repeated entries in all); a kept list names each image once")
         kept = np.unique(kept)
     return kept
 
@@ -329,11 +347,23 @@ def read_kept_index_text(path) -> np.ndarray:
         raise ArtifactError(f"{path}: {bad!r} is not a sample index") from None
 
 
-def load_kept_index(path, fingerprint: Fingerprint) -> np.ndarray:
-    """A kept list from this toolkit (`.npy` + manifest, fingerprint checked) or the paper's text form."""
+def load_kept_index(path, fingerprint: Fingerprint, plain: bool = False) -> np.ndarray:
+    """A kept list from this toolkit (`.npy` + manifest, fingerprint checked) or the paper's text form, as
+    sorted unique int64 sample indices.
+
+    `plain=True` (a list the user names, e.g. `--kept_index`): a `.npy` without a manifest, as `numpy.save`
+    writes one (the DiffProb authors share theirs so), is accepted after the checks of dtype, shape, range
+    and duplicates, and one line on the log says it could not be matched to the dataset.
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"missing kept list {path}: run the pruning stage that writes it first")
+    if path.suffix == ".npy" and plain and not manifest_path(path).exists():
+        kept = validate_kept_index(read_array(path), fingerprint.num_images, str(path), duplicates="refuse")
+        log.info("%s: a plain .npy kept list with no manifest, so it cannot be matched to this dataset's "
+                 "fingerprint (%s); checked for dtype, range and duplicates only: %d images, used in ascending order",
+                 path, fingerprint, kept.size)
+        return kept
     if path.suffix == ".npy":
         kept = load_array(path, fingerprint)
     else:

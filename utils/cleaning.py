@@ -29,7 +29,7 @@ from config import config as config_module
 from utils.blocks import for_each_block
 from utils.soft_labels import SparseProbs, checked_records, soft_labels
 from utils.errors import InputError
-from utils.records import NEEDS, Records
+from utils.records import NEEDS, Records, sample_names
 
 __all__ = ["Flags", "Rule", "RULES", "register_rule", "get_rule", "rule_needs", "run_rule", "rule_line",
            "SparseProbs", "trajectory_soft_labels", "confident_learning", "soft_label_flags", "epoch_window",
@@ -415,16 +415,6 @@ def cleaning_quality(flagged: np.ndarray, noise: dict, suggested_label=None, out
 
 
 # ------------------------------------------------------------------------------------------ writing
-def sample_names(dataset) -> tuple:
-    """(column name, per-sample values) that find a sample outside this toolkit: the image file of an
-    image-folder dataset, the record key (train.idx) of a RecordIO one; (None, None) otherwise."""
-    if getattr(dataset, "files", None) is not None:
-        return "file", dataset.files
-    if getattr(dataset, "image_keys", None) is not None:
-        return "record_key", dataset.image_keys
-    return None, None
-
-
 def write_flag_lists(folder, mislabeled, outliers, dataset, stage: str, cfg, inputs) -> list:
     """`mislabeled.npy/.csv` and `outliers.npy/.csv` in `folder` (see `flag_lists`); the CSVs add the file name
     (image folders) or record key (RecordIO) of each sample. Returns the paths written."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts import (ArtifactError, Fingerprint, atomic_save_npy, atomic_write_json, label_map_array,
-                             load_array, load_kept_index, load_label_map, validate_kept_index)
+                             load_array, load_kept_index, load_label_map, manifest_path, validate_kept_index)
 from utils.recordio import read_property
 from utils.dataset_writer import (EXPORT_MANIFEST, NOISE_FILE, ORIGIN_INDEX, carry_files, check_destination,
                                  file_sha256, link_or_copy, staged_folder, write_recordio)
@@ -73,7 +73,8 @@ def _load_relabel(path, dataset):
 def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> ExportPlan:
     """Resolve the selection against `dataset` (a `FaceDataset`); every input is checked before a byte is written.
 
-    `kept_index`: a file (toolkit `.npy` with manifest, or the paper's `kept_index = [...]` text), an array
+    `kept_index`: a file (toolkit `.npy` with manifest, a plain `.npy` as `numpy.save` writes one, or the
+    paper's `kept_index = [...]` text), an array
     of sample indices, or None (every sample). `label_map`: a label-map JSON, a dict, or None (the
     contiguous map of the labels that survive). `relabel`: cleaning's `relabel.npz` (index, label,
     suggested_label) or None; its samples take the suggested label before renumbering.
@@ -91,10 +92,12 @@ def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> Expor
     if kept_index is None:
         kept = np.arange(fp.num_images, dtype=np.int64)
     elif _as_path(kept_index) is not None:
-        kept = load_kept_index(kept_index, fp)
+        kept = load_kept_index(kept_index, fp, plain=True)  # a plain .npy (no manifest) after its checks
     else:
         kept = validate_kept_index(kept_index, fp.num_images)
     inputs["selection"] = _describe(_as_path(kept_index), "kept", int(kept.size))
+    if _as_path(kept_index) is not None:  # false: a plain or text list, whose dataset could not be checked
+        inputs["selection"]["manifest"] = manifest_path(kept_index).exists()
 
     if label_map is None:
         label_map = label_map_for(kept, assigned)

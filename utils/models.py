@@ -16,6 +16,7 @@ import torch
 
 from utils.artifacts import ArtifactError, Fingerprint
 from backbones import get_model
+from config.config import head_params
 from losses import HEAD_DEFAULTS, ShardedClassifier
 from utils.checkpoint import _strip_prefix, follow_marker, load_checkpoint, load_head_state
 
@@ -31,8 +32,9 @@ def model_kwargs(cfg, image_size: int) -> dict:
 
 
 def head_kwargs(cfg) -> dict:
-    """The config values of the keys the head's defaults table names (s, m, std, ...)."""
-    return {k: getattr(cfg, k) for k in HEAD_DEFAULTS[cfg.loss] if getattr(cfg, k, None) is not None}
+    """Every parameter of the head's defaults table row (s, m, std from their keys, the others from head_args,
+    the table's value where the config gives none): the head's constructor arguments, recorded in the checkpoint."""
+    return head_params(cfg)
 
 
 def new_backbone(cfg, image_size: int) -> torch.nn.Module:
@@ -184,7 +186,9 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
         info, head_state = load_head_state(cfg.head_checkpoint)  # ours, last.pt, or the paper's `kernel` layout
         head_source = cfg.head_checkpoint
     name = info["name"] if info else cfg.original_net_loss
-    kwargs = info["kwargs"] if info else head_kwargs(cfg)
+    # A head without its own record (a plain head .pth) takes the config's values of the parameters it has
+    # (--loss may name another head than --original_net_loss: that head's head_args are not this head's).
+    kwargs = info["kwargs"] if info else {k: v for k, v in head_kwargs(cfg).items() if k in HEAD_DEFAULTS.get(name, ())}
     classes = len(label_map) if label_map else num_classes
     head = build_head(name, cfg.embedding_size, classes, ctx, kwargs).to(ctx.device)
     shape = tuple(head_state["weight"].shape)

@@ -7,7 +7,8 @@ guesses another's paths.
   scores/<scorer>_<epoch tag>.npz   eval_trainset.py (per-sample probabilities and predictions)
   label_dict.npz                  generate_label_dict.py
   clean/<scorer>/kept_index.npy label_map.json flagged.npy [relabel.npz]   clean_trainset.py
-  coresets/<scorer>/<method>_<fraction>/kept_index.npy label_map.json plot.png   eval_simprobs.py, coreset_*.py
+  coresets/<scorer>/<method>_<fraction>/kept_index.npy label_map.json plot.png ranking.npy ranking.csv
+                                  eval_simprobs.py, coreset_*.py
   retrain/<scorer>/<method>_<fraction>_<network>_<loss>/   train_everything.py, is_original_train=False
 
 <scorer> is `<network>_<loss>` of the original model whose scores made the kept list

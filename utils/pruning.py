@@ -34,7 +34,7 @@ from utils.errors import InputError
 
 __all__ = [
     "diffprob", "diffprob_threshold_for_fraction", "diffprob_for_fraction", "dynunc_scores",
-    "keep_top_per_identity", "random_keep", "per_identity_counts", "identity_index",
+    "keep_top_per_identity", "random_keep", "random_key", "per_identity_counts", "identity_index",
     "label_map_for", "selection_summary", "format_summary",
 ]
 
@@ -289,13 +289,16 @@ def format_summary(summary: dict) -> str:
 
 
 # ============================================================================ per identity, keep k by score
-def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, excluded=None) -> np.ndarray:
+def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, excluded=None, return_rank=False):
     """Per identity, the ``k`` samples with the highest ``scores``.
 
     An identity with ``n`` (non-excluded) samples keeps ``k = int(n * fraction)``. If ``k < MIN``, it keeps
     ``MIN`` when ``n > MIN`` and all ``n`` otherwise (the rule of DynUnc and Rand in the DiffProb paper).
     Equal scores keep the lower sample index first, and NaN counts as the lowest score. This is the single
     place that implements "per identity, keep k by score", and every score-based method and Rand calls it.
+
+    With ``return_rank`` it returns ``(kept, rank)``: ``rank`` (N,) int64 is each sample's place in its
+    identity in that order (0 = the highest score), -1 for excluded samples; ``kept`` is ``rank < k``.
     """
     labels = _int_labels(labels)
     n = labels.size
@@ -309,7 +312,7 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
     lab = labels
     if sel is not None:
         if sel.size == 0:
-            return _EMPTY
+            return (_EMPTY, np.full(n, -1, dtype=np.int64)) if return_rank else _EMPTY
         sc, lab = sc[sel], labels[sel]
     identities, dense = _dense_labels(lab)
     # Ascending order of -score means descending score with ties by index, and NaN (= -NaN) last.
@@ -324,7 +327,11 @@ def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, exclud
     if sel is not None:
         chosen = sel[chosen]
     chosen.sort()
-    return chosen
+    if not return_rank:
+        return chosen
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[order if sel is None else sel[order]] = rank_in_id
+    return chosen, rank
 
 
 def random_keep(labels, fraction, min_samples_per_id=5, seed=0, excluded=None) -> np.ndarray:
@@ -333,8 +340,14 @@ def random_keep(labels, fraction, min_samples_per_id=5, seed=0, excluded=None) -
     does not change it), and the first ones of each identity in that order are kept. (The paper repository keeps the last
     samples of every identity instead. That is a defect, and this function does not copy it.)"""
     labels = _int_labels(labels)
-    scores = np.random.default_rng(seed).permutation(labels.size)  # a uniformly random order of all N samples
-    return keep_top_per_identity(scores, labels, fraction, min_samples_per_id, excluded=excluded)
+    return keep_top_per_identity(random_key(labels.size, seed), labels, fraction, min_samples_per_id,
+                                 excluded=excluded)
+
+
+def random_key(num_samples: int, seed=0) -> np.ndarray:
+    """Rand's sort key: one uniformly random order of all N samples (``np.random.default_rng(seed).permutation``);
+    per identity, the highest keys are kept first."""
+    return np.random.default_rng(seed).permutation(num_samples)
 
 
 # ============================================================================ DiffProb
@@ -552,20 +565,40 @@ def _check_threshold(threshold) -> float:
     return t
 
 
-def _diffprob_positions(seg: _Segments, t: float, min_k: int) -> np.ndarray:
+def _diffprob_positions(seg: _Segments, t: float, min_k: int, return_rank: bool = False):
     lens = seg.ends - seg.starts
     big = np.flatnonzero(lens > min_k)
     small = np.flatnonzero(lens <= min_k)
     parts = [_ranges(seg.starts[small], seg.ends[small])]
     if big.size:
         parts.append(_evaluate(seg, big, t, min_k, want_positions=True)[2])
-    kept = seg.order[np.concatenate(parts)]
+    positions = np.concatenate(parts)
+    kept = seg.order[positions]
     kept.sort()
-    return kept
+    return (kept, _diffprob_rank(seg, positions)) if return_rank else kept
 
 
-def diffprob(prob, labels, threshold, min_samples_per_id=5, excluded=None) -> np.ndarray:
-    """DiffProb selection at threshold ``t``. Returns the kept sample indices (sorted, unique int64).
+def _diffprob_rank(seg: _Segments, positions: np.ndarray) -> np.ndarray:
+    """Each sample's place in its identity in the order of the DiffProb scan: the kept samples as the scan
+    keeps them (highest probability first), then the dropped ones, highest probability first (equal values:
+    the later sample first, as the scan meets them); -1 for excluded samples."""
+    m = seg.order.size
+    kept = np.zeros(m, dtype=bool)
+    kept[positions] = True
+    below = np.cumsum(kept)  # kept positions at or below each position, over all identities
+    lens = seg.ends - seg.starts
+    last = np.repeat(seg.ends - 1, lens)  # each position's identity ends here
+    kept_above = below[last] - below  # kept positions above this one in its identity
+    above = last - np.arange(m, dtype=np.int64)
+    kept_in_id = np.repeat(below[seg.ends - 1] - below[seg.starts] + kept[seg.starts], lens)
+    rank = np.full(seg.num_images, -1, dtype=np.int64)
+    rank[seg.order] = np.where(kept, kept_above, kept_in_id + above - kept_above)
+    return rank
+
+
+def diffprob(prob, labels, threshold, min_samples_per_id=5, excluded=None, return_rank=False):
+    """DiffProb selection at threshold ``t``. Returns the kept sample indices (sorted, unique int64), and with
+    ``return_rank`` also each sample's place in its identity in the scan's order (``_diffprob_rank``).
 
     For each identity (the paper's rule): ``O`` is its samples sorted by ``prob`` ascending, and equal
     values keep index order. If ``len(O) <= MIN``, all are kept. Otherwise, with ``r = 0``, it repeats
@@ -587,8 +620,8 @@ def diffprob(prob, labels, threshold, min_samples_per_id=5, excluded=None) -> np
     min_k = _check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
-        return _EMPTY
-    return _diffprob_positions(seg, t, min_k)
+        return (_EMPTY, np.full(seg.num_images, -1, dtype=np.int64)) if return_rank else _EMPTY
+    return _diffprob_positions(seg, t, min_k, return_rank)
 
 
 # ---------------------------------------------------------------------------- threshold for a fraction
@@ -751,14 +784,18 @@ def diffprob_threshold_for_fraction(prob, labels, keep_fraction, min_samples_per
     return _search_threshold(seg, keep_fraction * seg.num_images, min_k)
 
 
-def diffprob_for_fraction(prob, labels, keep_fraction, min_samples_per_id=5, excluded=None):
-    """``(kept, threshold)``: ``diffprob`` at ``diffprob_threshold_for_fraction`` (one preparation for both)."""
+def diffprob_for_fraction(prob, labels, keep_fraction, min_samples_per_id=5, excluded=None, return_rank=False):
+    """``(kept, threshold)``: ``diffprob`` at ``diffprob_threshold_for_fraction`` (one preparation for both);
+    ``(kept, threshold, rank)`` with ``return_rank`` (see ``diffprob``)."""
     keep_fraction = _check_fraction(keep_fraction, "keep_fraction")
     min_k = _check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
         raise InputError("every sample is excluded: there is nothing to select a threshold for")
     t = _search_threshold(seg, keep_fraction * seg.num_images, min_k)
+    if return_rank:
+        kept, rank = _diffprob_positions(seg, t, min_k, True)
+        return kept, t, rank
     return _diffprob_positions(seg, t, min_k), t
 
 

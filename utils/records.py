@@ -265,6 +265,7 @@ class Records:
     num_classes: int
     inputs: list = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
+    dataset: object = field(default=None, repr=False)  # the FaceDataset: its record keys or files, for the ranking
 
     def _load(self, key, loader, path):
         if key not in self._cache:
@@ -306,9 +307,20 @@ class Records:
 NEEDS = {"scores": "scores", "prob_history": "prob_history", "topk": "topk", "clean": "excluded_by_cleaning"}
 
 
+def sample_names(dataset) -> tuple:
+    """(column name, per-sample values) that find a sample outside this toolkit: the image file of an
+    image-folder dataset, the record key (train.idx) of a RecordIO one; (None, None) otherwise."""
+    if getattr(dataset, "files", None) is not None:
+        return "file", dataset.files
+    if getattr(dataset, "image_keys", None) is not None:
+        return "record_key", dataset.image_keys
+    return None, None
+
+
 def open_records(cfg, dataset) -> Records:
     """Records of `dataset` (utils.data.open_dataset(cfg.rec): labels from the record headers alone)."""
-    return Records(cfg, dataset.all_labels, dataset.fingerprint, dataset.source_num_classes, inputs=[])
+    return Records(cfg, dataset.all_labels, dataset.fingerprint, dataset.source_num_classes, inputs=[],
+                   dataset=dataset)
 
 
 def clean_round_dir(cfg, clean_round: int) -> Path:

@@ -55,14 +55,16 @@ def _clear_progress_bars():
 
 
 def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False,
-              lock_dir=None):
+              lock_dir=None, preset_needed: bool = False):
     """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error.
 
     Under torchrun, a stage that is not `distributed` (pruning, cleaning, evaluation) runs on rank 0
     while the other ranks wait, so files are written once. `lock_dir(cfg)` names the folder the stage
     writes: it is locked for the run (utils/locking.py), so a second run on it stops at once.
+    `preset_needed`: the stage reads the dataset preset (training: the schedule; verification: the targets).
     """
-    parsed = parse_config(argv, description=description or name, extra=extra_args)
+    parsed = parse_config(argv, description=description or name, extra=extra_args, preset_needed=preset_needed,
+                          stage=name)
     cfg, args = parsed if extra_args is not None else (parsed, None)
     ctx, result, code, lock = None, None, 1, None  # 1 until main() returns: a crash is never reported as success
     try:

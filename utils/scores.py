@@ -338,7 +338,8 @@ def least_confidence_scores(topk_logits, topk_index, rest_mean_logit, num_classe
 
 
 # ============================================================================ CCS
-def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50, seed=0, excluded=None) -> np.ndarray:
+def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50, seed=0, excluded=None,
+             return_rank=False):
     """Coverage-centric coreset selection (Zheng, Liu, Li, Prakash, "Coverage-centric Coreset Selection for
     High Pruning Rates", ICLR 2023, Algorithm 1), run within each identity. Returns sorted unique int64
     sample indices.
@@ -362,7 +363,9 @@ def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50
 
     Vectorised: the allocation of step 3 equals taking samples round by round (the first of every
     stratum, then the second, ...), and within the last, partial round the strata visited last first.
-    That order is an integer priority, and ``keep_top_per_identity`` keeps the top k of it.
+    That order is an integer priority, and ``keep_top_per_identity`` keeps the top k of it. With
+    ``return_rank``, ``(kept, rank)``: each sample's place in its identity in that priority order (-1:
+    excluded). The priority depends on the fraction, so a prefix of it is CCS at this fraction only.
     """
     labels = _int_labels(labels)
     n = labels.size
@@ -385,11 +388,12 @@ def ccs_keep(scores, labels, fraction, min_samples_per_id=5, beta=0.1, strata=50
     if sel is None:
         priority = _ccs_priority(sc, labels, random_rank, fraction, min_k, beta_f, S)
     elif sel.size == 0:
-        return np.empty(0, dtype=np.int64)
+        empty = np.empty(0, dtype=np.int64)
+        return (empty, np.full(n, -1, dtype=np.int64)) if return_rank else empty
     else:  # excluded samples get any priority: keep_top_per_identity leaves them out
         priority = np.zeros(n, dtype=np.int64)
         priority[sel] = _ccs_priority(sc[sel], labels[sel], random_rank[sel], fraction, min_k, beta_f, S)
-    return keep_top_per_identity(priority, labels, fraction, min_k, excluded)
+    return keep_top_per_identity(priority, labels, fraction, min_k, excluded, return_rank=return_rank)
 
 
 def _ccs_priority(sc, labels, random_rank, fraction, min_k, beta, S) -> np.ndarray:

@@ -7,8 +7,9 @@ stage, `run_pipeline.py --methods`, the script that runs a method, the output fo
 `@register_method(...)` function here plus its test.
 
 A selection function takes the loaded `Records` and the config and returns a `Selection`: the kept
-sample indices (sorted unique int64), the per-sample score it ranked by (or None) and facts for the
-summary. Per-identity budgets always go through `utils.pruning.keep_top_per_identity` (or DiffProb's own
+sample indices (sorted unique int64), the per-sample score it ranked by (or None), facts for the
+summary, and the order it selected in (`rank`: each sample's place in its identity, kept first), which
+the stage writes as the selection's ranking (utils/ranking.py). Per-identity budgets always go through `utils.pruning.keep_top_per_identity` (or DiffProb's own
 rule): one tested helper, as the data-pruning literature learned the hard way (DeepCore).
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ class Selection:
     scores: Optional[np.ndarray] = None  # (N,) what the method ranked by, for the plot; None: no score
     info: dict = field(default_factory=dict)  # facts for summary.json (threshold, window, seconds, ...)
     warnings: list = field(default_factory=list)  # printed by the stage, e.g. an unreachable fraction
+    # The ranking written beside the kept list (utils/ranking.py), from the computation that selected:
+    rank: Optional[np.ndarray] = None  # (N,) int64 place in its identity, 0 = kept first; -1: not ranked
+    sort_key: Optional[np.ndarray] = None  # (N,) what the order sorts by where `scores` is None (Rand's key)
+    nested: bool = False  # rank < k is this method's selection for every per-identity quota k (keep-top)
 
 
 @dataclass(frozen=True)
@@ -120,9 +125,12 @@ def _ranked(scores, cfg):
 def select_rand(rec: Records, cfg) -> Selection:
     """Per identity, a uniformly random share of the images."""
     t0 = time.time()
-    kept = pruning.random_keep(rec.labels, cfg.fraction, cfg.min_samples_per_id, seed=cfg.seed)
+    key = pruning.random_key(rec.labels.size, cfg.seed)  # pruning.random_keep's draw
+    kept, rank = pruning.keep_top_per_identity(key, rec.labels, cfg.fraction, cfg.min_samples_per_id,
+                                               return_rank=True)
     rec.inputs.append(cfg.rec)
-    return Selection(kept, None, {"seed": cfg.seed, "seconds": time.time() - t0})
+    return Selection(kept, None, {"seed": cfg.seed, "seconds": time.time() - t0}, rank=rank, sort_key=key,
+                     nested=True)
 
 
 @register_method("dynunc", title="DynUnc", needs=("prob_history",), score_name="DynUnc uncertainty",
@@ -133,9 +141,10 @@ def select_dynunc(rec: Records, cfg) -> Selection:
     history = rec.prob_history
     t0 = time.time()
     scores = pruning.dynunc_scores(history, cfg.window)
-    kept = pruning.keep_top_per_identity(_ranked(scores, cfg), rec.labels, cfg.fraction, cfg.min_samples_per_id)
+    kept, rank = pruning.keep_top_per_identity(_ranked(scores, cfg), rec.labels, cfg.fraction,
+                                               cfg.min_samples_per_id, return_rank=True)
     return Selection(kept, scores, {"window": cfg.window, "epochs": int(history.shape[0]),
-                                    "seconds": time.time() - t0})
+                                    "seconds": time.time() - t0}, rank=rank, nested=True)
 
 
 def _diffprob(rec: Records, cfg, excluded=None) -> Selection:
@@ -143,13 +152,14 @@ def _diffprob(rec: Records, cfg, excluded=None) -> Selection:
     t0 = time.time()
     if cfg.threshold is not None:
         threshold = float(cfg.threshold)
-        kept = pruning.diffprob(prob, rec.labels, threshold, cfg.min_samples_per_id, excluded=excluded)
+        kept, rank = pruning.diffprob(prob, rec.labels, threshold, cfg.min_samples_per_id, excluded=excluded,
+                                      return_rank=True)
     else:
-        kept, threshold = pruning.diffprob_for_fraction(prob, rec.labels, cfg.fraction, cfg.min_samples_per_id,
-                                                        excluded=excluded)
+        kept, threshold, rank = pruning.diffprob_for_fraction(prob, rec.labels, cfg.fraction, cfg.min_samples_per_id,
+                                                              excluded=excluded, return_rank=True)
     info = {"threshold": threshold, "requested_fraction": None if cfg.threshold is not None else cfg.fraction,
             "seconds": time.time() - t0}
-    sel = Selection(kept, prob, info)
+    sel = Selection(kept, prob, info, rank=rank)
     achieved = len(kept) / len(rec.labels)
     if cfg.threshold is None and abs(achieved - cfg.fraction) > 0.02:
         # DiffProb's relaxation keeps at least min_samples_per_id per identity and, when an identity's
@@ -233,8 +243,9 @@ def _keep_top(score_fn):
     def select(rec: Records, cfg) -> Selection:
         t0 = time.time()
         values, info = score_fn(rec, cfg)
-        kept = pruning.keep_top_per_identity(_ranked(values, cfg), rec.labels, cfg.fraction, cfg.min_samples_per_id)
-        return Selection(kept, values, {**info, "seconds": time.time() - t0})
+        kept, rank = pruning.keep_top_per_identity(_ranked(values, cfg), rec.labels, cfg.fraction,
+                                                   cfg.min_samples_per_id, return_rank=True)
+        return Selection(kept, values, {**info, "seconds": time.time() - t0}, rank=rank, nested=True)
     return select
 
 
@@ -243,10 +254,10 @@ def _ccs(score_fn):
     def select(rec: Records, cfg) -> Selection:
         t0 = time.time()
         values, info = score_fn(rec, cfg)
-        kept = scores.ccs_keep(values, rec.labels, cfg.fraction, cfg.min_samples_per_id, beta=cfg.ccs_beta,
-                               strata=cfg.ccs_strata, seed=cfg.seed)
+        kept, rank = scores.ccs_keep(values, rec.labels, cfg.fraction, cfg.min_samples_per_id, beta=cfg.ccs_beta,
+                                     strata=cfg.ccs_strata, seed=cfg.seed, return_rank=True)
         return Selection(kept, values, {**info, "beta": cfg.ccs_beta, "strata": cfg.ccs_strata, "seed": cfg.seed,
-                                        "seconds": time.time() - t0})
+                                        "seconds": time.time() - t0}, rank=rank)
     return select
 
 

@@ -66,9 +66,10 @@ def load_selection(cfg, fingerprint: Fingerprint, labels: np.ndarray):
     if not cfg.kept_index and not kept_path.exists() and legacy.exists():
         raise ArtifactError(f"{legacy} is where earlier versions wrote kept lists; they now live under the model "
                             f"that scored them: {kept_path}. Move the folder there, or give --kept_index {legacy}")
-    kept = load_kept_index(kept_path, fingerprint)
-    map_path = paths.label_map_path(cfg)
-    if map_path.exists():
+    kept = load_kept_index(kept_path, fingerprint, plain=bool(cfg.kept_index))  # --kept_index: a plain .npy too
+    # --kept_index without --label_map: not the map of the --coreset_method folder, which goes with another list
+    map_path = paths.label_map_path(cfg) if cfg.label_map or not cfg.kept_index else None
+    if map_path is not None and map_path.exists():
         label_map = load_label_map(map_path, fingerprint)
         return kept, label_map, [kept_path, map_path]
     # A released kept list comes without a label map: derive it from the identities the list keeps.
@@ -494,6 +495,20 @@ def _hms(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def check_bins(cfg):
+    """A real dataset's verification sets must all be there: a run that silently skipped one would report
+    accuracies on fewer targets than the paper. (A synthetic dataset lacking its sets only warns.)"""
+    if cfg.dataset == "synthetic":
+        return
+    missing = [str(path) for path in paths.bin_paths(cfg).values() if not path.exists()]
+    if missing:
+        raise UserError(f"verification set {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if
+                                                                      len(missing) > 1 else "")
+                        + f"; the {cfg.dataset} preset verifies on {','.join(cfg.val_targets)}. InsightFace "
+                        f"publishes the .bin files with the training sets (its dataset zoo, recognition/_datasets_); "
+                        f"put them in {cfg.rec}, or narrow the list with --val_targets")
+
+
 class VerificationCallback:
     """Accuracy on the dataset's .bin targets (rank 0), with the best so far."""
 
@@ -502,6 +517,7 @@ class VerificationCallback:
 
         self.sets = []
         image_size = _image_size(run.dataset)
+        check_bins(run.cfg)
         for name, path in paths.bin_paths(run.cfg).items():
             if path.exists():
                 self.sets.append(VerificationSet(name, path, image_size=(image_size, image_size)))
