@@ -73,17 +73,10 @@ PROFILES = {
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
         fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
-    # The default first run: every method, fraction, table, plot and export of the demo at about 40% of "cpu"'s
-    # training (100 identities, 6 epochs): under 10 minutes on a slow 2-core laptop (docs/results.md).
-    "demo": Profile(
-        "the default: a first run, 2-3 minutes on 2 CPU cores where tools/bench_train.py's paper-style loop makes "
-        "about 1,000-2,000 images/s",
-        data=["--num-ids", "100", "--image-size", "32", "--seed", "0"],
-        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=6, lr_steps=[4, 5], lr=0.4,
-                   num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
-    # The demo until 2026-12-04 (its table is in docs/results.md): 150 identities, 12 epochs.
+    # The default demo: 2 CPU cores, about 5 minutes where tools/bench_train.py's paper-style loop makes about
+    # 2,000 images/s (docs/results.md).
     "cpu": Profile(
-        "the fuller CPU run: 150 identities, 12 epochs; about 5 minutes on 2 CPU cores",
+        "the default: 2 CPU cores, about 5 minutes (150 identities, 12 epochs)",
         data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
                    num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
@@ -525,7 +518,7 @@ def main(argv=None):
     p.add_argument("--rec", default=None, help="a real RecordIO dataset folder (default: make a synthetic one)")
     p.add_argument("--profile", default=None, choices=sorted(PROFILES),
                    help="scale: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
-                   + " (default: gpu when a GPU is visible, else demo)")
+                   + " (default: gpu when a GPU is visible, else cpu)")
     p.add_argument("--dataset", default=None, choices=list(DATASET_PRESETS),
                    help="the preset of a real --rec: its epochs, lr steps and verification sets (default: told "
                         "from the class count in its property file, with a printed line)")
@@ -563,7 +556,7 @@ def main(argv=None):
                    help="stop after the first N steps (a re-run resumes from step N+1)")
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count()
-    profile = PROFILES[args.profile or ("gpu" if gpus else "demo")]
+    profile = PROFILES[args.profile or ("gpu" if gpus else "cpu")]
     if args.fractions:
         try:
             fr = tuple(float(x) for x in args.fractions.split(","))
@@ -582,6 +575,8 @@ def main(argv=None):
         p.error("--seeds must be >= 1")
     if args.clean_rounds < 1:
         p.error("--clean-rounds must be >= 1")
+    if args.data and args.rec is not None:
+        p.error("--data sets the synthetic generator's options; it does not apply to --rec")
     if args.rec is None:
         if args.dataset:
             p.error("--dataset names the preset of a real --rec; the synthetic data has its own")
@@ -602,8 +597,6 @@ def main(argv=None):
             overrides[key] = getattr(args, key)
     if args.ijb_root is not None and not (Path(args.ijb_root) / "meta").is_dir():
         p.error(f"--ijb_root {args.ijb_root}: not an IJB release folder (expected loose_crop/ and meta/ in it)")
-    if args.data and args.rec is not None:
-        p.error("--data sets the synthetic generator's options; it does not apply to --rec")
     data_args, data_config = synthetic_args(profile, args.data) if args.rec is None else (None, None)
     trainees = _trainees(p, args, {**profile.train, **overrides})
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
