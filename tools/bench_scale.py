@@ -61,7 +61,7 @@ def _config(work: Path, epochs: int):
 
     return parse_config(["--rec", str(work / "rec"), "--output", str(work / "out"), "--num_epoch", str(epochs),
                          "--lr_steps", str(epochs), "--record_topk", str(TOPK), "--window", str(min(10, epochs - 1)),
-                         "--fraction", "0.5"])
+                         "--fraction", "0.5"], preset_needed=False)  # a simulation: its own schedule, no preset
 
 
 def _dataset(work: Path):
