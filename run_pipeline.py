@@ -216,11 +216,7 @@ class Pipeline:
             raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
         fp = self.fp = dataset_fingerprint(self.rec)
         base = self.cfg()
-        if self.dataset != "synthetic":
-            try:
-                check_bins(base)  # before hours of training, not after
-            except UserError as e:
-                raise SystemExit(f"run_pipeline: error: {e}") from None
+        require_bins(base)  # before hours of training, not after
         original = paths.original_dir(base, base.network, base.loss)
         self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
                   lambda: (original / "train_summary.json").exists(),
@@ -502,12 +498,16 @@ def show_config(pipe: Pipeline) -> dict:
     global_batch = cfg.batch_size * world
     print(f"{'processes':<16} {world} (global batch {global_batch}, lr {cfg.lr} x {global_batch}/512 = "
           f"{cfg.lr * global_batch / 512:g})")
-    if cfg.dataset != "synthetic":
-        try:
-            check_bins(cfg)
-        except UserError as e:
-            raise SystemExit(f"run_pipeline: error: {e}") from None
+    require_bins(cfg)
     return shown
+
+
+def require_bins(cfg):
+    """The verification sets of a real dataset's preset, all there; else exit with the one-line reason."""
+    try:
+        check_bins(cfg)
+    except UserError as e:
+        raise SystemExit(f"run_pipeline: error: {e}") from None
 
 
 def main(argv=None):

@@ -22,9 +22,6 @@ from typing import Dict, List, Optional
 from utils.errors import ToolkitError
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
 @dataclass
 class Config:
     # ---- data -------------------------------------------------------------------------------
@@ -64,8 +61,8 @@ class Config:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the backbone (training and scoring)
     compile_mode: str = "default"  # torch.compile's mode for training: default | reduce-overhead (CUDA graphs of
-    #                                the backbone's forward and backward: +21% images/s on one H200, README
-    #                                "Speed") | max-autotune-no-cudagraphs. Scoring compiles in the default mode
+    #                                the backbone's forward and backward: +21% images/s on one H200,
+    #                                docs/speed.md) | max-autotune-no-cudagraphs. Scoring compiles in the default mode
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False  # continue from the last complete checkpoint of this run
@@ -156,6 +153,7 @@ CHOICES = {
     "coreset_order": ("descending", "ascending"),
     "ijb_target": ("ijbc", "ijbb"),
     "dataset": ("auto", *DATASET_PRESETS),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -254,8 +252,6 @@ def _check(cfg: Config):
         raise ConfigError(f"min_samples_per_id={cfg.min_samples_per_id} must be >= 1")
     if cfg.num_workers < 0 or cfg.lr <= 0:
         raise ConfigError("num_workers must be >= 0 and lr > 0")
-    if cfg.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"compile_mode={cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.num_epoch is not None and cfg.num_epoch < 1:
         raise ConfigError(f"num_epoch={cfg.num_epoch} must be >= 1")
 
@@ -366,8 +362,8 @@ def resolve(cfg: Config, preset_needed: bool = True) -> Config:
 def build_parser(description: str = "", stage: str = None, argv=()) -> argparse.ArgumentParser:
     """The parser of every config key. With `stage` (a stage script's name), `--help` shows the keys that stage
     reads (config/stage_keys.py) and names the others, which it still accepts; `--help-all` shows every key."""
-    shown = None
-    if stage is not None and "--help-all" not in argv:
+    shown = None  # only for --help: reading the sources is start-up work no run needs
+    if stage is not None and {"-h", "--help"} & set(argv) and "--help-all" not in argv:
         from config.stage_keys import REPO, stage_keys
 
         shown = stage_keys(REPO / f"{stage}.py", [f.name for f in dataclasses.fields(Config)])

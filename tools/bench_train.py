@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from backbones import get_model  # noqa: E402
+from config.config import CHOICES  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
 from utils.training import make_sgd, train_step  # noqa: E402
 from utils.embedding import amp_dtype, forward_uint8  # noqa: E402
@@ -207,8 +208,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (ours)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
-                                                                  "max-autotune-no-cudagraphs"],
+    p.add_argument("--compile-mode", default="default", choices=CHOICES["compile_mode"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--loader", default="synthetic", choices=["synthetic", "recordio"])
     p.add_argument("--rec", default=None, help="RecordIO folder for --loader recordio")
