@@ -4,7 +4,7 @@
     python run_pipeline.py --profile gpu         # iresnet50 at 112x112 on one GPU
     python run_pipeline.py --rec /data/faces_webface_112x112 --dataset webface --profile gpu
 
-Every step is a subprocess of a stage script with explicit config keys, so the files and logs are
+Every step runs a stage script with explicit config keys (forked on CPU, a subprocess on GPUs), so the files and logs are
 exactly those of a manual run: make the data (synthetic), train the original model, score the training
 set, clean it, build the label dictionary, prune with every method at every fraction, retrain on each kept
 list (and the full data with another seed, for the seed spread), evaluate on IJB-C, and write
@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,9 +35,13 @@ from utils.locking import LOCK_NAME, LockError, OutputLock
 from utils.records import clean_round_dir, load_noise, round_model_dir, round_scores_path, round_train_keys
 from utils.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection import METHODS, canonical_name, list_methods
+from utils.stage_runner import RUNNERS, choose_runner, preload, run_forked, run_subprocess
 from utils.training import check_bins
 
 REPO = Path(__file__).resolve().parent
+STAGE_SCRIPTS = ("make_synthetic_dataset.py", "train_everything.py", "eval_trainset.py", "clean_trainset.py",
+                 "generate_label_dict.py", *sorted({m.script[0] for m in METHODS.values()}), "eval_ijbc.py",
+                 "export_trainset.py")
 
 
 class Key(NamedTuple):
@@ -73,10 +76,16 @@ PROFILES = {
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
         fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
-    # The default demo: 2 CPU cores, about 5 minutes where tools/bench_train.py's paper-style loop makes about
-    # 2,000 images/s (docs/results.md).
+    # The default first run, CPU: within 10 minutes where tools/bench_train.py's paper-style loop makes 460
+    # images/s (docs/results.md); 3,000 verification pairs per set.
+    "demo": Profile(
+        "the default without a GPU: 80 identities, 12 epochs; 9 minutes at 460 images/s in tools/bench_train.py",
+        data=["--num-ids", "80", "--image-size", "32", "--seed", "0", "--val-pairs", "1500"],
+        train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
+                   num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
+    # The earlier default, 1.5x the identities and 4x the verification pairs: about twice the demo's time.
     "cpu": Profile(
-        "the default: 2 CPU cores, about 5 minutes (150 identities, 12 epochs)",
+        "150 identities, 12 epochs, 6,000 verification pairs per set: about twice the demo's time",
         data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
                    num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
@@ -123,6 +132,7 @@ class Pipeline:
     trainees: tuple = ()  # other (network, loss) pairs retrained on the same kept lists
     export: str = "best"  # the kept set written as a dataset: best, none, or <method>_<fraction>
     clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
+    runner: str = "subprocess"  # how a stage runs: subprocess or fork (utils/stage_runner.py)
     data_args: list = None  # the synthetic generator's arguments (default: the profile's)
     data_config: dict = None  # the SyntheticConfig they give: an existing data folder must match it
     steps_run: list = field(default_factory=list)
@@ -191,12 +201,14 @@ class Pipeline:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_file, "a") as logf:
             logf.write(f"\n===== {title}\n$ {' '.join(cmd)}\n")
-            logf.flush()
-            r = subprocess.run(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
-        if r.returncode != 0:
+        if self.runner == "fork" and cmd[1] != "-m":
+            code = run_forked(cmd[1], cmd[2:], self.log_file, REPO, env)
+        else:
+            code = run_subprocess(cmd, self.log_file, REPO, env)
+        if code != 0:
             print(" FAILED", flush=True)
             tail = self.log_file.read_text().splitlines()[-25:]
-            raise SystemExit(f"run_pipeline: step '{title}' failed (exit {r.returncode}); last lines of "
+            raise SystemExit(f"run_pipeline: step '{title}' failed (exit {code}); last lines of "
                              f"{self.log_file}:\n" + "\n".join(tail))
         self.steps_run.append(title)
         print(f" {time.time() - t0:.0f} s{self.progress(work, time.time() - t0)}", flush=True)
@@ -207,6 +219,8 @@ class Pipeline:
         t0 = self.t_start = time.time()
         self.work_total, self.spent, self.skipped = self.planned_work(), {"train": [0.0, 0.0], "other": [0.0, 0.0]}, \
             {"train": 0.0, "other": 0.0}
+        if self.runner == "fork":  # the stages' imports, once
+            preload(REPO / s for s in STAGE_SCRIPTS)
         if self.synthetic:
             self.check_existing_data()
             self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
@@ -518,7 +532,7 @@ def main(argv=None):
     p.add_argument("--rec", default=None, help="a real RecordIO dataset folder (default: make a synthetic one)")
     p.add_argument("--profile", default=None, choices=sorted(PROFILES),
                    help="scale: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
-                   + " (default: gpu when a GPU is visible, else cpu)")
+                   + " (default: gpu when a GPU is visible, else demo)")
     p.add_argument("--dataset", default=None, choices=list(DATASET_PRESETS),
                    help="the preset of a real --rec: its epochs, lr steps and verification sets (default: told "
                         "from the class count in its property file, with a printed line)")
@@ -551,12 +565,15 @@ def main(argv=None):
     p.add_argument("--show-config", action="store_true",
                    help="print the original model's resolved training config (schedule, targets, batch, lr) and "
                         "check that the verification sets are there, then exit without running anything")
+    p.add_argument("--runner", default="auto", choices=RUNNERS,
+                   help="how each stage runs: fork (CPU, one process: a forked copy of the pipeline with the imports "
+                        "done once), subprocess (a new interpreter: GPUs and torchrun), auto (fork where it can)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count()
-    profile = PROFILES[args.profile or ("gpu" if gpus else "cpu")]
+    profile = PROFILES[args.profile or ("gpu" if gpus else "demo")]
     if args.fractions:
         try:
             fr = tuple(float(x) for x in args.fractions.split(","))
@@ -599,9 +616,14 @@ def main(argv=None):
         p.error(f"--ijb_root {args.ijb_root}: not an IJB release folder (expected loose_crop/ and meta/ in it)")
     data_args, data_config = synthetic_args(profile, args.data) if args.rec is None else (None, None)
     trainees = _trainees(p, args, {**profile.train, **overrides})
-    pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=args.nproc or max(1, gpus),
+    nproc = args.nproc or max(1, gpus)
+    try:
+        runner = choose_runner(args.runner, gpus, nproc)
+    except ValueError as e:
+        p.error(str(e))
+    pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
-                    clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config)
+                    clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner)
     if args.show_config:
         return show_config(pipe)
     try:

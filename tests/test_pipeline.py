@@ -101,6 +101,32 @@ def test_evaluation_commands_on_the_trained_models(pipeline, tmp_path):
     assert r.returncode == 1 and "IJB release folder" in r.stderr
 
 
+def test_a_forked_step_is_what_a_subprocess_step_is(pipeline, tmp_path):
+    """The pipeline ran its steps forked (CPU); the same steps run as subprocesses give the same kept list, the
+    same weights and the same accuracies."""
+    import shutil
+
+    import torch
+
+    out = tmp_path / "demo"
+    shutil.copytree(pipeline[0], out)
+    kept = out / "runs" / "coresets" / "smallnet_CosFace" / "rand_0.50"
+    model = out / "runs" / "retrain" / "smallnet_CosFace" / "rand_0.50_smallnet_CosFace"
+    before = {"kept": (kept / "kept_index.npy").read_bytes(),
+              "summary": json.loads((model / "train_summary.json").read_text()),
+              "weights": torch.load(model / "backbone.pth", weights_only=True)}
+    shutil.rmtree(kept)
+    shutil.rmtree(model)
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--runner", "subprocess", "--export", "none")
+    assert "prune: Rand 50% ..." in r.stdout and "retrain: Rand 50% ..." in r.stdout
+    assert (kept / "kept_index.npy").read_bytes() == before["kept"]
+    summary = json.loads((model / "train_summary.json").read_text())
+    assert summary["verification"] == before["summary"]["verification"] and summary["steps"] == before["summary"]["steps"]
+    weights = torch.load(model / "backbone.pth", weights_only=True)
+    assert weights.keys() == before["weights"].keys()
+    assert all(torch.equal(weights[k], before["weights"][k]) for k in weights)
+
+
 def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
     """--seeds 2 retrains every configuration with a second seed (Rand selects again with it; DiffProb's list is
     the same), --retrain-losses retrains the same lists with another loss; the table gives mean +- std."""

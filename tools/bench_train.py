@@ -140,7 +140,7 @@ def bench(args, loop: str) -> dict:
                          weight_decay=5e-4)  # ours: fused on CUDA (the toolkit's); plain: the loop over tensors
     fpi = flops_per_image(backbone, args.image_size, device)
     amp = amp_dtype(args.dtype, device) if ours else None
-    channels_last = ours and device.type == "cuda"
+    channels_last = ours
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if device.type == "cuda":

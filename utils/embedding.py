@@ -2,7 +2,7 @@
 
 Training, scoring, `.bin` verification, IJB feature extraction and the benchmarks all go through
 `forward_uint8`: the uint8 (B, 3, H, W) RGB batch moves to the device, is optionally transformed there
-(a random flip when training), scaled to [-1, 1], put in channels_last on CUDA when asked, and run
+(a random flip when training), scaled to [-1, 1], put in channels_last when asked, and run
 through the backbone under autocast when a reduced-precision dtype is in force.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def forward_uint8(backbone, images, device, amp=None, channels_last=False, trans
     if transform is not None:
         x = transform(x)
     x = normalize_batch(x)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return backbone(x).float()

@@ -132,7 +132,7 @@ def prepare_run(cfg, ctx: Context) -> Run:
     backbone = new_backbone(cfg, image_size).to(ctx.device)
     head = build_head(cfg.loss, cfg.embedding_size, dataset.num_classes, ctx,
                       {**head_kwargs(cfg), "sample_rate": cfg.sample_rate, "sample_seed": cfg.seed}).to(ctx.device)
-    if ctx.device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     train_backbone = backbone
     if cfg.compile:
@@ -399,7 +399,7 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
     run.sampler.set_epoch(epoch)
     flip_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 131 + ctx.rank)
     loss_sum = torch.zeros((), device=ctx.device)
-    channels_last = ctx.device.type == "cuda" and cfg.channels_last
+    channels_last = cfg.channels_last
     clip_params = list(run.backbone.parameters())
     step = 0
     run.skipped_images = 0
