@@ -79,8 +79,8 @@ PROFILES = {
     # The default first run, CPU: within 10 minutes where tools/bench_train.py's paper-style loop makes 460
     # images/s (docs/results.md); 3,000 verification pairs per set.
     "demo": Profile(
-        "the default without a GPU: 80 identities, 12 epochs; 9 minutes at 460 images/s in tools/bench_train.py",
-        data=["--num-ids", "80", "--image-size", "32", "--seed", "0", "--val-pairs", "1500"],
+        "the default without a GPU: 100 identities, 12 epochs; about 10 minutes at 460 images/s in tools/bench_train.py",
+        data=["--num-ids", "100", "--image-size", "32", "--seed", "0", "--val-pairs", "1500"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
                    num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
     # The earlier default, 1.5x the identities and 4x the verification pairs: about twice the demo's time.
