@@ -201,7 +201,7 @@ class Pipeline:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_file, "a") as logf:
             logf.write(f"\n===== {title}\n$ {' '.join(cmd)}\n")
-        if self.runner == "fork" and cmd[1] != "-m":
+        if self.runner == "fork":  # never with torchrun: choose_runner forks only a one-process run
             code = run_forked(cmd[1], cmd[2:], self.log_file, REPO, env)
         else:
             code = run_subprocess(cmd, self.log_file, REPO, env)

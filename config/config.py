@@ -58,7 +58,7 @@ class Config:
     lr_decay: float = 0.1
     grad_clip: float = 5.0  # max gradient norm (0: off)
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU) | fp32 | fp16 | bf16
-    channels_last: bool = True  # NHWC backbone and batches: +15-20% images/s on 2 CPU cores (docs/speed.md), the GPU default
+    channels_last: bool = True  # NHWC backbone and batches: +15-20% images/s on 2 CPU cores (docs/results.md), the GPU default
     compile: bool = False  # torch.compile the backbone (training and scoring)
     compile_mode: str = "default"  # torch.compile's mode for training: default | reduce-overhead (CUDA graphs of
     #                                the backbone's forward and backward: +21% images/s on one H200,
