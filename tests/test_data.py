@@ -18,6 +18,26 @@ def test_record_dataset_on_golden_files(golden_dir):
     assert pad == -1
 
 
+def test_a_small_set_is_decoded_once_and_read_back_unchanged(golden_dir):
+    import pickle
+
+    folder = golden_dir / "recordio" / "insightface_small"
+    cached = open_dataset(folder)
+    first = [cached[i][0] for i in range(len(cached))]
+    assert len(cached._cache) == len(cached)  # 49 images of 112x112: 1.8 MB, under the limit
+    reads = []
+    cached._open = lambda: reads.append(1)  # a second epoch reads no record
+    again = [cached[i][0] for i in range(len(cached))]
+    assert not reads and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not cached._cache[0].flags.writeable  # what later reads share cannot be changed in place
+    del cached._open  # back to the class's reader before pickling
+    assert pickle.loads(pickle.dumps(cached))._cache is None  # a worker process decodes for itself
+    big = open_dataset(folder)
+    big.cache_bytes = 112 * 112 * 3 * len(big) - 1  # one byte short of the whole set: no cache at all
+    fresh = [big[i][0] for i in range(len(big))]
+    assert big._cache is None and all(torch.equal(a, b) for a, b in zip(first, fresh))
+
+
 def test_kept_list_and_label_map(golden_dir):
     full = open_dataset(golden_dir / "recordio" / "insightface_small")
     ids = np.unique(full.all_labels)[[2, 5]]

@@ -65,11 +65,23 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
+def _print_traceback(e: BaseException, script: Path) -> None:
+    """The traceback `python script` prints: from the script's first frame on, without the runner's frames."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != str(script):
+        tb = tb.tb_next
+    traceback.print_exception(type(e), e, tb or e.__traceback__)
+
+
 def _child(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -> int:
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    # Python-level streams on the new fds: the parent's sys.stdout may not write to fd 1 (a pytest capture, a
+    # tee, a notebook), and text buffered in the parent's objects must not be written twice.
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -82,11 +94,11 @@ def _child(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -> in
         code = 0
     except SystemExit as e:
         code = _exit_code(e)
-    except KeyboardInterrupt:
-        traceback.print_exc()
+    except KeyboardInterrupt as e:
+        _print_traceback(e, script)
         code = 130
-    except BaseException:  # a bug: its traceback, as the interpreter would print it
-        traceback.print_exc()
+    except BaseException as e:  # a bug: its traceback, as the interpreter would print it
+        _print_traceback(e, script)
     try:
         atexit._run_exitfuncs()
         logging.shutdown()
