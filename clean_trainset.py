@@ -1,7 +1,7 @@
 """Cleaning: flag training samples whose label the scoring model contradicts, remove them, and write the
 cleaned kept list with its contiguous label map, the lists to share and a contact sheet to audit them.
 
-`--clean_rule` picks the rule (utils/cleaning.py: `argmax`, the paper's and the default; `trajectory`;
+`--clean_rule` picks the rule (utils/cleaning/rules.py: `argmax`, the paper's and the default; `trajectory`;
 `confident_learning`), `--clean_agree A,B` keeps only what those rules flag too. With `--relabel true` the
 suggested labels of the mislabeled samples are written too, for retraining on every image with
 `--coreset_method relabel`. Writes `<output>/clean/<scorer>/`:
@@ -25,15 +25,15 @@ import logging
 
 import numpy as np
 
-from utils import paths
-from utils.artifacts import ArtifactError, load_array, save_array
-from utils.cleaning import (check_clean_config, cleaning_quality, flag_change, flag_lists, get_rule, run_rule,
+from utils.artifacts import paths
+from utils.artifacts.files import ArtifactError, load_array, save_array
+from utils.cleaning.rules import (check_clean_config, cleaning_quality, flag_change, flag_lists, get_rule, run_rule,
                             write_flag_lists)
-from utils.contact_sheet import contact_sheet, save_figure
-from utils.data import open_dataset
-from utils.kept_sets import write_kept_set
-from utils.records import clean_round_dir, load_noise, open_cleaning_records
-from utils.runtime import run_stage
+from utils.cleaning.contact_sheet import contact_sheet, save_figure
+from utils.data.datasets import open_dataset
+from utils.artifacts.kept_sets import write_kept_set
+from utils.artifacts.records import clean_round_dir, load_noise, open_cleaning_records
+from utils.runtime.stage import run_stage
 
 log = logging.getLogger("diffprob")
 

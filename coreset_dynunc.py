@@ -6,12 +6,12 @@ This is coreset_select.py's stage for `--coreset_method dynunc`: it writes cores
 
 Every key of config/config.py can be overridden: `python coreset_dynunc.py --KEY VALUE`; `--help` lists them.
 """
-from utils import paths
-from utils.data import open_dataset
-from utils.kept_sets import write_selection
-from utils.records import open_records
-from utils.runtime import run_stage
-from utils.selection import get_method, run_selection
+from utils.artifacts import paths
+from utils.data.datasets import open_dataset
+from utils.artifacts.kept_sets import write_selection
+from utils.artifacts.records import open_records
+from utils.runtime.stage import run_stage
+from utils.selection.registry import get_method, run_selection
 
 
 def run_dynunc(cfg, ctx=None) -> dict:

@@ -1,4 +1,4 @@
-"""Select a kept set with any method of the registry (utils/selection.py), and write it.
+"""Select a kept set with any method of the registry (utils/selection/registry.py), and write it.
 
     python coreset_select.py --coreset_method dynunc --fraction 0.5 --rec data/synthetic --output output
 
@@ -10,12 +10,12 @@ kept_index.npy (+ manifest), label_map.json, summary.json and plot.png. The pape
 Methods (`--coreset_method`; `--help` lists every config key):
 {methods}
 """
-from utils import paths
-from utils.data import open_dataset
-from utils.kept_sets import write_selection
-from utils.records import open_records
-from utils.runtime import run_stage
-from utils.selection import get_method, list_methods, run_selection
+from utils.artifacts import paths
+from utils.data.datasets import open_dataset
+from utils.artifacts.kept_sets import write_selection
+from utils.artifacts.records import open_records
+from utils.runtime.stage import run_stage
+from utils.selection.registry import get_method, list_methods, run_selection
 
 __doc__ = __doc__.format(methods="\n".join(f"  {m:16s} {get_method(m).summary}" for m in list_methods()))
 

@@ -9,12 +9,12 @@ Every key of config/config.py can be overridden: `--KEY VALUE`; `--help` lists t
 """
 import logging
 
-from utils import paths
-from utils.artifacts import ArtifactError, atomic_write_json
-from utils.evaluation import add_ijb_args, out_dir, parse_models
-from utils.ijb import FAR_TARGETS, evaluate_ijb, format_ijb_table, plot_roc, save_tar_table
-from utils.models import dataset_image_size, load_backbone
-from utils.runtime import run_stage
+from utils.artifacts import paths
+from utils.artifacts.files import ArtifactError, atomic_write_json
+from utils.evaluation.commands import add_ijb_args, out_dir, parse_models
+from utils.evaluation.ijb import FAR_TARGETS, evaluate_ijb, format_ijb_table, plot_roc, save_tar_table
+from utils.models.build import dataset_image_size, load_backbone
+from utils.runtime.stage import run_stage
 
 log = logging.getLogger("diffprob")
 

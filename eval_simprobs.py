@@ -11,12 +11,12 @@ fewer than --min_samples_per_id are kept, r is relaxed by 0.01 and the walk repe
 
 Every key of config/config.py can be overridden: `python eval_simprobs.py --KEY VALUE`; `--help` lists them.
 """
-from utils import paths
-from utils.data import open_dataset
-from utils.kept_sets import write_selection
-from utils.records import open_records
-from utils.runtime import run_stage
-from utils.selection import get_method, run_selection
+from utils.artifacts import paths
+from utils.data.datasets import open_dataset
+from utils.artifacts.kept_sets import write_selection
+from utils.artifacts.records import open_records
+from utils.runtime.stage import run_stage
+from utils.selection.registry import get_method, run_selection
 
 
 def run_diffprob(cfg, ctx=None) -> dict:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import paths
-from utils.artifacts import ArtifactError, save_array
-from utils.data import open_dataset
-from utils.models import class_tables, load_scoring_model, resolve_checkpoint
-from utils.records import round_model_dir, round_scores_path, round_train_keys
-from utils.redundancy import redundancy_stats
-from utils.runtime import run_stage
-from utils.scoring import score_dataset
+from utils.artifacts import paths
+from utils.artifacts.files import ArtifactError, save_array
+from utils.data.datasets import open_dataset
+from utils.models.build import class_tables, load_scoring_model, resolve_checkpoint
+from utils.artifacts.records import round_model_dir, round_scores_path, round_train_keys
+from utils.data.redundancy import redundancy_stats
+from utils.runtime.stage import run_stage
+from utils.evaluation.scoring import score_dataset
 
 log = logging.getLogger("diffprob")
 

@@ -8,13 +8,13 @@ Every key of config/config.py can be overridden: `--KEY VALUE`; `--help` lists t
 """
 import logging
 
-from utils import paths
-from utils.artifacts import ArtifactError, atomic_write_csv, atomic_write_json
+from utils.artifacts import paths
+from utils.artifacts.files import ArtifactError, atomic_write_csv, atomic_write_json
 from utils.errors import UserError
-from utils.evaluation import add_model_args, out_dir, parse_models
-from utils.models import dataset_image_size, load_backbone
-from utils.runtime import run_stage
-from utils.verification import VerificationSet, format_table
+from utils.evaluation.commands import add_model_args, out_dir, parse_models
+from utils.models.build import dataset_image_size, load_backbone
+from utils.runtime.stage import run_stage
+from utils.evaluation.verification import VerificationSet, format_table
 
 log = logging.getLogger("diffprob")
 

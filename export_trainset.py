@@ -13,8 +13,8 @@ hard links (copies where refused) of the .bin files and ijb/. An image folder ex
 Every key of config/config.py can be overridden: `python export_trainset.py --KEY VALUE`; `--help` lists them.
 """
 from utils.errors import UserError
-from utils.export import export_dataset, format_summary
-from utils.runtime import run_stage
+from utils.data.export import export_dataset, format_summary
+from utils.runtime.stage import run_stage
 
 
 def add_export_args(parser):

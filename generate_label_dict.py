@@ -9,10 +9,11 @@ import time
 
 import numpy as np
 
-from utils import paths, pruning
-from utils.artifacts import save_array
-from utils.data import open_dataset
-from utils.runtime import run_stage
+from utils.artifacts import paths
+from utils.selection import pruning
+from utils.artifacts.files import save_array
+from utils.data.datasets import open_dataset
+from utils.runtime.stage import run_stage
 
 
 def run_label_dict(cfg, ctx=None) -> dict:

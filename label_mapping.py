@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import paths, pruning
-from utils.artifacts import load_kept_index, save_label_map
-from utils.data import dataset_fingerprint, open_dataset
-from utils.records import labels_from_label_dict
-from utils.runtime import run_stage
+from utils.artifacts import paths
+from utils.selection import pruning
+from utils.artifacts.files import load_kept_index, save_label_map
+from utils.data.datasets import dataset_fingerprint, open_dataset
+from utils.artifacts.records import labels_from_label_dict
+from utils.runtime.stage import run_stage
 
 log = logging.getLogger("diffprob")
 

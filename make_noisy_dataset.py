@@ -1,4 +1,4 @@
-"""Write a copy of a RecordIO dataset with injected label noise and its ground truth (see utils/noise.py and --help).
+"""Write a copy of a RecordIO dataset with injected label noise and its ground truth (see utils/data/noise.py and --help).
 
     python make_noisy_dataset.py --rec data/synthetic --out data/synthetic_noisy --flip-rate 0.1 \
         --open-rate 0.05 --open-from data/other_identities --seed 0
@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from utils.errors import ToolkitError
-from utils.noise import check_rates, inject_noise
+from utils.data.noise import check_rates, inject_noise
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Write a synthetic face-recognition dataset in the real formats (the generator: utils/synthetic.py).
+"""Write a synthetic face-recognition dataset in the real formats (the generator: utils/synthetic/generator.py).
 
     python make_synthetic_dataset.py --out data/synthetic --num-ids 500 --image-size 112 --seed 0
 
@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 
-from utils.synthetic import CONFIG_HELP, SyntheticConfig, generate_dataset
+from utils.synthetic.generator import CONFIG_HELP, SyntheticConfig, generate_dataset
 
 
 def build_arg_parser():

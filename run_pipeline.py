@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 
 from config.config import DATASET_PRESETS, ConfigError, infer_dataset, parse_config, parse_value
-from utils import paths
-from utils.artifacts import is_complete, read_manifest
-from utils.data import dataset_fingerprint
+from utils.artifacts import paths
+from utils.artifacts.files import is_complete, read_manifest
+from utils.data.datasets import dataset_fingerprint
 from utils.errors import UserError
-from utils.locking import LOCK_NAME, LockError, OutputLock
-from utils.records import clean_round_dir, load_noise, round_model_dir, round_scores_path, round_train_keys
-from utils.report import METHOD_LABELS, mean_accuracy, write_results
-from utils.selection import METHODS, canonical_name, list_methods
-from utils.stage_runner import RUNNERS, choose_runner, preload, run_forked, run_subprocess
-from utils.training import check_bins
+from utils.artifacts.locking import LOCK_NAME, LockError, OutputLock
+from utils.artifacts.records import clean_round_dir, load_noise, round_model_dir, round_scores_path, round_train_keys
+from utils.evaluation.report import METHOD_LABELS, mean_accuracy, write_results
+from utils.selection.registry import METHODS, canonical_name, list_methods
+from utils.pipeline.runner import RUNNERS, choose_runner, preload, run_forked, run_subprocess
+from utils.training.loop import check_bins
 
 REPO = Path(__file__).resolve().parent
 STAGE_SCRIPTS = ("make_synthetic_dataset.py", "train_everything.py", "eval_trainset.py", "clean_trainset.py",
@@ -132,7 +132,7 @@ class Pipeline:
     trainees: tuple = ()  # other (network, loss) pairs retrained on the same kept lists
     export: str = "best"  # the kept set written as a dataset: best, none, or <method>_<fraction>
     clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
-    runner: str = "subprocess"  # how a stage runs: subprocess or fork (utils/stage_runner.py)
+    runner: str = "subprocess"  # how a stage runs: subprocess or fork (utils/pipeline/runner.py)
     data_args: list = None  # the synthetic generator's arguments (default: the profile's)
     data_config: dict = None  # the SyntheticConfig they give: an existing data folder must match it
     steps_run: list = field(default_factory=list)
@@ -459,7 +459,7 @@ def synthetic_args(profile: Profile, items) -> tuple:
     redundant_id_share=1), checked by make_synthetic_dataset.py's own parser and SyntheticConfig.validate.
     Returns (argument list, the SyntheticConfig they give, as a dict)."""
     from make_synthetic_dataset import build_arg_parser
-    from utils.synthetic import SyntheticConfig
+    from utils.synthetic.generator import SyntheticConfig
 
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
     extra = []

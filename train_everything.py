@@ -16,12 +16,12 @@ import logging
 import math
 import time
 
-from utils import paths
-from utils.artifacts import atomic_write_json
-from utils.context import init_logging
+from utils.artifacts import paths
+from utils.artifacts.files import atomic_write_json
+from utils.runtime.context import init_logging
 from utils.errors import UserError
-from utils.runtime import run_stage
-from utils.training import (ProgressLog, Recorder, VerificationCallback, assemble_history, prepare_run, save_epoch,
+from utils.runtime.stage import run_stage
+from utils.training.loop import (ProgressLog, Recorder, VerificationCallback, assemble_history, prepare_run, save_epoch,
                             train_one_epoch)
 
 log = logging.getLogger("diffprob")

@@ -81,10 +81,10 @@ class Config:
     head_checkpoint: str = ""  # head state dict to pair with a plain backbone.pth
     score_batch_size: int = 512
     # ---- pruning and cleaning ------------------------------------------------------------------
-    coreset_method: str = "diffprob"  # a selection method of utils/selection.py's registry (the kept list
+    coreset_method: str = "diffprob"  # a selection method of utils/selection/registry.py's registry (the kept list
     #                                   retraining uses), or full / relabel (every image; cleaning's flagged
     #                                   ones with their suggested label); the paper's names are aliases
-    clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning.py's registry (argmax: the paper's)
+    clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning/rules.py's registry (argmax: the paper's)
     clean_agree: Optional[List[str]] = None  # other rules that must flag a sample too (agreement; None: none)
     clean_epochs: str = ""  # trajectory soft labels: recorded epochs "A-B" (1-based, inclusive); "": all
     clean_probs: str = "trajectory"  # confident_learning's probabilities: trajectory (soft labels) | scores
@@ -146,7 +146,7 @@ def infer_dataset(rec) -> tuple:
 
 
 # Allowed values per key. The registries add theirs when they are imported: `coreset_method` from
-# utils/selection.py (selection methods), `clean_rule` from utils/cleaning.py (cleaning rules).
+# utils/selection/registry.py (selection methods), `clean_rule` from utils/cleaning/rules.py (cleaning rules).
 CHOICES = {
     "dtype": ("auto", "fp32", "fp16", "bf16"),
     "device": ("auto", "cpu", "cuda"),

@@ -35,8 +35,8 @@ def write_random_topk(cfg, fp, rng, epochs=6, k=4):
     """Random top-k records (label logits too) as training writes them, for the methods that read them."""
     import numpy as np
 
-    from utils import paths
-    from utils.artifacts import save_array
+    from utils.artifacts import paths
+    from utils.artifacts.files import save_array
 
     n = fp.num_images
     save_array(paths.topk_history_path(cfg), {

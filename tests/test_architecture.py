@@ -27,7 +27,8 @@ def test_import_graph_tool_exits_zero_and_prints_the_height():
 
 def test_config_choices_and_aliases_come_from_the_registries():
     from config.config import CHOICES, parse_config
-    from utils import cleaning, selection
+    from utils.cleaning import rules as cleaning
+    from utils.selection import registry as selection
 
     assert CHOICES["coreset_method"] == ("full", "relabel", *selection.METHODS, "eval_simprobs", "eval_simprobs_clean")
     assert CHOICES["clean_rule"] == tuple(cleaning.RULES)
@@ -39,22 +40,23 @@ def test_config_choices_and_aliases_come_from_the_registries():
 
 
 def test_readme_method_table_is_the_registrys():
-    from utils.selection import method_table
+    from utils.selection.registry import method_table
 
-    assert method_table() in (REPO / "README.md").read_text(), "README's method table: paste utils.selection.method_table()"
+    assert method_table() in (REPO / "README.md").read_text(), "README's method table: paste utils.selection.registry.method_table()"
 
 
 def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     """Registering a method makes it a config choice, a pipeline method and an output folder at once."""
     from config import config as config_module
-    from utils import paths, selection
+    from utils.artifacts import paths
+    from utils.selection import registry as selection
 
     monkeypatch.setattr(selection, "METHODS", dict(selection.METHODS))
     monkeypatch.setitem(config_module.CHOICES, "coreset_method", config_module.CHOICES["coreset_method"])
 
     @selection.register_method("lowest_index", title="lowest index", summary="per identity, the first images")
     def select_lowest(rec, cfg):
-        from utils import pruning
+        from utils.selection import pruning
 
         kept = pruning.keep_top_per_identity(-np.arange(len(rec.labels), dtype=float), rec.labels, cfg.fraction,
                                              cfg.min_samples_per_id)

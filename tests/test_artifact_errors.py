@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils import artifacts as A
+from utils.artifacts import files as A
 
 FP = A.Fingerprint(num_images=100, num_classes=7, idx_size=1234)
 

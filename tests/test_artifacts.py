@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from utils import artifacts as A
+from utils.artifacts import files as A
 
 FP = A.Fingerprint(num_images=100, num_classes=7, idx_size=1234)
 OTHER = A.Fingerprint(num_images=100, num_classes=7, idx_size=999)

@@ -36,16 +36,16 @@ import torch
 
 from config.config import parse_config
 from tests.helpers import REPO, TINY_TRAIN, env, make_tiny_dataset, run_script
-from utils import paths
-from utils.artifacts import (Fingerprint, is_complete, load_kept_index, manifest_path, read_array, read_json,
+from utils.artifacts import paths
+from utils.artifacts.files import (Fingerprint, is_complete, load_kept_index, manifest_path, read_array, read_json,
                              save_array)
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.data import PaddedDistributedSampler, open_dataset
-from utils.locking import ENV_TOKENS, LOCK_NAME, OutputLock
-from utils.models import new_backbone
-from utils.recordio import read_index, read_layout
+from utils.models.checkpoint import load_checkpoint, save_checkpoint
+from utils.data.datasets import PaddedDistributedSampler, open_dataset
+from utils.artifacts.locking import ENV_TOKENS, LOCK_NAME, OutputLock
+from utils.models.build import new_backbone
+from utils.data.recordio import read_index, read_layout
 
-# Every stage gets the same keys, so each finds the files the others wrote (utils/paths.py).
+# Every stage gets the same keys, so each finds the files the others wrote (utils/artifacts/paths.py).
 # `--val_targets ""`: training evaluates no .bin (the verification cases name theirs).
 STAGE_KEYS = [*TINY_TRAIN, "--window", "3", "--val_targets", ""]
 N = 448  # images of the tiny dataset

@@ -1,5 +1,5 @@
-"""Reading the training records a chunk at a time (utils/blocks.py) and the one soft-label kernel
-(utils/soft_labels.py): file reads give what the memory map holds, in any chunking; a file cut while being
+"""Reading the training records a chunk at a time (utils/dynamics/blocks.py) and the one soft-label kernel
+(utils/dynamics/soft_labels.py): file reads give what the memory map holds, in any chunking; a file cut while being
 read is one clear error, not a crash; the streamed scores, soft labels and confident learning equal the
 in-memory ones; ties between classes go to the lower class id."""
 import os
@@ -7,11 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from utils import blocks, cleaning, scores, soft_labels
-from utils.blocks import file_region, iter_chunks
+from utils.dynamics import blocks
+from utils.cleaning import rules as cleaning
+from utils.dynamics import scores
+from utils.dynamics import soft_labels
+from utils.dynamics.blocks import file_region, iter_chunks
 from utils.errors import InputError
-from utils.records import open_npz
-from utils.soft_labels import soft_label_entropy
+from utils.artifacts.records import open_npz
+from utils.dynamics.soft_labels import soft_label_entropy
 
 
 def records(rng, E=6, N=97, k=4, C=40, unseen=5):

@@ -9,13 +9,14 @@ import pytest
 
 from config.config import parse_config
 from tests.helpers import REPO, TINY_TRAIN, make_tiny_dataset, run_script
-from utils import cleaning, paths
-from utils.artifacts import Fingerprint, load_array, load_kept_index, read_array, save_array
-from utils.cleaning import SparseProbs
-from utils.data import open_dataset
+from utils.cleaning import rules as cleaning
+from utils.artifacts import paths
+from utils.artifacts.files import Fingerprint, load_array, load_kept_index, read_array, save_array
+from utils.cleaning.rules import SparseProbs
+from utils.data.datasets import open_dataset
 from utils.errors import InputError
-from utils.records import Records, clean_round_dir, round_model_dir, round_scores_path, round_train_keys
-from utils.soft_labels import soft_label_entropy
+from utils.artifacts.records import Records, clean_round_dir, round_model_dir, round_scores_path, round_train_keys
+from utils.dynamics.soft_labels import soft_label_entropy
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -211,7 +212,7 @@ def test_agreement_keeps_only_what_every_named_rule_flags():
 
 def test_readme_cleaning_rule_line_is_the_registrys():
     assert cleaning.rule_line() in (REPO / "README.md").read_text(), \
-        "README's cleaning rules line: paste utils.cleaning.rule_line()"
+        "README's cleaning rules line: paste utils.cleaning.rules.rule_line()"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -396,8 +397,8 @@ def test_a_round_scores_the_full_set_with_the_retrained_model_and_maps_its_class
 
 
 def test_a_label_map_that_does_not_fit_the_dataset_is_refused():
-    from utils.artifacts import ArtifactError
-    from utils.models import class_tables
+    from utils.artifacts.files import ArtifactError
+    from utils.models.build import class_tables
 
     to_model, to_dataset = class_tables({0: 1, 2: 0}, 3, "model.pt")
     assert to_model.tolist() == [1, -1, 0] and to_dataset.tolist() == [2, 0]
@@ -433,8 +434,8 @@ def test_argmax_over_all_epochs_follows_the_papers_vote():
     """--use_all_epochs: per epoch p(label) or -1 where the arg-max is another identity, averaged; < 0 is removed."""
     import numpy as np
 
-    from utils.cleaning import flag_argmax
-    from utils.records import Records
+    from utils.cleaning.rules import flag_argmax
+    from utils.artifacts.records import Records
 
     labels = np.array([0, 0, 1, 1])
     pred = np.array([1, 0, 1, 0])  # the last epoch's arg-max

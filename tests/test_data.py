@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.artifacts import ArtifactError
-from utils.data import ImageFolderDataset, RecordDataset, open_dataset
+from utils.artifacts.files import ArtifactError
+from utils.data.datasets import ImageFolderDataset, RecordDataset, open_dataset
 
 
 def test_record_dataset_on_golden_files(golden_dir):
@@ -74,7 +74,7 @@ def test_missing_index_names_the_fix(tmp_path):
 # ------------------------------------------------------------------------------------- bad images
 def _rec_with_a_garbage_payload(folder, num_images=6, bad_sample=3):
     """An InsightFace-layout RecordIO (header at key 0, images at keys 1..n) whose sample `bad_sample` is garbage."""
-    from utils import recordio
+    from utils.data import recordio
 
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -117,7 +117,7 @@ def test_bad_image_from_a_dataloader_worker_is_one_line(tmp_path):
 def test_skip_bad_images_drops_the_sample_and_warns_once(tmp_path, caplog):
     from torch.utils.data import DataLoader
 
-    from utils.data import bad_samples, collate_skip_bad
+    from utils.data.datasets import bad_samples, collate_skip_bad
 
     ds = open_dataset(_rec_with_a_garbage_payload(tmp_path / "rec"), skip_bad_images=True)
     loader = DataLoader(ds, batch_size=4, collate_fn=collate_skip_bad)

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.data import PaddedDistributedSampler
-from utils.context import Context, gather_by_index
+from utils.data.datasets import PaddedDistributedSampler
+from utils.runtime.context import Context, gather_by_index
 
 
 def test_sampler_covers_each_sample_once_and_marks_padding():

@@ -1,4 +1,4 @@
-"""export_trainset.py / utils.export: a kept list written as a dataset folder of its own, read back record by record."""
+"""export_trainset.py / utils.data.export: a kept list written as a dataset folder of its own, read back record by record."""
 import json
 import os
 import shutil
@@ -10,19 +10,19 @@ import pytest
 import torch
 
 from tests.helpers import TINY_TRAIN, run_script
-from utils.artifacts import (ArtifactError, save_array, save_kept_index, save_label_map,
+from utils.artifacts.files import (ArtifactError, save_array, save_kept_index, save_label_map,
                              write_kept_index_text)
-from utils.data import open_dataset
-from utils.export import export_dataset, file_sha256
-from utils.pruning import label_map_for, random_keep
-from utils.recordio import MXIndexedRecordIO, read_layout, unpack
+from utils.data.datasets import open_dataset
+from utils.data.export import export_dataset, file_sha256
+from utils.selection.pruning import label_map_for, random_keep
+from utils.data.recordio import MXIndexedRecordIO, read_layout, unpack
 
 # 8 identities at 32 px, with verification pairs, an ijb/ folder and noise.json: a second or two to make.
 TINY = dict(num_ids=8, image_size=32, seed=1, val_pairs=20, num_val_ids=4, ijb_ids=2, ijb_templates=4)
 
 
 def make_tiny(folder, **overrides):
-    from utils.synthetic import SyntheticConfig, generate_dataset
+    from utils.synthetic.generator import SyntheticConfig, generate_dataset
 
     generate_dataset(folder, SyntheticConfig(**{**TINY, **overrides}), progress=False)
     return folder
@@ -145,7 +145,7 @@ def test_export_golden_with_the_papers_text_list(golden_dir, tmp_path):
 def test_split_records_and_label_vectors(tmp_path):
     """A payload holding the RecordIO magic word (the writer splits that record) and an image record with a
     label vector: both keep their payload, the label (vector element 0) is renumbered."""
-    from utils.recordio import MAGIC, IRHeader, frame_record, pack
+    from utils.data.recordio import MAGIC, IRHeader, frame_record, pack
 
     payloads = [bytes([i]) * 40 + (struct.pack("<I", MAGIC) + b"tail" if i == 2 else b"") for i in range(6)]
     src = tmp_path / "src"
@@ -213,8 +213,8 @@ def test_export_image_folder(tmp_path):
 
 def test_training_on_export_equals_training_on_source_with_kept_list(tiny, selection, tmp_path):
     from config.config import parse_config
-    from utils import paths
-    from utils.context import Context
+    from utils.artifacts import paths
+    from utils.runtime.context import Context
     from train_everything import train
 
     kept, kept_path, map_path = selection
@@ -243,7 +243,7 @@ def test_training_on_export_equals_training_on_source_with_kept_list(tiny, selec
 
 
 def test_a_failure_midway_leaves_nothing(tiny, selection, tmp_path, monkeypatch):
-    from utils import dataset_writer as export
+    from utils.data import writer as export
 
     kept, kept_path, map_path = selection
     real, calls = export._read_chunk, []

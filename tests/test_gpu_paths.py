@@ -35,7 +35,7 @@ def _steps(optimizer, backbone, head, n=3):
 
 def test_fused_sgd_is_the_same_update_as_the_loop():
     """make_sgd fuses on CUDA; fused=True also runs on CPU, so the update is compared here, step by step."""
-    from utils.training import make_sgd
+    from utils.training.loop import make_sgd
 
     runs = {}
     for device in ("cpu", "cuda"):  # parameters stay on the CPU: only the optimizer's choice differs
@@ -51,7 +51,7 @@ def test_fused_sgd_is_the_same_update_as_the_loop():
 
 def test_a_checkpoint_from_a_fused_optimizer_resumes_with_the_loop_on_cpu():
     """load_state_dict copies the saving run's `fused` into the groups; keep_fused puts this device's back."""
-    from utils.training import keep_fused, make_sgd
+    from utils.training.loop import keep_fused, make_sgd
 
     backbone, head = _models()
     gpu_run = make_sgd(backbone, head, torch.device("cuda"), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -69,8 +69,8 @@ def test_a_checkpoint_from_a_fused_optimizer_resumes_with_the_loop_on_cpu():
 
 
 def test_compile_mode_is_checked_and_reaches_torch_compile(tiny, tmp_path, monkeypatch, capsys):
-    from utils.context import Context
-    from utils.training import prepare_run
+    from utils.runtime.context import Context
+    from utils.training.loop import prepare_run
 
     with pytest.raises(SystemExit) as exit_:
         parse_config(["--rec", str(tiny), "--output", str(tmp_path), *TINY_TRAIN, "--compile_mode", "fast"])
@@ -93,10 +93,10 @@ def test_compile_mode_is_checked_and_reaches_torch_compile(tiny, tmp_path, monke
 def test_compiled_scoring_gives_the_same_scores(tiny, tmp_path, monkeypatch):
     """--compile true compiles the scoring forward too (graph capture with the eager backend here: the same
     operators, so the same numbers)."""
-    from utils.context import Context
-    from utils.data import open_dataset
-    from utils.models import build_head, head_kwargs, new_backbone
-    from utils.scoring import score_dataset
+    from utils.runtime.context import Context
+    from utils.data.datasets import open_dataset
+    from utils.models.build import build_head, head_kwargs, new_backbone
+    from utils.evaluation.scoring import score_dataset
 
     dataset = open_dataset(tiny)
     results = {}

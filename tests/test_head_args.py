@@ -8,10 +8,10 @@ import torch
 from config.config import HEAD_KEYS, Config, build_parser, config_from_dict, parse_config, resolve
 from losses import HEAD_DEFAULTS
 from tests import test_config
-from utils.artifacts import Fingerprint
-from utils.checkpoint import save_checkpoint
-from utils.context import Context
-from utils.models import build_head, head_kwargs, load_scoring_model, model_kwargs, new_backbone
+from utils.artifacts.files import Fingerprint
+from utils.models.checkpoint import save_checkpoint
+from utils.runtime.context import Context
+from utils.models.build import build_head, head_kwargs, load_scoring_model, model_kwargs, new_backbone
 
 HEADS = list(HEAD_DEFAULTS)
 

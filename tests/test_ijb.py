@@ -1,4 +1,4 @@
-"""IJB-B/C evaluation (utils/ijb.py) and five-point alignment (utils/alignment.py)."""
+"""IJB-B/C evaluation (utils/evaluation/ijb.py) and five-point alignment (utils/data/alignment.py)."""
 import csv
 import os
 from itertools import combinations
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.alignment import ARCFACE_TEMPLATE_112, align_face, arcface_template, estimate_similarity
-from utils.ijb import (IJBFeatures, IJBMetaError, evaluate_ijb, extract_features, identification_metrics,
+from utils.data.alignment import ARCFACE_TEMPLATE_112, align_face, arcface_template, estimate_similarity
+from utils.evaluation.ijb import (IJBFeatures, IJBMetaError, evaluate_ijb, extract_features, identification_metrics,
                        image2template_features, image_features, load_ijb_meta, plot_roc, roc_curve, tar_at_far,
                        template_pair_scores)
 

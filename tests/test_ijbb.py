@@ -9,10 +9,10 @@ import torch
 
 from backbones import get_model
 from tests.helpers import run_script
-from utils.checkpoint import save_checkpoint
-from utils.ijb import FAR_TARGETS, IJBFeatures, evaluate_ijb, extract_features, load_ijb_meta
-from utils.synthetic import SyntheticConfig, generate_dataset
-from utils.verification import far_label
+from utils.models.checkpoint import save_checkpoint
+from utils.evaluation.ijb import FAR_TARGETS, IJBFeatures, evaluate_ijb, extract_features, load_ijb_meta
+from utils.synthetic.generator import SyntheticConfig, generate_dataset
+from utils.evaluation.verification import far_label
 
 TINY = SyntheticConfig(num_ids=4, image_size=32, seed=2, min_images=5, max_images=8, median_images=6, val_pairs=0,
                        ijb_ids=6, ijb_templates=16)

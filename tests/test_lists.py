@@ -14,11 +14,14 @@ import pytest
 
 from config.config import parse_config
 from tests.helpers import REPO, write_random_topk
-from utils import paths, pruning, scores, selection
-from utils.artifacts import (ArtifactError, Fingerprint, load_array, load_kept_index, load_label_map, save_array,
+from utils.artifacts import paths
+from utils.selection import pruning
+from utils.dynamics import scores
+from utils.selection import registry as selection
+from utils.artifacts.files import (ArtifactError, Fingerprint, load_array, load_kept_index, load_label_map, save_array,
                              save_kept_index)
-from utils.data import open_dataset
-from utils.ranking import RANKING_DTYPE, _float_chars, _int_chars
+from utils.data.datasets import open_dataset
+from utils.selection.ranking import RANKING_DTYPE, _float_chars, _int_chars
 
 FRACTION, MIN_K, SEED = 0.5, 5, 3
 NOTE = ("a plain .npy kept list with no manifest, so it cannot be matched to this dataset's fingerprint",
@@ -51,7 +54,7 @@ def scored(tmp_path_factory):
     cleaning's kept list, and every registered selection method run on them once."""
     import clean_trainset
     import coreset_select
-    from utils.synthetic import SyntheticConfig, generate_dataset
+    from utils.synthetic.generator import SyntheticConfig, generate_dataset
 
     rec = tmp_path_factory.mktemp("data") / "tiny"
     generate_dataset(rec, SyntheticConfig(num_ids=8, image_size=32, seed=1, val_pairs=0, num_val_ids=4,

@@ -1,4 +1,4 @@
-"""One run per output folder (utils/locking.py): real processes contending, stale and foreign locks, nesting."""
+"""One run per output folder (utils/artifacts/locking.py): real processes contending, stale and foreign locks, nesting."""
 import json
 import logging
 import os
@@ -10,12 +10,12 @@ import time
 import pytest
 
 from tests.helpers import REPO, env
-from utils.locking import ENV_TOKENS, LOCK_NAME, LockError, OutputLock, read_lock
+from utils.artifacts.locking import ENV_TOKENS, LOCK_NAME, LockError, OutputLock, read_lock
 
 # Run as a stage would: the lock's one line on stderr, exit status 1.
 CONTENDER = """
 import sys
-from utils.locking import LockError, OutputLock
+from utils.artifacts.locking import LockError, OutputLock
 try:
     with OutputLock(sys.argv[1], what=sys.argv[2]):
         print("held", flush=True)
@@ -102,7 +102,7 @@ def test_child_process_locks_a_subfolder_and_may_enter_the_parents_lock(tmp_path
     stage = tmp_path / "demo" / "original"
     with OutputLock(tmp_path / "demo", what="run_pipeline.py"):
         # a stage of the pipeline: its own sub-folder, and the pipeline's folder (inherited through the environment)
-        code = ("import sys; from utils.locking import OutputLock\n"
+        code = ("import sys; from utils.artifacts.locking import OutputLock\n"
                 "with OutputLock(sys.argv[1], what='stage'), OutputLock(sys.argv[2], what='stage'):\n"
                 "    print(open(sys.argv[1] + '/.lock').read())")
         r = subprocess.run([sys.executable, "-c", code, str(stage), str(tmp_path / "demo")], cwd=REPO,

@@ -1,4 +1,4 @@
-"""make_noisy_dataset.py / utils.noise: closed-set flips and open-set replacements, with their ground truth."""
+"""make_noisy_dataset.py / utils.data.noise: closed-set flips and open-set replacements, with their ground truth."""
 import json
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 
 from tests.helpers import run_script
 from tests.test_export import assert_recordio_copy, copy_golden, make_tiny, records
-from utils.artifacts import ArtifactError
-from utils.noise import check_rates, inject_noise
-from utils.recordio import read_layout
+from utils.artifacts.files import ArtifactError
+from utils.data.noise import check_rates, inject_noise
+from utils.data.recordio import read_layout
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_noise_on_synthetic_record_by_record(data, tmp_path):
     origin = np.load(dst / "origin_index.npy")
     noise = json.loads((dst / "noise.json").read_text())
     source_noise = json.loads((src / "noise.json").read_text())
-    assert set(noise) == set(source_noise)  # the format utils/synthetic.py writes
+    assert set(noise) == set(source_noise)  # the format utils/synthetic/generator.py writes
     assert (noise["flip_rate"], noise["open_rate"], noise["seed"]) == (0.1, 0.05, 3)
     assert (noise["num_images"], noise["num_classes"]) == (n, 8)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from backbones import get_model
-from utils.models import build_backbone
+from utils.models.build import build_backbone
 
 
 class ConvBnPrelu(nn.Module):  # the paper's Conv_block: conv, bn, prelu

@@ -156,8 +156,8 @@ def test_training_with_sampling_records_the_full_softmax(tmp_path):
     from config.config import parse_config
     from tests.helpers import TINY_TRAIN, make_tiny_dataset
     from train_everything import train
-    from utils import paths
-    from utils.context import Context
+    from utils.artifacts import paths
+    from utils.runtime.context import Context
 
     rec = make_tiny_dataset(tmp_path / "tiny")
     cfg = parse_config(["--rec", str(rec), "--output", str(tmp_path / "out"), *TINY_TRAIN, "--num_epoch", "2",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_script
-from utils.artifacts import load_kept_index
-from utils.cleaning import cleaning_quality
-from utils.data import dataset_fingerprint, open_dataset
-from utils.report import mean_accuracy
+from utils.artifacts.files import load_kept_index
+from utils.cleaning.rules import cleaning_quality
+from utils.data.datasets import dataset_fingerprint, open_dataset
+from utils.evaluation.report import mean_accuracy
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""utils/pruning.py against literal per-identity reference loops (the paper's rules as pseudocode), plus its errors.
+"""utils/selection/pruning.py against literal per-identity reference loops (the paper's rules as pseudocode), plus its errors.
 
 The references below are written as plainly as possible, one Python loop per identity. They are the
 specification the vectorised code is checked against.
@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from utils import pruning
-from utils.pruning import (diffprob, diffprob_for_fraction, diffprob_threshold_for_fraction, dynunc_scores,
+from utils.selection import pruning
+from utils.selection.pruning import (diffprob, diffprob_for_fraction, diffprob_threshold_for_fraction, dynunc_scores,
                            format_summary, identity_index, keep_top_per_identity, label_map_for,
                            per_identity_counts, random_keep, selection_summary)
-from utils.soft_labels import soft_label_entropy
+from utils.dynamics.soft_labels import soft_label_entropy
 
 
 # ============================================================================ references
@@ -481,7 +481,7 @@ def test_nan_probability_allowed_on_excluded_samples():
 
 # ============================================================================ plot
 def test_plot_selection_writes_a_png(tmp_path):
-    from utils.plots import plot_selection
+    from utils.evaluation.plots import plot_selection
 
     prob, labels, _ = make_case(5, n_ids=60, quantum=1e4)
     kept = diffprob(prob, labels, 0.1)

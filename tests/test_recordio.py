@@ -1,4 +1,4 @@
-"""utils.recordio against the MXNet-written golden files, the dmlc framing rules, and its error paths."""
+"""utils.data.recordio against the MXNet-written golden files, the dmlc framing rules, and its error paths."""
 import hashlib
 import json
 import multiprocessing
@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from utils import recordio
-from utils.recordio import (MAGIC, IRHeader, MXIndexedRecordIO, MXRecordIO, RecordIOError, frame_record, pack,
+from utils.data import recordio
+from utils.data.recordio import (MAGIC, IRHeader, MXIndexedRecordIO, MXRecordIO, RecordIOError, frame_record, pack,
                             pack_img, read_layout, rebuild_index, unpack, unpack_img)
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -1,13 +1,13 @@
-"""utils/redundancy.py: the nearest same-identity neighbour of every image, and the redundant share."""
+"""utils/data/redundancy.py: the nearest same-identity neighbour of every image, and the redundant share."""
 import json
 
 import cv2
 import numpy as np
 import pytest
 
-from utils import recordio
-from utils.redundancy import redundancy_stats
-from utils.synthetic import SyntheticConfig, generate_dataset
+from utils.data import recordio
+from utils.data.redundancy import redundancy_stats
+from utils.synthetic.generator import SyntheticConfig, generate_dataset
 
 
 def _brute_force(embeddings, labels):

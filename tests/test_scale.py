@@ -10,10 +10,10 @@ import pytest
 
 from config.config import parse_config
 from tests.helpers import REPO, env
-from utils import paths
-from utils.artifacts import ArtifactError, Fingerprint, manifest_path, save_array
-from utils.records import load_prob_history, load_topk
-from utils.training import assemble_history
+from utils.artifacts import paths
+from utils.artifacts.files import ArtifactError, Fingerprint, manifest_path, save_array
+from utils.artifacts.records import load_prob_history, load_topk
+from utils.training.loop import assemble_history
 
 N, CLASSES, K, EPOCHS = 50, 7, 3, 3
 FP = Fingerprint(N, CLASSES, 1234)
@@ -96,7 +96,7 @@ def test_records_that_do_not_match_the_dataset_are_refused(tmp_path, case, match
 
 
 def test_a_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
-    import utils.training as training
+    import utils.training.loop as training
 
     cfg = _cfg(tmp_path)
     _write_epochs(cfg)

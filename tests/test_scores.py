@@ -1,12 +1,12 @@
-"""utils/scores.py against literal per-sample loops of each definition, on random records with unseen epochs."""
+"""utils/dynamics/scores.py against literal per-sample loops of each definition, on random records with unseen epochs."""
 import math
 
 import numpy as np
 import pytest
 
-from utils.pruning import keep_top_per_identity
-from utils.soft_labels import soft_label_entropy
-from utils.scores import (aum_scores, ccs_keep, el2n_scores, forgetting_scores, least_confidence_scores,
+from utils.selection.pruning import keep_top_per_identity
+from utils.dynamics.soft_labels import soft_label_entropy
+from utils.dynamics.scores import (aum_scores, ccs_keep, el2n_scores, forgetting_scores, least_confidence_scores,
                           margin_scores)
 
 

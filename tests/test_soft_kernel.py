@@ -1,11 +1,11 @@
-"""The compiled soft-label kernel (utils/soft_kernel.py) against a plain dictionary reference, where its hash
+"""The compiled soft-label kernel (utils/dynamics/soft_kernel.py) against a plain dictionary reference, where its hash
 table probes (many classes, classes equal in their low bits) and on every float16 bit pattern."""
 import math
 
 import numpy as np
 import pytest
 
-from utils import cleaning
+from utils.cleaning import rules as cleaning
 
 
 def test_float16_records_give_the_soft_labels_of_their_exact_values_for_every_bit_pattern():

@@ -1,4 +1,4 @@
-"""utils/stage_runner.py: a forked stage behaves as `python script args` would (argv, working folder,
+"""utils/pipeline/runner.py: a forked stage behaves as `python script args` would (argv, working folder,
 environment, output, exit code, exit handlers), and the runner is chosen by where the run goes."""
 import atexit
 import os
@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from utils import stage_runner
-from utils.stage_runner import choose_runner, run_forked, run_subprocess
+from utils.pipeline import runner as stage_runner
+from utils.pipeline.runner import choose_runner, run_forked, run_subprocess
 
 pytestmark = pytest.mark.skipif(not stage_runner.can_fork(), reason="no fork on this platform")
 

@@ -7,10 +7,11 @@ import pytest
 
 from config.config import parse_config
 from tests.helpers import make_tiny_dataset, run_script, write_random_topk
-from utils import paths, pruning
-from utils.artifacts import load_array, load_kept_index, load_label_map, save_array
-from utils.data import open_dataset
-from utils.soft_labels import soft_label_entropy
+from utils.artifacts import paths
+from utils.selection import pruning
+from utils.artifacts.files import load_array, load_kept_index, load_label_map, save_array
+from utils.data.datasets import open_dataset
+from utils.dynamics.soft_labels import soft_label_entropy
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_bad_inputs_exit_nonzero_and_write_nothing(setup, tmp_path):
     r = run_script("eval_simprobs.py", *other, check=False)
     assert r.returncode == 1 and "nan" in r.stderr.lower() and "Traceback" not in r.stderr
     assert not paths.coreset_dir(bad, "diffprob").exists()
-    from utils.artifacts import Fingerprint
+    from utils.artifacts.files import Fingerprint
 
     save_array(paths.scores_path(bad), {"gt_prob_with_margin": setup["prob"]}, "eval_trainset",
                Fingerprint(fp.num_images, fp.num_classes + 1, fp.idx_size))
@@ -159,7 +160,7 @@ def test_bad_inputs_exit_nonzero_and_write_nothing(setup, tmp_path):
 @pytest.mark.parametrize("method", ["el2n", "forgetting", "aum", "margin", "least_confidence", "ccs_el2n", "ccs_dynunc"])
 def test_score_methods_through_coreset_select(setup, method):
     """Each registry entry selects what its library score and the keep-k (or CCS) helper give."""
-    from utils import scores
+    from utils.dynamics import scores
 
     r = run_script("coreset_select.py", *setup["args"], "--coreset_method", method, "--seed", "3")
     cfg, fp, labels = setup["cfg"], setup["fp"], setup["labels"]

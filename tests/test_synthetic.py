@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import recordio
-from utils.alignment import align_face
-from utils.synthetic import (IJB_TARGETS, PROFILES, SyntheticConfig, generate_dataset, ijb_image, plan_ijb,
+from utils.data import recordio
+from utils.data.alignment import align_face
+from utils.synthetic.generator import (IJB_TARGETS, PROFILES, SyntheticConfig, generate_dataset, ijb_image, plan_ijb,
                              plan_pairs, plan_training_set, render_aligned, render_image, identity_render,
                              image_landmarks, pose_matrix, sample_identity, sample_variation, training_variation)
-from utils.verification import load_bin
+from utils.evaluation.verification import load_bin
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SyntheticConfig(num_ids=12, image_size=32, seed=3, flip_rate=0.1, open_rate=0.05, redundancy=0.1,

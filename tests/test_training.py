@@ -7,8 +7,8 @@ import torch
 
 from config.config import parse_config
 from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script
-from utils import paths
-from utils.artifacts import Fingerprint, load_array
+from utils.artifacts import paths
+from utils.artifacts.files import Fingerprint, load_array
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def _cfg(rec, out, *extra):
 
 
 def _ctx():
-    from utils.context import Context
+    from utils.runtime.context import Context
 
     return Context()
 
@@ -108,9 +108,9 @@ def test_torchrun_two_ranks_train_and_score_exactly(tiny, tmp_path):
 
 
 def test_retrain_on_kept_list_uses_label_map(tiny, tmp_path):
-    from utils.artifacts import save_kept_index, save_label_map
-    from utils.data import open_dataset
-    from utils.pruning import label_map_for
+    from utils.artifacts.files import save_kept_index, save_label_map
+    from utils.data.datasets import open_dataset
+    from utils.selection.pruning import label_map_for
     from train_everything import train
 
     ds = open_dataset(tiny)
@@ -127,7 +127,7 @@ def test_retrain_on_kept_list_uses_label_map(tiny, tmp_path):
 
 
 def test_bad_inputs_fail_before_work(tiny, tmp_path):
-    from utils.artifacts import Fingerprint, save_kept_index
+    from utils.artifacts.files import Fingerprint, save_kept_index
 
     base = ["--rec", tiny, "--output", tmp_path, *TINY_TRAIN]
     r = run_script("train_everything.py", "--rec", tmp_path / "nowhere", "--output", tmp_path, check=False)
@@ -178,9 +178,9 @@ def test_scoring_all_epochs_and_paper_format_weights(tiny, tmp_path):
 
 
 def test_retrain_with_relabelled_samples(tiny, tmp_path):
-    from utils.artifacts import save_array
-    from utils.data import open_dataset
-    from utils.training import prepare_run
+    from utils.artifacts.files import save_array
+    from utils.data.datasets import open_dataset
+    from utils.training.loop import prepare_run
 
     ds = open_dataset(tiny)
     cfg = _cfg(tiny, tmp_path, "--is_original_train", "false", "--coreset_method", "relabel", "--num_epoch", "1",
@@ -210,7 +210,7 @@ def test_autocast_paths_train_and_resume_on_cpu(tiny, tmp_path, amp):
     """The GPU precisions, forced on CPU through the Context (on CPU the default is fp32): fp16 runs with a
     grad scaler whose state is saved and resumed, bf16 without one."""
     from train_everything import train
-    from utils.context import Context
+    from utils.runtime.context import Context
 
     train(_short(tiny, tmp_path), Context(amp_dtype=amp))
     out = paths.original_dir(_short(tiny, tmp_path))
@@ -223,7 +223,7 @@ def test_autocast_paths_train_and_resume_on_cpu(tiny, tmp_path, amp):
 def test_bf16_step_agrees_with_fp32():
     from backbones import get_model
     from losses import ShardedClassifier
-    from utils.training import train_step
+    from utils.training.loop import train_step
 
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(16) % 8
@@ -240,7 +240,7 @@ def test_bf16_step_agrees_with_fp32():
 
 def test_compiled_model_state_dict_loads_into_an_uncompiled_one():
     from backbones import get_model
-    from utils.models import build_backbone
+    from utils.models.build import build_backbone
 
     model = get_model("smallnet", num_features=32, input_size=32)
     state = torch.compile(model).state_dict()  # compiling is lazy: nothing is compiled here

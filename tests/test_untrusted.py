@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.artifacts import ArtifactError
-from utils.checkpoint import load_checkpoint, load_head_state, rng_state, save_checkpoint, set_rng_state
-from utils.verification import load_bin
+from utils.artifacts.files import ArtifactError
+from utils.models.checkpoint import load_checkpoint, load_head_state, rng_state, save_checkpoint, set_rng_state
+from utils.evaluation.verification import load_bin
 
 
 class TouchOnLoad:

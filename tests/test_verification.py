@@ -1,4 +1,4 @@
-"""The .bin reader, the embedding loop and InsightFace's 10-fold protocol (utils/verification.py)."""
+"""The .bin reader, the embedding loop and InsightFace's 10-fold protocol (utils/evaluation/verification.py)."""
 import pickle
 import struct
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.interpolate import BSpline
 
-from utils.transforms import normalize_batch
-from utils.embedding import embed
-from utils.verification import (VerificationSet, _slinear_threshold, evaluate, evaluate_full, format_table, kfold_splits,
+from utils.data.transforms import normalize_batch
+from utils.models.embedding import embed
+from utils.evaluation.verification import (VerificationSet, _slinear_threshold, evaluate, evaluate_full, format_table, kfold_splits,
                                 load_bin, save_bin, verify_bins)
 
 # ----------------------------------------------------------------------------------------------------

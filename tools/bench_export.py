@@ -5,7 +5,7 @@
 
 Writes a synthetic RecordIO folder (InsightFace layout, with the project's writer; the payloads are
 slices of one random buffer, so nothing is decoded or encoded) into a temporary folder under --dir,
-keeps a per-identity random 50% (`pruning.random_keep`), exports it with `utils.export.export_dataset`,
+keeps a per-identity random 50% (`pruning.random_keep`), exports it with `utils.data.export.export_dataset`,
 then copies the exported train.rec with `shutil.copyfile` on the same disk, --repeat times each (after an
 `os.sync()`, so no step pays for flushing another's writes; the table shows the fastest run of each, as
 the machine is shared). Each timed step runs in a
@@ -37,7 +37,7 @@ from tools.bench_pruning import SCALES, synthetic  # noqa: E402
 
 def write_source(folder: Path, num_images: int, num_ids: int, max_size: int, payload_bytes: int, seed: int):
     """train.rec/.idx/property of `num_images` records with payloads of payload_bytes +- 33%."""
-    from utils.recordio import IRHeader, MXIndexedRecordIO, pack
+    from utils.data.recordio import IRHeader, MXIndexedRecordIO, pack
 
     _, shuffled = synthetic(num_images, num_ids, max_size, seed)
     labels = np.sort(shuffled)
@@ -92,8 +92,8 @@ def _timed(step, queue):
 
 
 def _export(src, kept, dst, queue):
-    from utils.data import open_dataset  # torch: imported before the clock starts, as in a long-lived process
-    from utils.export import export_dataset
+    from utils.data.datasets import open_dataset  # torch: imported before the clock starts, as in a long-lived process
+    from utils.data.export import export_dataset
 
     def step():
         t = time.perf_counter()
@@ -135,9 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    from utils.artifacts import Fingerprint, save_kept_index
-    from utils.pruning import random_keep
-    from utils.recordio import read_layout
+    from utils.artifacts.files import Fingerprint, save_kept_index
+    from utils.selection.pruning import random_keep
+    from utils.data.recordio import read_layout
 
     with tempfile.TemporaryDirectory(prefix="bench_export-", dir=args.dir) as tmp:
         tmp = Path(tmp)

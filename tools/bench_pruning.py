@@ -1,4 +1,4 @@
-"""Times utils/pruning.py at real dataset scale on synthetic arrays (single core, no dataset needed).
+"""Times utils/selection/pruning.py at real dataset scale on synthetic arrays (single core, no dataset needed).
 
     python tools/bench_pruning.py                  # CASIA-WebFace scale: 490,623 images, 10,572 identities
     python tools/bench_pruning.py --scale glint    # Glint360K scale: 17,091,657 images, 360,232 identities
@@ -10,7 +10,7 @@ The identity sizes are long-tailed (log-normal, clipped to the dataset's range).
 float32 values cast to float64, as the scoring stage writes them, so ties occur as they do in real
 scores. The DynUnc history is (34 epochs, N) float32.
 
-The scores of utils/scores.py (and the soft-label entropy, and CCS over EL2N) run on training records as
+The scores of utils/dynamics/scores.py (and the soft-label entropy, and CCS over EL2N) run on training records as
 training writes them: top-10 float16 logits, int32 classes, float16 rest mean and label logit, a few
 samples unseen per epoch; 34 epochs at CASIA scale, in memory, and 20 at Glint360K scale, written to
 .npy files under --workdir and memory-mapped (the logits and classes alone are 20 GB there), so those
@@ -39,8 +39,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import pruning, scores  # noqa: E402
-from utils.soft_labels import soft_label_entropy  # noqa: E402
+from utils.dynamics import scores  # noqa: E402
+from utils.selection import pruning
+from utils.dynamics.soft_labels import soft_label_entropy  # noqa: E402
 
 SCALES = {  # images, identities, largest identity
     "casia": (490_623, 10_572, 804),
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="runs per call, best kept (default: 3 casia, 1 glint)")
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--only", choices=["all", "selections", "scores"], default="all",
-                    help="selections: DiffProb, DynUnc, Rand; scores: utils/scores.py, entropy and CCS")
+                    help="selections: DiffProb, DynUnc, Rand; scores: utils/dynamics/scores.py, entropy and CCS")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the Glint360K-scale records go (22 GB; default: a temporary folder, removed)")
     args = ap.parse_args(argv)

@@ -12,11 +12,11 @@ leaves out are NaN / -1, as training gathers them) and the scoring stage's `scor
 are flipped labels: another identity on top of every epoch's top k (the label outside it) and of the scoring
 model's arg-max, so the cleaning rules have something to flag. Then it runs every later step in a fresh
 process, so each step's peak memory is its own: reading the dataset layout from the record headers,
-`assemble_history`, every cleaning rule of utils/cleaning.py's registry and every selection method of
-utils/selection.py's registry (whatever they hold when it runs), the label map, writing a selection (kept
+`assemble_history`, every cleaning rule of utils/cleaning/rules.py's registry and every selection method of
+utils/selection/registry.py's registry (whatever they hold when it runs), the label map, writing a selection (kept
 list, label map, summary, plot) and the export's index plan. Peak RSS is the process's high-water mark (VmHWM,
 which also counts the pages of memory-mapped files it touched; the top-k records are read with file reads,
-utils/blocks.py); peak anon is the highest sampled RssAnon (allocations alone). A step whose anonymous memory
+utils/dynamics/blocks.py); peak anon is the highest sampled RssAnon (allocations alone). A step whose anonymous memory
 passes --mem-cap-gb is stopped (the machine is shared) and reported so.
 
 Before writing, the free disk space is checked: the records take epochs x images x 68 bytes twice (the
@@ -66,7 +66,7 @@ def _config(work: Path, epochs: int):
 
 def _dataset(work: Path):
     """(labels int64, fingerprint) the read_layout step cached."""
-    from utils.artifacts import Fingerprint
+    from utils.artifacts.files import Fingerprint
 
     fp = Fingerprint.from_dict(json.loads((work / "fingerprint.json").read_text()))
     return np.load(work / "labels.npy", mmap_mode="r"), fp
@@ -120,7 +120,7 @@ def write_tiny_recordio(folder: Path, scale: str, seed: int) -> int:
     """train.rec/.idx/property in the InsightFace layout (header, image records, one record per identity)
     with 4-byte payloads: the headers are what reading the layout reads. Identity sizes are log-normal."""
     from tools.bench_pruning import synthetic
-    from utils.recordio import IRHeader, MXIndexedRecordIO, pack
+    from utils.data.recordio import IRHeader, MXIndexedRecordIO, pack
 
     images, ids, largest, _ = SCALES[scale]
     counts = np.bincount(synthetic(images, ids, largest, seed)[1], minlength=ids)
@@ -146,8 +146,8 @@ def step_write_recordio(work: Path, scale: str, epochs: int, seed: int) -> dict:
 
 
 def step_read_layout(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from utils.artifacts import atomic_save_npy
-    from utils.recordio import read_layout
+    from utils.artifacts.files import atomic_save_npy
+    from utils.data.recordio import read_layout
 
     t = time.perf_counter()
     layout = read_layout(work / "rec")
@@ -160,9 +160,9 @@ def step_read_layout(work: Path, scale: str, epochs: int, seed: int) -> dict:
 def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> dict:
     """What Recorder.write does at the end of every epoch (per-epoch npz + manifest), plus the scoring
     stage's scores file; the time is the writing alone (simulating the values is not timed)."""
-    from utils import paths
-    from utils.artifacts import save_array
-    from utils.training import _record_kind
+    from utils.artifacts import paths
+    from utils.artifacts.files import save_array
+    from utils.training.loop import _record_kind
 
     labels, fp = _dataset(work)
     labels = np.asarray(labels)
@@ -190,8 +190,8 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
 
 
 def step_assemble_history(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from utils import paths
-    from utils.training import assemble_history
+    from utils.artifacts import paths
+    from utils.training.loop import assemble_history
 
     _, fp = _dataset(work)
     cfg = _config(work, epochs)
@@ -211,7 +211,7 @@ def _timed(fn):
 
 
 def _records(work: Path, epochs: int):
-    from utils.records import Records
+    from utils.artifacts.records import Records
 
     labels, fp = _dataset(work)
     cfg = _config(work, epochs)
@@ -219,9 +219,9 @@ def _records(work: Path, epochs: int):
 
 
 def step_clean(work: Path, scale: str, epochs: int, seed: int, rule_name: str) -> dict:
-    from utils import paths
-    from utils.cleaning import get_rule, run_rule
-    from utils.kept_sets import write_kept_set
+    from utils.artifacts import paths
+    from utils.cleaning.rules import get_rule, run_rule
+    from utils.artifacts.kept_sets import write_kept_set
 
     cfg, rec = _records(work, epochs)
     rule = get_rule(rule_name)
@@ -234,7 +234,7 @@ def step_clean(work: Path, scale: str, epochs: int, seed: int, rule_name: str) -
 
 
 def step_select(work: Path, scale: str, epochs: int, seed: int, method_name: str) -> dict:
-    from utils.selection import get_method, run_selection
+    from utils.selection.registry import get_method, run_selection
 
     cfg, rec = _records(work, epochs)
     method = get_method(method_name)
@@ -255,7 +255,7 @@ def _kept(work: Path) -> tuple:
 
 
 def step_label_map(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from utils.pruning import label_map_for
+    from utils.selection.pruning import label_map_for
 
     labels, _ = _dataset(work)
     labels = np.asarray(labels)
@@ -266,9 +266,9 @@ def step_label_map(work: Path, scale: str, epochs: int, seed: int) -> dict:
 
 
 def step_write_selection(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from utils import paths
-    from utils.kept_sets import write_selection
-    from utils.selection import Selection, get_method
+    from utils.artifacts import paths
+    from utils.artifacts.kept_sets import write_selection
+    from utils.selection.registry import Selection, get_method
 
     cfg, rec = _records(work, epochs)
     name, kept, scores = _kept(work)
@@ -279,9 +279,9 @@ def step_write_selection(work: Path, scale: str, epochs: int, seed: int) -> dict
 
 
 def step_plan_export(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from utils import paths
-    from utils.data import open_dataset
-    from utils.export import plan_export
+    from utils.artifacts import paths
+    from utils.data.datasets import open_dataset
+    from utils.data.export import plan_export
 
     cfg = _config(work, epochs)
     name, _, _ = _kept(work)
@@ -299,8 +299,8 @@ LATE_STEPS = {"label_map": step_label_map, "write_selection": step_write_selecti
 
 def step_names() -> list:
     """Every step in order; the registries' entries are read now, so new rules and methods are included."""
-    from utils.cleaning import RULES
-    from utils.selection import METHODS
+    from utils.cleaning.rules import RULES
+    from utils.selection.registry import METHODS
 
     return [*FIXED_STEPS, *(f"clean:{r}" for r in RULES), *(f"select:{m}" for m in METHODS), *LATE_STEPS]
 
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
             print(f"  {name:<28} {row['seconds']:>8.1f} s  peak RSS {row['peak_rss_gb']:6.2f} GB  "
                   f"anon {row['peak_anon_gb']:6.2f} GB  {row['status']}: {row.get('note', '')}", flush=True)
             if name == "assemble_history" and not args.keep:  # free the disk: the epoch files are assembled
-                from utils import paths
+                from utils.artifacts import paths
 
                 shutil.rmtree(paths.original_dir(_config(work, epochs)) / "probs", ignore_errors=True)
     finally:

@@ -5,7 +5,7 @@ Two inputs:
   recordio   the real loader (RecordDataset + DataLoader workers) feeding the same step: end to end
 
 and two loops:
-  ours       utils.training.train_step: flip/scale on the device, autocast (bf16 on GPUs that have it),
+  ours       utils.training.loop.train_step: flip/scale on the device, autocast (bf16 on GPUs that have it),
              channels_last, fused SGD (on CUDA), optional torch.compile
   plain      the paper repository's recipe: fp32, NCHW, images scaled on the host
 
@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from backbones import get_model  # noqa: E402
 from config.config import CHOICES  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
-from utils.training import make_sgd, train_step  # noqa: E402
-from utils.embedding import amp_dtype, forward_uint8  # noqa: E402
+from utils.training.loop import make_sgd, train_step  # noqa: E402
+from utils.models.embedding import amp_dtype, forward_uint8  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; fp32 runs are still reported against bf16 peak.
 PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12}
@@ -65,7 +65,7 @@ def synthetic_batches(args, device, num_classes):
 def recordio_batches(args):
     from torch.utils.data import DataLoader
 
-    from utils.data import open_dataset
+    from utils.data.datasets import open_dataset
 
     ds = open_dataset(args.rec)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,

@@ -26,10 +26,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import recordio  # noqa: E402
-from utils.synthetic import SyntheticConfig, generate_dataset, VERIFICATION_BINS  # noqa: E402
-from utils.transforms import normalize_batch, random_hflip  # noqa: E402
-from utils.verification import evaluate, load_bin  # noqa: E402
+from utils.data import recordio  # noqa: E402
+from utils.synthetic.generator import SyntheticConfig, generate_dataset, VERIFICATION_BINS  # noqa: E402
+from utils.data.transforms import normalize_batch, random_hflip  # noqa: E402
+from utils.evaluation.verification import evaluate, load_bin  # noqa: E402
 
 
 class TinyNet(nn.Module):

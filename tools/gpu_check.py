@@ -161,7 +161,7 @@ def make_dataset(c: Check, folder: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "make_synthetic_dataset.py"), "--out", str(rec), "--num-ids",
                     str(mode["num_ids"]), "--image-size", str(mode["image_size"]), "--val-pairs", "200",
                     "--ijb-templates", "0", "--quiet"], check=True, cwd=REPO, timeout=mode["timeout"])
-    from utils.data import open_dataset
+    from utils.data.datasets import open_dataset
 
     n = len(open_dataset(rec))
     size = sum(f.stat().st_size for f in rec.glob("train.rec")) / n
@@ -209,8 +209,8 @@ def loss_curves(c: Check, rec: Path) -> bool:
 
     from backbones import get_model
     from losses import ShardedClassifier
-    from utils.data import open_dataset
-    from utils.training import make_sgd, train_step
+    from utils.data.datasets import open_dataset
+    from utils.training.loop import make_sgd, train_step
 
     mode = c.mode
     device = torch.device(mode["device"])

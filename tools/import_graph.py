@@ -42,7 +42,7 @@ def imports_of(path: Path, mods: dict) -> set:
         else:
             continue
         for name in names:
-            while name and name not in mods:  # `import utils.recordio as r` -> utils.recordio
+            while name and name not in mods:  # `import utils.data.recordio as r` -> utils.data.recordio
                 name = name.rpartition(".")[0]
             if name:
                 found.add(name)

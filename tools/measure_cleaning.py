@@ -3,7 +3,7 @@
     python tools/measure_cleaning.py --out output/demo          # run_pipeline.py's --out (or its runs/)
 
 Reads the original model's records and scores there (train and score first: `run_pipeline.py --stop-after 3`),
-runs every rule with its options through `utils/cleaning.py` (no file is written) and measures the flagged
+runs every rule with its options through `utils/cleaning/rules.py` (no file is written) and measures the flagged
 sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged with a
 suggested label, against the flips: precision, recall, relabel accuracy (suggestion = true identity); for
 the outliers, against the open-set images. Reference rows: cleanlab's `find_label_issues` on the same
@@ -25,10 +25,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config.config import parse_config  # noqa: E402
-from utils import cleaning, paths  # noqa: E402
-from utils.artifacts import ArtifactError  # noqa: E402
-from utils.data import open_dataset  # noqa: E402
-from utils.records import load_noise, open_records  # noqa: E402
+from utils.artifacts import paths  # noqa: E402
+from utils.cleaning import rules as cleaning
+from utils.artifacts.files import ArtifactError  # noqa: E402
+from utils.data.datasets import open_dataset  # noqa: E402
+from utils.artifacts.records import load_noise, open_records  # noqa: E402
 
 DENSE_LIMIT = 5e7  # probabilities the cleanlab reference may hold densely (N x K float64: 400 MB)
 

@@ -1,0 +1,369 @@
+"""The per-sample files that training and scoring write, read back and checked against the dataset.
+
+    scores/<network>_<loss>_<epoch>.npz   eval_trainset.py: gt_prob_with_margin, gt_prob, pred, pred_prob, label
+    original_<net>_<loss>/prob_history.npy    training: P[epoch, sample], labelled-class probability with
+                                              margin as seen during that epoch (NaN: not seen)
+    original_<net>_<loss>/topk_logits.npz     training: margin-free top-k logits per epoch and sample
+    clean/kept_index.npy                      clean_trainset.py: the samples cleaning keeps
+    clean/<scorer>/round_<R>/                 iterative cleaning: round R's lists; for R >= 2 its scores/
+                                              (eval_trainset.py --clean_round R: the full set scored by the model
+                                              retrained on round R-1's kept list, under round_<R-1>/retrain/)
+    <rec>/noise.json                          synthetic or noise-injected data: the injected noise
+
+Every reader names the stage that writes a missing file and refuses a file of another dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.artifacts import paths
+from utils.artifacts.files import (ArtifactError, Fingerprint, check_fingerprint, check_numpy_magic, load_array, load_kept_index,
+                             read_array)
+
+SCORE_KEYS = ("gt_prob_with_margin", "gt_prob", "pred", "pred_prob")
+
+
+def load_scores(cfg, fingerprint: Fingerprint) -> dict:
+    """The scores file of this config (`paths.scores_path`), checked against the dataset."""
+    path = paths.scores_path(cfg)
+    if not path.exists():
+        raise ArtifactError(f"missing scores {path}: run eval_trainset.py with the same --output, --network, "
+                            f"--original_net_loss, --eval_epoch/--use_all_epochs first")
+    data = load_array(path, fingerprint, length=fingerprint.num_images)
+    missing = [k for k in SCORE_KEYS + ("label",) if k not in data]
+    if missing:
+        raise ArtifactError(f"{path}: missing arrays {missing}")
+    _check_scores(path, data, fingerprint)
+    return data
+
+
+def _check_scores(path, data: dict, fingerprint: Fingerprint):
+    """Per image: finite probabilities (floats) and classes of the dataset (integers), as eval_trainset.py writes."""
+    n = fingerprint.num_images
+    for key in SCORE_KEYS + ("label",):
+        a = data[key]
+        if a.shape != (n,):
+            raise ArtifactError(f"{path}: '{key}' has shape {a.shape}, expected ({n},): one value per image")
+        if key in ("pred", "label"):
+            if a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= fingerprint.num_classes:
+                found = f"values {a.min()}..{a.max()}" if a.dtype.kind in "iuf" else "values"
+                raise ArtifactError(f"{path}: '{key}' holds {a.dtype} {found}; expected integer classes in "
+                                    f"[0, {fingerprint.num_classes})")
+        elif a.dtype.kind != "f":
+            raise ArtifactError(f"{path}: '{key}' holds {a.dtype}; expected probabilities (floats)")
+        elif not np.isfinite(a).all():
+            bad = np.flatnonzero(~np.isfinite(a))
+            raise ArtifactError(f"{path}: '{key}' is NaN or infinite for {bad.size} images (e.g. sample {bad[0]}); "
+                                f"eval_trainset.py writes finite probabilities: re-run it")
+
+
+def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:
+    """P[epoch, sample] (float32, NaN where the sample was not seen that epoch) of the original training.
+
+    Memory-mapped read-only: at Glint360K scale (20 epochs x 17.1M samples) the file is 1.4 GB and a
+    selection reads it in blocks."""
+    path = paths.prob_history_path(cfg)
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: train the original model with --is_original_train true")
+    manifest = check_fingerprint(path, fingerprint)
+    history = open_npy(path)
+    if history.ndim != 2 or history.shape[1] != fingerprint.num_images:
+        raise ArtifactError(f"{path}: expected shape (epochs, {fingerprint.num_images}), found {history.shape}")
+    _check_manifest_shape(path, manifest, history.shape)
+    return history
+
+
+TOPK_KEYS = ("topk_logits", "topk_index", "rest_mean_logit")
+
+
+def load_topk(cfg, fingerprint: Fingerprint) -> dict:
+    """Per epoch and sample: the margin-free top-k logits, their classes (-1: not seen) and the mean of the rest.
+
+    The arrays are memory-mapped read-only (the .npz members are stored uncompressed)."""
+    path = paths.topk_history_path(cfg)
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: train the original model with --is_original_train true "
+                            f"--record_topk K (K > 0)")
+    manifest = check_fingerprint(path, fingerprint)
+    rec = open_npz(path)
+    missing = [k for k in TOPK_KEYS if k not in rec]
+    if missing:
+        raise ArtifactError(f"{path}: missing arrays {missing}")
+    logits, index, rest = (rec[k] for k in TOPK_KEYS)
+    if logits.ndim != 3 or logits.shape[1] != fingerprint.num_images or index.shape != logits.shape \
+            or rest.shape != logits.shape[:2]:
+        raise ArtifactError(f"{path}: expected topk_logits and topk_index of shape (epochs, "
+                            f"{fingerprint.num_images}, k) and rest_mean_logit (epochs, {fingerprint.num_images}); "
+                            f"found {logits.shape}, {index.shape}, {rest.shape}")
+    if "label_logit" in rec and rec["label_logit"].shape != logits.shape[:2]:
+        raise ArtifactError(f"{path}: label_logit has shape {rec['label_logit'].shape}, expected {logits.shape[:2]}")
+    _check_manifest_shape(path, manifest, logits.shape)
+    if logits.shape[2] > fingerprint.num_classes:
+        raise ArtifactError(f"{path}: top-{logits.shape[2]} logits recorded, but the dataset has "
+                            f"{fingerprint.num_classes} classes")
+    return rec
+
+
+def _check_manifest_shape(path, manifest: dict, shape):
+    """The training writes (epochs, samples[, k]) into the manifest: a file replaced or cut since disagrees."""
+    recorded = (manifest.get("info") or {}).get("shape")
+    if recorded is not None and tuple(recorded) != tuple(shape):
+        raise ArtifactError(f"{path}: holds shape {tuple(shape)}, its manifest says {tuple(recorded)} "
+                            f"(epochs, samples[, k]); assemble it again (train_everything.py --resume true)")
+
+
+# ------------------------------------------------------------------------ memory-mapped array files
+def _refuse(path, e) -> ArtifactError:
+    return ArtifactError(f"{path}: truncated or not a NumPy array file of numbers ({type(e).__name__}: {e})")
+
+
+def open_npy(path) -> np.ndarray:
+    """A `.npy` file memory-mapped read-only; object arrays (pickles) are refused."""
+    with open(path, "rb") as f:
+        check_numpy_magic(path, f.read(6))
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise _refuse(path, e) from None
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def npz_headers(path) -> dict:
+    """{name: (shape, dtype, data offset or None)} of the arrays of an `.npz`, without reading them.
+
+    The offset is where the raw array data starts in the file when the member is stored uncompressed
+    (as np.savez and the training's streamed writer store them); None for a compressed member."""
+    out = {}
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with zf.open(info) as member:
+                        version = np.lib.format.read_magic(member)
+                        shape, fortran, dtype = _HEADER_READERS[version](member)
+                    out[info.filename[:-4]] = (shape, dtype, None)
+                    continue
+                f.seek(info.header_offset)
+                local = struct.unpack("<4s5H3L2H", f.read(30))  # ZIP local file header
+                if local[0] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"no local header for {info.filename}")
+                f.seek(info.header_offset + 30 + local[-2] + local[-1])
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = _HEADER_READERS[version](f)
+                if fortran:
+                    raise ValueError(f"{info.filename}: Fortran-ordered array")
+                out[info.filename[:-4]] = (shape, dtype, f.tell())
+    except (OSError, EOFError, ValueError, KeyError, struct.error, zipfile.BadZipFile) as e:
+        raise _refuse(path, e) from None
+    for name, (shape, dtype, _) in out.items():
+        if dtype.hasobject:
+            raise ArtifactError(f"{path}: refused: array {name!r} holds Python objects")
+    return out
+
+
+def open_npz(path) -> dict:
+    """The arrays of an `.npz`, memory-mapped read-only where stored uncompressed (else read)."""
+    with open(path, "rb") as f:
+        check_numpy_magic(path, f.read(6))
+    out = {}
+    compressed = False
+    for name, (shape, dtype, offset) in npz_headers(path).items():
+        if offset is None:
+            compressed = True
+        elif int(np.prod(shape)) == 0:
+            out[name] = np.empty(shape, dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    if compressed:
+        data = read_array(path)
+        out.update({k: v for k, v in data.items() if k not in out})
+    return out
+
+
+def cleaned_kept(cfg, fingerprint: Fingerprint) -> tuple:
+    """(kept sample indices of the cleaning stage, their file)."""
+    path = paths.clean_dir(cfg) / "kept_index.npy"
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: run clean_trainset.py first (diffprob_clean prunes the cleaned set)")
+    return load_kept_index(path, fingerprint), path
+
+
+def load_noise(rec) -> dict:
+    """The dataset's `noise.json` (injected label flips and open-set outliers), or None without one."""
+    path = Path(rec) / "noise.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable noise.json ({e})") from None
+
+
+def true_identities(labels, noise: dict = None) -> np.ndarray:
+    """Each sample's true identity by a `noise.json` (int64; -1 for open-set outliers); `labels` where clean."""
+    truth = np.array(labels, dtype=np.int64)
+    if not noise:
+        return truth
+    flipped, open_set = noise.get("flipped", []), noise.get("open_set", [])
+    index = np.array([e["index"] for e in flipped] + [e["index"] for e in open_set], dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= truth.size):
+        raise ArtifactError(f"noise.json: sample index outside [0, {truth.size}); it belongs to another dataset")
+    truth[index[:len(flipped)]] = [e["true_label"] for e in flipped]
+    truth[index[len(flipped):]] = -1
+    return truth
+
+
+def noise_record(labels, true_labels, flip_rate, open_rate, seed, num_classes: int) -> dict:
+    """`noise.json` as `utils/synthetic/generator.py` writes it: a sample is flipped where its true identity is
+    another class, open-set where it has none (true label -1)."""
+    labels, truth = np.asarray(labels), np.asarray(true_labels)
+    flipped = np.flatnonzero((truth >= 0) & (truth != labels))
+    return {
+        "flipped": [{"index": int(i), "label": int(labels[i]), "true_label": int(truth[i])} for i in flipped],
+        "open_set": [{"index": int(i), "label": int(labels[i])} for i in np.flatnonzero(truth < 0)],
+        "flip_rate": flip_rate, "open_rate": open_rate, "seed": seed,
+        "num_images": int(labels.size), "num_classes": int(num_classes),
+    }
+
+
+def labels_from_label_dict(path, fingerprint: Fingerprint) -> np.ndarray:
+    """Per-sample labels rebuilt from generate_label_dict.py's `label_dict.npz` (CSR: identities, starts, order)."""
+    d = load_array(path, fingerprint)
+    try:
+        identities, starts, order = d["identities"], d["starts"], d["order"]
+    except (KeyError, IndexError, TypeError):
+        raise ArtifactError(f"{path}: expected the arrays identities, starts, order of generate_label_dict.py") from None
+    if order.shape != (fingerprint.num_images,) or starts.shape != identities.shape:
+        raise ArtifactError(f"{path}: arrays of shapes {identities.shape}, {starts.shape}, {order.shape} do not "
+                            f"describe {fingerprint.num_images} images")
+    labels = np.empty(order.size, dtype=np.int64)
+    labels[order] = np.repeat(identities, np.diff(np.append(starts, order.size)))
+    return labels
+
+
+@dataclass
+class Records:
+    """What a selection reads: the labels from the record headers, and the stage files it `needs`.
+
+    The files load on first use and are checked against the dataset's fingerprint; `inputs` lists the
+    files read, for the manifest of what the selection writes.
+    """
+    cfg: object
+    labels: np.ndarray
+    fingerprint: Fingerprint
+    num_classes: int
+    inputs: list = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False)
+    dataset: object = field(default=None, repr=False)  # the FaceDataset: its record keys or files, for the ranking
+
+    def _load(self, key, loader, path):
+        if key not in self._cache:
+            self._cache[key] = loader(self.cfg, self.fingerprint)
+            self.inputs.append(path)
+        return self._cache[key]
+
+    @property
+    def scores(self) -> dict:
+        return self._load("scores", load_scores, paths.scores_path(self.cfg))
+
+    @property
+    def prob_history(self) -> np.ndarray:
+        return self._load("prob_history", load_prob_history, paths.prob_history_path(self.cfg))
+
+    @property
+    def topk(self) -> dict:
+        return self._load("topk", load_topk, paths.topk_history_path(self.cfg))
+
+    @property
+    def excluded_by_cleaning(self) -> np.ndarray:
+        """Boolean mask of the samples cleaning removed."""
+        if "clean" not in self._cache:
+            kept, path = cleaned_kept(self.cfg, self.fingerprint)
+            excluded = np.ones(self.fingerprint.num_images, dtype=bool)
+            excluded[kept] = False
+            self._cache["clean"] = excluded
+            self.inputs.append(path)
+        return self._cache["clean"]
+
+    def load(self, needs):
+        """Read every file of `needs` now, so a missing one stops the stage before any work."""
+        for need in needs:
+            getattr(self, NEEDS[need])
+        return self
+
+
+# need -> the Records attribute that loads it
+NEEDS = {"scores": "scores", "prob_history": "prob_history", "topk": "topk", "clean": "excluded_by_cleaning"}
+
+
+def sample_names(dataset) -> tuple:
+    """(column name, per-sample values) that find a sample outside this toolkit: the image file of an
+    image-folder dataset, the record key (train.idx) of a RecordIO one; (None, None) otherwise."""
+    if getattr(dataset, "files", None) is not None:
+        return "file", dataset.files
+    if getattr(dataset, "image_keys", None) is not None:
+        return "record_key", dataset.image_keys
+    return None, None
+
+
+def open_records(cfg, dataset) -> Records:
+    """Records of `dataset` (utils.data.datasets.open_dataset(cfg.rec): labels from the record headers alone)."""
+    return Records(cfg, dataset.all_labels, dataset.fingerprint, dataset.source_num_classes, inputs=[],
+                   dataset=dataset)
+
+
+def clean_round_dir(cfg, clean_round: int) -> Path:
+    """`clean/<scorer>/round_<R>/`: the lists and counts of cleaning round R (and its scores and model)."""
+    return paths.clean_dir(cfg) / f"round_{int(clean_round)}"
+
+
+def _round_scoring_config(cfg, clean_round: int):
+    return dataclasses.replace(cfg, output=str(clean_round_dir(cfg, clean_round)), eval_epoch=-1, use_all_epochs=False)
+
+
+def round_scores_path(cfg, clean_round: int) -> Path:
+    """Round R's scores (R >= 2): every sample scored by the model retrained on round R-1's kept list
+    (`round_<R>/scores/<scorer>_last.npz`)."""
+    return paths.scores_path(_round_scoring_config(cfg, clean_round))
+
+
+def round_train_keys(cfg, clean_round: int) -> dict:
+    """The config keys that retrain on round R's kept list (train_everything.py): the model lands in
+    `round_model_dir(cfg, R)`, inside the round's folder."""
+    folder = clean_round_dir(cfg, clean_round)
+    return {"output": str(folder), "is_original_train": False, "coreset_method": "full",
+            "kept_index": str(folder / "kept_index.npy"), "label_map": str(folder / "label_map.json")}
+
+
+def round_model_dir(cfg, clean_round: int) -> Path:
+    """Where train_everything.py writes the model retrained on round R's kept list."""
+    return paths.train_dir(dataclasses.replace(cfg, **round_train_keys(cfg, clean_round)))
+
+
+def load_round_scores(cfg, fingerprint: Fingerprint) -> dict:
+    """The scores cleaning round `cfg.clean_round` (>= 2) reads, checked against the dataset."""
+    path = round_scores_path(cfg, cfg.clean_round)
+    if not path.exists():
+        raise ArtifactError(f"missing {path}: score the full set with round {cfg.clean_round - 1}'s retrained model "
+                            f"first (eval_trainset.py --clean_round {cfg.clean_round})")
+    return load_scores(_round_scoring_config(cfg, cfg.clean_round), fingerprint)
+
+
+def open_cleaning_records(cfg, dataset) -> Records:
+    """Records for cleaning: as `open_records`, but in round R >= 2 (`cfg.clean_round`) the scores are the
+    round's (the retrained model's); the trajectory records stay the original training's."""
+    rec = open_records(cfg, dataset)
+    if cfg.clean_round >= 2:
+        rec._load("scores", load_round_scores, round_scores_path(cfg, cfg.clean_round))
+    return rec

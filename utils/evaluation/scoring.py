@@ -1,0 +1,65 @@
+"""Scoring a dataset with a trained model (eval_trainset.py; utils/artifacts/records.py reads the scores back).
+
+For every sample, aligned to the sample index: the labelled-class probability computed with the
+margin head (the paper's DiffProb input), the probability and arg-max class without margin, and the
+label. One process or torchrun: samples are split across ranks without shuffling and gathered
+exactly (each sample once; padding duplicates dropped).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from utils.artifacts.files import ArtifactError
+from utils.runtime.context import Context, gather_by_index
+from utils.data.datasets import PaddedDistributedSampler
+from utils.models.embedding import forward_uint8
+from utils.artifacts.records import SCORE_KEYS
+
+log = logging.getLogger("diffprob")
+
+
+@torch.no_grad()
+def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool = False) -> dict:
+    """Per sample (sample index order): SCORE_KEYS of `head.score`, and with `embeddings` the backbone's
+    embedding (float32, N x D; for the redundancy statistic). Every rank gets the full arrays."""
+    from tqdm import tqdm
+
+    sampler = PaddedDistributedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=cfg.score_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=ctx.device.type == "cuda")
+    if cfg.compile:  # default mode: the embeddings of every batch are kept, so no CUDA graphs' reused buffers
+        backbone = torch.compile(backbone)
+    keys = SCORE_KEYS + (("embedding",) if embeddings else ())
+    parts = {k: [] for k in keys}
+    index = []
+    t0, n = time.time(), 0
+    # leave=False: the bar is cleared when the loop ends (the log line below reports), also when a bad image
+    # stops it, so the error line stands alone
+    for images, labels, sample_index in tqdm(loader, disable=not ctx.is_main, desc="score", unit="batch",
+                                             mininterval=2, leave=False):
+        emb = forward_uint8(backbone, images, ctx.device, ctx.amp_dtype, cfg.channels_last)
+        out = head.score(emb, labels.to(ctx.device, non_blocking=True))
+        out["embedding"] = emb
+        for k in keys:
+            parts[k].append(out[k])  # stays on the device: a .cpu() per batch would sync every batch
+        index.append(sample_index)
+        n += images.shape[0]
+    seconds = time.time() - t0
+    log.info("scored %d images in %.1f s (%.0f images/s per rank)", n, seconds, n / max(seconds, 1e-9))
+    idx = torch.cat(index)
+    result = {}
+    for k in keys:
+        values = torch.cat(parts[k])
+        result[k] = gather_by_index(ctx, idx, values.double() if k == "pred" else values.float(), dataset.num_images)
+    missing = int(np.isnan(result["gt_prob"]).sum())
+    if missing:
+        raise ArtifactError(f"{missing} samples were not scored (internal error in the sharding)")
+    result["pred"] = result["pred"].astype(np.int64)
+    for k in ("gt_prob_with_margin", "gt_prob", "pred_prob", *(("embedding",) if embeddings else ())):
+        result[k] = result[k].astype(np.float32)
+    return result

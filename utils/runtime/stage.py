@@ -1,0 +1,95 @@
+"""How every stage script runs: `run_stage("name", main)`.
+
+It parses the config (defaults of config/config.py + command-line overrides), sets up the process
+(`utils.runtime.context`: device, precision, torchrun group, logging), logs every resolved key, calls
+`main(cfg, ctx)`, and turns the project's own errors (`utils.errors.ToolkitError`) into one line on
+stderr and exit status 1. Any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from config.config import parse_config, to_json
+from utils.runtime.context import Context, init_context, init_logging
+from utils.errors import ToolkitError
+from utils.artifacts.locking import LockError, OutputLock
+
+log = logging.getLogger("diffprob")
+
+
+def _rank0_code(ctx: Context, code: int) -> int:
+    t = torch.tensor([code], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _lock_on_rank0(ctx: Context, folder, name: str):
+    """Rank 0 locks `folder`; every rank learns whether it could, so none starts work without the lock."""
+    lock, error = None, None
+    if ctx.is_main:
+        lock = OutputLock(folder, what=f"{name}.py")
+        try:
+            lock.acquire()
+        except LockError as e:
+            lock, error = None, e
+    if ctx.distributed and _rank0_code(ctx, 0 if error is None else 1):
+        raise error if error is not None else LockError(f"{folder} is in use by another run (see rank 0)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _clear_progress_bars():
+    """Close the progress bars a failed stage left open, cleared, so that its error line stands on a line of its
+    own and is the last thing it prints (an open bar is otherwise redrawn at exit, after the error)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
+def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False,
+              lock_dir=None, preset_needed: bool = False):
+    """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error.
+
+    Under torchrun, a stage that is not `distributed` (pruning, cleaning, evaluation) runs on rank 0
+    while the other ranks wait, so files are written once. `lock_dir(cfg)` names the folder the stage
+    writes: it is locked for the run (utils/artifacts/locking.py), so a second run on it stops at once.
+    `preset_needed`: the stage reads the dataset preset (training: the schedule; verification: the targets).
+    """
+    parsed = parse_config(argv, description=description or name, extra=extra_args, preset_needed=preset_needed,
+                          stage=name)
+    cfg, args = parsed if extra_args is not None else (parsed, None)
+    ctx, result, code, lock = None, None, 1, None  # 1 until main() returns: a crash is never reported as success
+    try:
+        ctx = init_context(cfg)
+        if lock_dir is not None:
+            lock = _lock_on_rank0(ctx, lock_dir(cfg), name)
+        init_logging(ctx.rank)
+        log.info("%s: world_size=%d device=%s amp=%s", name, ctx.world_size, ctx.device, ctx.amp_dtype)
+        log.info("resolved config:\n%s", to_json(cfg))
+        t0 = time.time()
+        if distributed or ctx.is_main:
+            result = main(cfg, ctx, args) if extra_args is not None else main(cfg, ctx)
+        code = 0
+        log.info("%s finished in %.1f s", name, time.time() - t0)
+    except ToolkitError as e:
+        # The project's own errors are worded for users: one line, no traceback. Anything else is a bug.
+        _clear_progress_bars()
+        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even if e's has several
+    finally:
+        if lock is not None:
+            lock.release()
+        if dist.is_available() and dist.is_initialized():
+            if not distributed and ctx is not None:
+                code = _rank0_code(ctx, code)  # the waiting ranks exit as rank 0 did
+            dist.destroy_process_group()
+    if code:
+        raise SystemExit(code)
+    return result
