@@ -32,7 +32,8 @@ from utils.cleaning.rules import (check_clean_config, cleaning_quality, flag_cha
 from utils.cleaning.contact_sheet import contact_sheet, save_figure
 from utils.data.datasets import open_dataset
 from utils.artifacts.kept_sets import write_kept_set
-from utils.artifacts.records import clean_round_dir, load_noise, open_cleaning_records
+from utils.artifacts.records import clean_round_dir, open_cleaning_records
+from utils.data.noise_file import load_noise
 from utils.runtime.stage import run_stage
 
 log = logging.getLogger("diffprob")

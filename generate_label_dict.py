@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from utils.artifacts import paths
-from utils.selection import pruning
+from utils import pruning
 from utils.artifacts.files import save_array
 from utils.data.datasets import open_dataset
 from utils.runtime.stage import run_stage

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts import paths
-from utils.selection import pruning
+from utils import pruning
 from utils.artifacts.files import load_kept_index, save_label_map
 from utils.data.datasets import dataset_fingerprint, open_dataset
 from utils.artifacts.records import labels_from_label_dict

@@ -32,7 +32,8 @@ from utils.artifacts.files import is_complete, read_manifest
 from utils.data.datasets import dataset_fingerprint
 from utils.errors import UserError
 from utils.artifacts.locking import LOCK_NAME, LockError, OutputLock
-from utils.artifacts.records import clean_round_dir, load_noise, round_model_dir, round_scores_path, round_train_keys
+from utils.artifacts.records import clean_round_dir, round_model_dir, round_scores_path, round_train_keys
+from utils.data.noise_file import load_noise
 from utils.evaluation.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection.registry import METHODS, canonical_name, list_methods
 from utils.pipeline.runner import RUNNERS, choose_runner, preload, run_forked, run_subprocess

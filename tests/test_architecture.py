@@ -56,7 +56,7 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
 
     @selection.register_method("lowest_index", title="lowest index", summary="per identity, the first images")
     def select_lowest(rec, cfg):
-        from utils.selection import pruning
+        from utils import pruning
 
         kept = pruning.keep_top_per_identity(-np.arange(len(rec.labels), dtype=float), rec.labels, cfg.fraction,
                                              cfg.min_samples_per_id)

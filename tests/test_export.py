@@ -14,7 +14,7 @@ from utils.artifacts.files import (ArtifactError, save_array, save_kept_index, s
                              write_kept_index_text)
 from utils.data.datasets import open_dataset
 from utils.data.export import export_dataset, file_sha256
-from utils.selection.pruning import label_map_for, random_keep
+from utils.pruning import label_map_for, random_keep
 from utils.data.recordio import MXIndexedRecordIO, read_layout, unpack
 
 # 8 identities at 32 px, with verification pairs, an ijb/ folder and noise.json: a second or two to make.

@@ -15,8 +15,8 @@ import pytest
 from config.config import parse_config
 from tests.helpers import REPO, write_random_topk
 from utils.artifacts import paths
-from utils.selection import pruning
-from utils.dynamics import scores
+from utils import pruning
+from utils.selection import keep
 from utils.selection import registry as selection
 from utils.artifacts.files import (ArtifactError, Fingerprint, load_array, load_kept_index, load_label_map, save_array,
                              save_kept_index)
@@ -89,7 +89,7 @@ def _expected_rank(method, table, excluded):
         ex = excluded if method == "diffprob_clean" else None
         return pruning.diffprob_for_fraction(score, ident, FRACTION, MIN_K, excluded=ex, return_rank=True)[2]
     if method.startswith("ccs_"):
-        return scores.ccs_keep(score, ident, FRACTION, MIN_K, seed=SEED, return_rank=True)[1]
+        return keep.ccs_keep(score, ident, FRACTION, MIN_K, seed=SEED, return_rank=True)[1]
     return pruning.keep_top_per_identity(score, ident, FRACTION, MIN_K, return_rank=True)[1]
 
 
@@ -197,8 +197,8 @@ def test_rank_is_the_selections_own_order():
         assert np.array_equal(kept, pruning.diffprob(prob, labels, 0.05, excluded=ex))
         kept, rank2 = pruning.keep_top_per_identity(prob, labels, 0.3, excluded=ex, return_rank=True)
         assert np.array_equal(kept, pruning.keep_top_per_identity(prob, labels, 0.3, excluded=ex))
-        kept, rank3 = scores.ccs_keep(prob, labels, 0.3, seed=2, excluded=ex, return_rank=True)
-        assert np.array_equal(kept, scores.ccs_keep(prob, labels, 0.3, seed=2, excluded=ex))
+        kept, rank3 = keep.ccs_keep(prob, labels, 0.3, seed=2, excluded=ex, return_rank=True)
+        assert np.array_equal(kept, keep.ccs_keep(prob, labels, 0.3, seed=2, excluded=ex))
         for r in (rank, rank2, rank3):
             assert ((r < 0) == (ex if ex is not None else False)).all()
     # DiffProb's order: kept by descending probability as the scan keeps them, then the dropped, the same way

@@ -1,4 +1,4 @@
-"""utils/selection/pruning.py against literal per-identity reference loops (the paper's rules as pseudocode), plus its errors.
+"""utils.pruning (utils/selection/diffprob.py, keep.py, utils/dynamics/dynunc.py) against literal per-identity reference loops (the paper's rules as pseudocode), plus its errors.
 
 The references below are written as plainly as possible, one Python loop per identity. They are the
 specification the vectorised code is checked against.
@@ -10,10 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from utils.selection import pruning
-from utils.selection.pruning import (diffprob, diffprob_for_fraction, diffprob_threshold_for_fraction, dynunc_scores,
+from utils import arrays
+from utils.pruning import (diffprob, diffprob_for_fraction, diffprob_loop, diffprob_threshold_for_fraction, dynunc_scores,
                            format_summary, identity_index, keep_top_per_identity, label_map_for,
                            per_identity_counts, random_keep, selection_summary)
+from utils.selection import diffprob as diffprob_module
 from utils.dynamics.soft_labels import soft_label_entropy
 
 
@@ -124,6 +125,20 @@ def test_diffprob_matches_reference(seed):
             want = ref_diffprob(prob, labels, t, min_k, excluded=() if ex is None else ex)
             assert got.dtype == np.int64
             np.testing.assert_array_equal(got, want, err_msg=f"seed {seed} t {t} MIN {min_k}")
+            if seed < 10 and t < 1e9:  # the library's readable loop (what the docstring points readers to) too
+                np.testing.assert_array_equal(diffprob_loop(prob, labels, t, min_k, excluded=ex), want)
+
+
+def test_the_readable_loop_on_a_case_worked_by_hand():
+    # one identity, probabilities 0.9 0.85 0.6 0.58 0.3 0.1 (indices 0..5), t = 0.1, MIN 3: keep 0.9; 0.85 is
+    # within 0.1 of it; 0.6 is not (0.3 > 0.1): keep; 0.58 within; 0.3 keep; 0.1 keep -> 4 kept >= 3
+    prob, labels = np.array([0.9, 0.85, 0.6, 0.58, 0.3, 0.1]), np.zeros(6, dtype=np.int64)
+    assert diffprob_loop(prob, labels, 0.1, 3).tolist() == [0, 2, 4, 5]
+    # MIN 5: round r=0 keeps 4; r=-0.01 keeps (0.9-0.85=0.05 > 0.099? no) the same 4; ... until (1+r)*0.1 < 0.02
+    # lets 0.58 in (0.6-0.58=0.02 > (1+r)*0.1 at r=-0.81): five kept, 0.85 still out (0.05 needs r < -0.5 first:
+    # at r=-0.51, (1+r)*0.1=0.049 < 0.05, so 0.85 is kept before 0.58): [0, 1, 2, 4, 5]
+    assert diffprob_loop(prob, labels, 0.1, 5).tolist() == [0, 1, 2, 4, 5]
+    assert diffprob(prob, labels, 0.1, 5).tolist() == [0, 1, 2, 4, 5]
 
 
 def test_diffprob_float_rounding_is_the_references():
@@ -203,7 +218,7 @@ def _relax_factors():
 def achievable_counts(prob, labels, min_k, excluded=None):
     """Brute force over the search range [0, largest probability range of an identity]: the kept count at
     every threshold where it can change (pairwise gaps / (1 + r_k), +- one ulp)."""
-    ex = np.zeros(labels.size, bool) if excluded is None else pruning._excluded_mask(excluded, labels.size)
+    ex = np.zeros(labels.size, bool) if excluded is None else arrays.excluded_mask(excluded, labels.size)
     gaps = {0.0}
     top = 0.0
     for lab in np.unique(labels[~ex]):
@@ -233,7 +248,7 @@ def test_threshold_search_is_the_closest_achievable(seed):
     # MIN 3 (relaxation) multiplies the candidate thresholds by ~100 rounds: only on the tied cases
     for min_k in (1, 3) if seed % 3 != 2 else (1,):
         counts = achievable_counts(prob, labels, min_k, excluded)
-        seg = pruning._prepare_diffprob(prob, labels, excluded)
+        seg = diffprob_module._prepare_diffprob(prob, labels, excluded)
         lens = seg.ends - seg.starts
         top = float(max((seg.s[e - 1] - seg.s[s] for s, e in zip(seg.starts, seg.ends)), default=0.0))
         k_top = diffprob(prob, labels, top, min_k, excluded=excluded).size
@@ -256,9 +271,9 @@ def test_threshold_search_levels_agree_with_a_direct_search(monkeypatch):
     # K(t) monotone, so both must reach the same closest count).
     prob, labels, _ = make_case(3, n_ids=400, quantum=1e5)
     for f in (0.3, 0.6, 0.9):
-        monkeypatch.setattr(pruning, "_SEARCH_LEVELS", ())
+        monkeypatch.setattr(diffprob_module, "_SEARCH_LEVELS", ())
         direct = diffprob(prob, labels, diffprob_threshold_for_fraction(prob, labels, f, 1), 1).size
-        monkeypatch.setattr(pruning, "_SEARCH_LEVELS", ((300, 1e-2, 0.05), (1500, 1e-3, 0.03)))
+        monkeypatch.setattr(diffprob_module, "_SEARCH_LEVELS", ((300, 1e-2, 0.05), (1500, 1e-3, 0.03)))
         kept, t = diffprob_for_fraction(prob, labels, f, 1)
         assert abs(kept.size - f * labels.size) == abs(direct - f * labels.size)
         np.testing.assert_array_equal(kept, diffprob(prob, labels, t, 1))

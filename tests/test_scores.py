@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from utils.selection.pruning import keep_top_per_identity
+from utils.pruning import keep_top_per_identity
 from utils.dynamics.soft_labels import soft_label_entropy
-from utils.dynamics.scores import (aum_scores, ccs_keep, el2n_scores, forgetting_scores, least_confidence_scores,
-                          margin_scores)
+from utils.dynamics.scores import aum_scores, el2n_scores, forgetting_scores, least_confidence_scores, margin_scores
+from utils.selection.keep import ccs_keep
 
 
 def records(seed, E=6, N=40, C=9, k=3, dtype=np.float32):

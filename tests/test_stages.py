@@ -8,7 +8,7 @@ import pytest
 from config.config import parse_config
 from tests.helpers import make_tiny_dataset, run_script, write_random_topk
 from utils.artifacts import paths
-from utils.selection import pruning
+from utils import pruning
 from utils.artifacts.files import load_array, load_kept_index, load_label_map, save_array
 from utils.data.datasets import open_dataset
 from utils.dynamics.soft_labels import soft_label_entropy
@@ -161,6 +161,7 @@ def test_bad_inputs_exit_nonzero_and_write_nothing(setup, tmp_path):
 def test_score_methods_through_coreset_select(setup, method):
     """Each registry entry selects what its library score and the keep-k (or CCS) helper give."""
     from utils.dynamics import scores
+    from utils.selection import keep
 
     r = run_script("coreset_select.py", *setup["args"], "--coreset_method", method, "--seed", "3")
     cfg, fp, labels = setup["cfg"], setup["fp"], setup["labels"]
@@ -174,7 +175,7 @@ def test_score_methods_through_coreset_select(setup, method):
               "least_confidence": lambda: scores.least_confidence_scores(*args, fp.num_classes),
               "dynunc": lambda: pruning.dynunc_scores(setup["hist"], 3)}[base]()
     if method.startswith("ccs_"):
-        expect = scores.ccs_keep(values, labels, 0.5, 5, beta=0.1, strata=50, seed=3)
+        expect = keep.ccs_keep(values, labels, 0.5, 5, beta=0.1, strata=50, seed=3)
     else:
         expect = pruning.keep_top_per_identity(values, labels, 0.5)
     out = paths.coreset_dir(parse_config(setup["args"] + ["--coreset_method", method]))

@@ -110,7 +110,7 @@ def test_torchrun_two_ranks_train_and_score_exactly(tiny, tmp_path):
 def test_retrain_on_kept_list_uses_label_map(tiny, tmp_path):
     from utils.artifacts.files import save_kept_index, save_label_map
     from utils.data.datasets import open_dataset
-    from utils.selection.pruning import label_map_for
+    from utils.pruning import label_map_for
     from train_everything import train
 
     ds = open_dataset(tiny)

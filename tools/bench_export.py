@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from utils.artifacts.files import Fingerprint, save_kept_index
-    from utils.selection.pruning import random_keep
+    from utils.pruning import random_keep
     from utils.data.recordio import read_layout
 
     with tempfile.TemporaryDirectory(prefix="bench_export-", dir=args.dir) as tmp:

@@ -1,4 +1,4 @@
-"""Times utils/selection/pruning.py at real dataset scale on synthetic arrays (single core, no dataset needed).
+"""Times utils/pruning.py at real dataset scale on synthetic arrays (single core, no dataset needed).
 
     python tools/bench_pruning.py                  # CASIA-WebFace scale: 490,623 images, 10,572 identities
     python tools/bench_pruning.py --scale glint    # Glint360K scale: 17,091,657 images, 360,232 identities
@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.dynamics import scores  # noqa: E402
-from utils.selection import pruning
+from utils.selection import keep  # noqa: E402
+from utils import pruning
 from utils.dynamics.soft_labels import soft_label_entropy  # noqa: E402
 
 SCALES = {  # images, identities, largest identity
@@ -225,7 +226,7 @@ def bench_scores(scale: str, seed: int, repeat: int, fraction: float, labels, wo
     run("margin_scores(epoch=-1)", lambda: scores.margin_scores(lg, ix, rest, num_classes), nan)
     run("least_confidence_scores(epoch=-1)", lambda: scores.least_confidence_scores(lg, ix, rest, num_classes), nan)
     run("soft_label_entropy", lambda: soft_label_entropy(lg, ix, rest, num_classes), nan)
-    run(f"ccs_keep(el2n, {fraction})", lambda: scores.ccs_keep(el2n, labels, fraction),
+    run(f"ccs_keep(el2n, {fraction})", lambda: keep.ccs_keep(el2n, labels, fraction),
         lambda k: f"kept {k.size / labels.size:.5f}")
     return table.rows
 

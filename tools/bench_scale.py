@@ -162,7 +162,7 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
     stage's scores file; the time is the writing alone (simulating the values is not timed)."""
     from utils.artifacts import paths
     from utils.artifacts.files import save_array
-    from utils.training.loop import _record_kind
+    from utils.training.loop import record_kind
 
     labels, fp = _dataset(work)
     labels = np.asarray(labels)
@@ -174,7 +174,7 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
         t = time.perf_counter()
         save_array(out / "probs" / f"epoch_{e + 1:03d}.npz", arrays, "train_everything.record", fp, cfg,
                    info={"epoch": e + 1, "seen": int(np.isfinite(arrays["gt_prob_with_margin"]).sum()),
-                         **_record_kind(cfg)})
+                         **record_kind(cfg)})
         seconds += time.perf_counter() - t
         del arrays
     q = _quality(labels.size, seed)
@@ -255,7 +255,7 @@ def _kept(work: Path) -> tuple:
 
 
 def step_label_map(work: Path, scale: str, epochs: int, seed: int) -> dict:
-    from utils.selection.pruning import label_map_for
+    from utils.pruning import label_map_for
 
     labels, _ = _dataset(work)
     labels = np.asarray(labels)

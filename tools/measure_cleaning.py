@@ -29,7 +29,8 @@ from utils.artifacts import paths  # noqa: E402
 from utils.cleaning import rules as cleaning
 from utils.artifacts.files import ArtifactError  # noqa: E402
 from utils.data.datasets import open_dataset  # noqa: E402
-from utils.artifacts.records import load_noise, open_records  # noqa: E402
+from utils.artifacts.records import open_records  # noqa: E402
+from utils.data.noise_file import load_noise  # noqa: E402
 
 DENSE_LIMIT = 5e7  # probabilities the cleanlab reference may hold densely (N x K float64: 400 MB)
 

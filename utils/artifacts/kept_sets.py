@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.selection import pruning
+from utils.arrays import format_summary, label_map_for, selection_summary
 from utils.artifacts.files import Fingerprint, atomic_write_json, save_kept_index, save_label_map
 from utils.evaluation.plots import plot_selection
 from utils.selection.ranking import ranking_table, write_ranking
@@ -25,7 +25,7 @@ log = logging.getLogger("diffprob")
 
 def write_kept_set(folder: Path, stage: str, kept, labels, fingerprint: Fingerprint, cfg, inputs, summary: dict):
     """kept_index.npy + label_map.json + summary.json in `folder`; returns the label map."""
-    label_map = pruning.label_map_for(kept, labels)
+    label_map = label_map_for(kept, labels)
     save_kept_index(folder / "kept_index.npy", kept, stage, fingerprint, cfg, inputs, summary,
                     text=cfg.write_text_kept_index)
     save_label_map(folder / "label_map.json", label_map, stage, fingerprint, cfg, [folder / "kept_index.npy"])
@@ -41,7 +41,7 @@ def write_selection(cfg, folder: Path, method, selection, rec) -> dict:
         log.warning("%s", warning)
         print(f"warning: {warning}")
     labels = rec.labels
-    summary = pruning.selection_summary(selection.kept, labels, len(labels))
+    summary = selection_summary(selection.kept, labels, len(labels))
     summary.update(selection.info)
     summary["method"] = method.name
     summary["identities_vanished"] = int(len(np.unique(labels)) - len(np.unique(labels[selection.kept])))
@@ -54,6 +54,6 @@ def write_selection(cfg, folder: Path, method, selection, rec) -> dict:
     write_kept_set(folder, method.name, selection.kept, labels, rec.fingerprint, cfg, rec.inputs, summary)
     plot_selection(folder / "plot.png", selection.scores, labels, selection.kept,
                    title=f"{method.title} ({folder.name})", score_name=method.score_name or "score")
-    log.info("%s: %s -> %s", method.name, pruning.format_summary(summary), folder)
-    print(f"{method.name}: {pruning.format_summary(summary)}")
+    log.info("%s: %s -> %s", method.name, format_summary(summary), folder)
+    print(f"{method.name}: {format_summary(summary)}")
     return summary

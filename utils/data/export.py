@@ -24,9 +24,9 @@ import numpy as np
 from utils.artifacts.files import (ArtifactError, Fingerprint, atomic_save_npy, atomic_write_json, label_map_array,
                              load_array, load_kept_index, load_label_map, manifest_path, validate_kept_index)
 from utils.data.recordio import read_property
-from utils.data.writer import (EXPORT_MANIFEST, NOISE_FILE, ORIGIN_INDEX, carry_files, check_destination,
+from utils.data.writer import (EXPORT_MANIFEST, ORIGIN_INDEX, carry_files, check_destination,
                                  file_sha256, link_or_copy, staged_folder, write_recordio)
-from utils.artifacts.records import load_noise, noise_record, true_identities
+from utils.data.noise_file import NOISE_FILE, load_noise, noise_record, true_identities
 
 # ------------------------------------------------------------------------------------------ the plan
 @dataclass
@@ -79,7 +79,7 @@ def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> Expor
     contiguous map of the labels that survive). `relabel`: cleaning's `relabel.npz` (index, label,
     suggested_label) or None; its samples take the suggested label before renumbering.
     """
-    from utils.selection.pruning import label_map_for
+    from utils.arrays import label_map_for
 
     fp = dataset.fingerprint
     assigned = dataset.all_labels.copy()  # each sample's label after --relabel, in the source's numbering

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts.files import ArtifactError, atomic_save_npy, atomic_write_json
-from utils.data.writer import (NOISE_FILE, ORIGIN_INDEX, carry_files, check_destination, link_or_copy,
+from utils.data.writer import (ORIGIN_INDEX, carry_files, check_destination, link_or_copy,
                                   staged_folder, write_recordio)
-from utils.data.recordio import _read_record, read_layout, unpack, unpack_img
-from utils.artifacts.records import load_noise, noise_record, true_identities
+from utils.data.recordio import read_layout, read_record_at, unpack, unpack_img
+from utils.data.noise_file import NOISE_FILE, load_noise, noise_record, true_identities
 
 INJECTION_FILE = "noise_injection.json"
 
@@ -63,7 +63,7 @@ def _image_size(layout) -> tuple:
     if layout.image_size is not None:
         return tuple(layout.image_size)
     with open(layout.rec_path, "rb") as f:
-        record, _ = _read_record(f, int(layout.image_offsets[0]), layout.rec_path.stat().st_size, layout.rec_path,
+        record, _ = read_record_at(f, int(layout.image_offsets[0]), layout.rec_path.stat().st_size, layout.rec_path,
                                  int(layout.image_keys[0]))
     return unpack_img(record)[1].shape[:2]
 
@@ -157,7 +157,7 @@ def _image_fetcher(layout):
         size = os.fstat(f.fileno()).st_size
 
         def fetch(i):
-            record, _ = _read_record(f, int(layout.image_offsets[i]), size, layout.rec_path, int(layout.image_keys[i]))
+            record, _ = read_record_at(f, int(layout.image_offsets[i]), size, layout.rec_path, int(layout.image_keys[i]))
             return unpack(record)[1]
         yield fetch
 

@@ -115,7 +115,7 @@ def frame_record(payload) -> bytes:
     return b"".join(chunks)
 
 
-def _read_record(f, offset: int, file_size: int, path, key=None) -> Tuple[bytes, int]:
+def read_record_at(f, offset: int, file_size: int, path, key=None) -> Tuple[bytes, int]:
     """Read the (possibly split) record that starts at ``offset`` of the binary file ``f``.
 
     Returns the payload with split parts rejoined, and the byte offset just past the record.
@@ -416,7 +416,7 @@ class MXRecordIO:
         f = self._reader_file()
         if key is None and self._pos == self._size:
             return None
-        record, self._pos = _read_record(f, self._pos, self._size, self.uri, key)
+        record, self._pos = read_record_at(f, self._pos, self._size, self.uri, key)
         return record
 
     def tell(self) -> int:
@@ -726,7 +726,7 @@ def read_layout(rec_dir, *, rebuild_missing_index: bool = False, layout: Optiona
 
     with open(rec_path, "rb") as rec_file:
         def read_record(key, offset):
-            return _read_record(rec_file, offset, file_size, rec_path, key)[0]
+            return read_record_at(rec_file, offset, file_size, rec_path, key)[0]
 
         header0 = None
         if 0 in lookup:

@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts.files import ArtifactError
-from utils.data.recordio import MAGIC, IRHeader, RecordIOError, _read_record, frame_record, pack, unpack
+from utils.data.recordio import MAGIC, IRHeader, RecordIOError, frame_record, pack, read_record_at, unpack
 
 CHUNK_BYTES = 16 << 20  # source bytes read per chunk: bounds the memory of the copy
 GAP_BYTES = 32 << 10  # records this close in the source are read with one call (see _read_chunk)
 ORIGIN_INDEX = "origin_index.npy"
-NOISE_FILE = "noise.json"
 EXPORT_MANIFEST = "export.json"
 _LENGTH_BITS, _LENGTH_MASK = 29, (1 << 29) - 1
 _REC_HEAD_BYTES = 8
@@ -207,7 +206,7 @@ def _relabel_chunk(view, record_at, spans, labels, keys, offsets, rec_path, repl
         if whole[i]:
             payload = view[at + _REC_HEAD_BYTES:at + _REC_HEAD_BYTES + int(length[i])]
         else:  # split by the writer: rejoin its parts
-            payload, _ = _read_record(io.BytesIO(view[at:at + int(spans[i])]), 0, int(spans[i]), rec_path,
+            payload, _ = read_record_at(io.BytesIO(view[at:at + int(spans[i])]), 0, int(spans[i]), rec_path,
                                       int(keys[i]))
         special[i] = frame_record(relabelled_record(payload, int(labels[i]), replaced.get(i)))
     return framed, special

@@ -18,7 +18,7 @@ from utils.artifacts.files import ArtifactError, Fingerprint
 from backbones import get_model
 from config.config import head_params
 from losses import HEAD_DEFAULTS, ShardedClassifier
-from utils.models.checkpoint import _strip_prefix, follow_marker, load_checkpoint, load_head_state
+from utils.models.checkpoint import strip_prefix, follow_marker, load_checkpoint, load_head_state
 
 
 def model_kwargs(cfg, image_size: int) -> dict:
@@ -60,7 +60,7 @@ def build_backbone(ckpt_or_state: dict, network: str = None, embedding_size: int
             raise ArtifactError(f"{source}: a plain backbone.pth does not say which network it is: give --network")
         model = get_model(network, num_features=embedding_size, **model_kwargs)
         state = ckpt_or_state
-    state = _strip_prefix(state) if isinstance(state, dict) else state
+    state = strip_prefix(state) if isinstance(state, dict) else state
     name = getattr(model, "model_name", network)
     if isinstance(state, dict) and hasattr(model, "adapt_state_dict"):  # the paper's MobileFaceNet names
         try:

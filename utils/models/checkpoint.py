@@ -88,7 +88,7 @@ def _is_marker(ckpt) -> bool:
     return isinstance(ckpt, dict) and set(ckpt) == {"epoch", "world_size", "fingerprint"}
 
 
-def _strip_prefix(state: dict) -> dict:
+def strip_prefix(state: dict) -> dict:
     """Accept state dicts saved from DDP or torch.compile wrappers."""
     out = {}
     for k, v in state.items():
@@ -121,7 +121,7 @@ def load_head_state(path_or_ckpt):
 
 def _weight_layout(state, source) -> dict:
     """A head state dict in this toolkit's layout: `kernel` (in, classes) becomes `weight` (classes, in)."""
-    state = _strip_prefix(state) if isinstance(state, dict) else state
+    state = strip_prefix(state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not any(torch.is_tensor(state.get(k)) for k in ("weight", "kernel")):
         keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
         raise ArtifactError(f"{source}: expected a head state dict with 'weight' (classes, in_features) or 'kernel' "

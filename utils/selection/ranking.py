@@ -35,7 +35,7 @@ Another fraction later. For the keep-top methods (manifest info `nested: true`: 
 EL2N, forgetting, AUM, margin, least confidence), an identity of n samples keeps k = max(int(n * f),
 min(n, min_samples_per_id)), and the selection at fraction f is `rank_in_identity < k`. DiffProb's and
 CCS's selections at another fraction are not a prefix of this order; the score and identity columns are
-all they read (`pruning.diffprob_for_fraction(score, identity, f)`, `scores.ccs_keep(score, identity, f,
+all they read (`pruning.diffprob_for_fraction(score, identity, f)`, `keep.ccs_keep(score, identity, f,
 seed=...)` with the seed of the manifest).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from utils.artifacts.files import atomic_path, write_manifest
-from utils.selection.pruning import _dense_labels, _stable_order
+from utils.arrays import dense_labels, stable_order
 
 RANKING_DTYPE = np.dtype([("sample_index", "<i8"), ("identity", "<i8"), ("score", "<f8"),
                           ("rank_in_identity", "<i8"), ("overall_rank", "<i8"), ("kept", "?")])
@@ -59,7 +59,7 @@ def ranking_table(labels, kept, rank=None, score=None) -> np.ndarray:
     n = labels.size
     is_kept = np.zeros(n, dtype=bool)
     is_kept[kept] = True
-    _, dense = _dense_labels(labels)
+    _, dense = dense_labels(labels)
     counts = np.bincount(dense)
     rank = np.full(n, -1, dtype=np.int64) if rank is None else np.asarray(rank, dtype=np.int64)
     if (rank < 0).any():
@@ -111,7 +111,7 @@ def _overall_rank(rank, id_size, is_kept) -> np.ndarray:
     place[order] = np.cumsum(np.r_[False, ordered[1:] != ordered[:-1]])  # equal fractions, equal place
     sample_key = place[offset[id_size] + rank] + np.where(is_kept, 0, int(place.max()) + 1)
     out = np.empty(rank.size, dtype=np.int64)
-    out[_stable_order(sample_key)] = np.arange(rank.size, dtype=np.int64)
+    out[stable_order(sample_key)] = np.arange(rank.size, dtype=np.int64)
     return out
 
 

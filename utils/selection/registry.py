@@ -9,7 +9,7 @@ stage, `run_pipeline.py --methods`, the script that runs a method, the output fo
 A selection function takes the loaded `Records` and the config and returns a `Selection`: the kept
 sample indices (sorted unique int64), the per-sample score it ranked by (or None), facts for the
 summary, and the order it selected in (`rank`: each sample's place in its identity, kept first), which
-the stage writes as the selection's ranking (utils/selection/ranking.py). Per-identity budgets always go through `utils.selection.pruning.keep_top_per_identity` (or DiffProb's own
+the stage writes as the selection's ranking (utils/selection/ranking.py). Per-identity budgets always go through `utils.selection.keep.keep_top_per_identity` (or DiffProb's own
 rule): one tested helper, as the data-pruning literature learned the hard way (DeepCore).
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ import numpy as np
 
 from config import config as config_module
 from utils.artifacts import paths
-from utils.selection import pruning
+from utils.dynamics.dynunc import dynunc_scores
+from utils.selection import diffprob as diffprob_rule
+from utils.selection.keep import ccs_keep, keep_top_per_identity, random_key
 from utils.dynamics import scores
 from utils.dynamics.soft_labels import soft_label_entropy
 from utils.artifacts.records import NEEDS, Records  # noqa: F401  (Records: what selection functions take)
@@ -127,8 +129,8 @@ def _ranked(scores, cfg):
 def select_rand(rec: Records, cfg) -> Selection:
     """Per identity, a uniformly random share of the images."""
     t0 = time.time()
-    key = pruning.random_key(rec.labels.size, cfg.seed)  # pruning.random_keep's draw
-    kept, rank = pruning.keep_top_per_identity(key, rec.labels, cfg.fraction, cfg.min_samples_per_id,
+    key = random_key(rec.labels.size, cfg.seed)  # random_keep's draw
+    kept, rank = keep_top_per_identity(key, rec.labels, cfg.fraction, cfg.min_samples_per_id,
                                                return_rank=True)
     rec.inputs.append(cfg.rec)
     return Selection(kept, None, {"seed": cfg.seed, "seconds": time.time() - t0}, rank=rank, sort_key=key,
@@ -142,8 +144,8 @@ def select_dynunc(rec: Records, cfg) -> Selection:
     """DynUnc (He et al. 2023): mean over sliding windows of the std of p(label) across epochs."""
     history = rec.prob_history
     t0 = time.time()
-    scores = pruning.dynunc_scores(history, cfg.window)
-    kept, rank = pruning.keep_top_per_identity(_ranked(scores, cfg), rec.labels, cfg.fraction,
+    scores = dynunc_scores(history, cfg.window)
+    kept, rank = keep_top_per_identity(_ranked(scores, cfg), rec.labels, cfg.fraction,
                                                cfg.min_samples_per_id, return_rank=True)
     return Selection(kept, scores, {"window": cfg.window, "epochs": int(history.shape[0]),
                                     "seconds": time.time() - t0}, rank=rank, nested=True)
@@ -154,10 +156,10 @@ def _diffprob(rec: Records, cfg, excluded=None) -> Selection:
     t0 = time.time()
     if cfg.threshold is not None:
         threshold = float(cfg.threshold)
-        kept, rank = pruning.diffprob(prob, rec.labels, threshold, cfg.min_samples_per_id, excluded=excluded,
+        kept, rank = diffprob_rule.diffprob(prob, rec.labels, threshold, cfg.min_samples_per_id, excluded=excluded,
                                       return_rank=True)
     else:
-        kept, threshold, rank = pruning.diffprob_for_fraction(prob, rec.labels, cfg.fraction, cfg.min_samples_per_id,
+        kept, threshold, rank = diffprob_rule.diffprob_for_fraction(prob, rec.labels, cfg.fraction, cfg.min_samples_per_id,
                                                               excluded=excluded, return_rank=True)
     info = {"threshold": threshold, "requested_fraction": None if cfg.threshold is not None else cfg.fraction,
             "seconds": time.time() - t0}
@@ -237,7 +239,7 @@ def _score_entropy(rec, cfg):
 
 
 def _score_dynunc(rec, cfg):
-    return pruning.dynunc_scores(rec.prob_history, cfg.window), {"window": cfg.window}
+    return dynunc_scores(rec.prob_history, cfg.window), {"window": cfg.window}
 
 
 def _keep_top(score_fn):
@@ -245,7 +247,7 @@ def _keep_top(score_fn):
     def select(rec: Records, cfg) -> Selection:
         t0 = time.time()
         values, info = score_fn(rec, cfg)
-        kept, rank = pruning.keep_top_per_identity(_ranked(values, cfg), rec.labels, cfg.fraction,
+        kept, rank = keep_top_per_identity(_ranked(values, cfg), rec.labels, cfg.fraction,
                                                    cfg.min_samples_per_id, return_rank=True)
         return Selection(kept, values, {**info, "seconds": time.time() - t0}, rank=rank, nested=True)
     return select
@@ -256,7 +258,7 @@ def _ccs(score_fn):
     def select(rec: Records, cfg) -> Selection:
         t0 = time.time()
         values, info = score_fn(rec, cfg)
-        kept, rank = scores.ccs_keep(values, rec.labels, cfg.fraction, cfg.min_samples_per_id, beta=cfg.ccs_beta,
+        kept, rank = ccs_keep(values, rec.labels, cfg.fraction, cfg.min_samples_per_id, beta=cfg.ccs_beta,
                                      strata=cfg.ccs_strata, seed=cfg.seed, return_rank=True)
         return Selection(kept, values, {**info, "beta": cfg.ccs_beta, "strata": cfg.ccs_strata, "seed": cfg.seed,
                                         "seconds": time.time() - t0}, rank=rank)

@@ -36,6 +36,7 @@ import numpy as np
 
 from utils.data.alignment import ARCFACE_TEMPLATE_112
 from utils.data import recordio
+from utils.data.noise_file import noise_record
 from utils.artifacts.files import atomic_write_json
 
 JPEG_QUALITY = 95
@@ -1023,13 +1024,9 @@ def _write_training_set(out, cfg, plan, jpegs):
 
 
 def _noise_record(cfg, plan):
-    return {
-        "flipped": [{"index": int(i), "label": int(plan.labels[i]), "true_label": int(plan.source_uid[i])}
-                    for i in plan.flipped],
-        "open_set": [{"index": int(i), "label": int(plan.labels[i])} for i in plan.open_set],
-        "flip_rate": cfg.flip_rate, "open_rate": cfg.open_rate, "seed": cfg.seed,
-        "num_images": plan.num_images, "num_classes": cfg.num_ids,
-    }
+    truth = plan.source_uid.copy()
+    truth[plan.open_set] = -1  # an identity outside the label set: no true label among the classes
+    return noise_record(plan.labels, truth, cfg.flip_rate, cfg.open_rate, cfg.seed, cfg.num_ids)
 
 
 def _write_ijb(out, cfg, ijb: IJBPlan, results, first_number: int):

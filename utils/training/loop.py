@@ -55,7 +55,7 @@ def lr_factor(cfg, steps_per_epoch: int):
 
 def load_selection(cfg, fingerprint: Fingerprint, labels: np.ndarray):
     """(kept_index, label_map, inputs) for retraining; (None, None, []) for the original training."""
-    from utils.selection.pruning import label_map_for
+    from utils.arrays import label_map_for
 
     if cfg.is_original_train or (cfg.coreset_method == "full" and not cfg.kept_index):
         return None, None, []
@@ -323,7 +323,7 @@ def _continue_schedule(run: Run, epoch: int, base_lrs: list):
 
 
 # --------------------------------------------------------------------------------------- the loop
-def _record_kind(cfg) -> dict:
+def record_kind(cfg) -> dict:
     """What the recorded labelled-class probability is (manifest info of the records)."""
     if cfg.sample_rate < 1:
         prob = ("full softmax over every class, from a no-grad scoring pass at each step (eval-mode margin, "
@@ -337,7 +337,7 @@ class Recorder:
     """Per-sample values seen during one epoch, gathered exactly at its end.
 
     `full_prob`: record the full-softmax probability of a scoring pass instead of the training forward's
-    (Partial FC sampling: the forward's is the sampled softmax's, see `_record_kind`)."""
+    (Partial FC sampling: the forward's is the sampled softmax's, see `record_kind`)."""
 
     def __init__(self, topk: int, full_prob: bool = False):
         self.topk = topk
@@ -369,7 +369,7 @@ class Recorder:
         if run.ctx.is_main:
             save_array(run.out / "probs" / f"epoch_{epoch:03d}.npz", arrays, "train_everything.record",
                        run.dataset.fingerprint, run.cfg,
-                       info={"epoch": epoch, "seen": int(np.isfinite(prob).sum()), **_record_kind(run.cfg)})
+                       info={"epoch": epoch, "seen": int(np.isfinite(prob).sum()), **record_kind(run.cfg)})
 
 
 def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp_dtype=None,
@@ -614,7 +614,7 @@ def assemble_history(cfg, fingerprint: Fingerprint):
         del history
     write_manifest(hist_path, "train_everything", fingerprint, cfg, inputs=files,
                    info={"shape": [epochs, n], "meaning": "P[epoch, sample]: labelled-class probability with margin "
-                         "during training; NaN = not seen that epoch", **_record_kind(cfg)})
+                         "during training; NaN = not seen that epoch", **record_kind(cfg)})
     if "topk_logits" not in layout:
         return
 
@@ -631,4 +631,4 @@ def assemble_history(cfg, fingerprint: Fingerprint):
             _stream_npy_member(zf, name, (epochs, *shape), dtype, per_epoch(name))
     write_manifest(topk_path, "train_everything", fingerprint, cfg, inputs=files,
                    info={"k": int(layout["topk_logits"][0][-1]), "shape": [epochs, n, int(layout["topk_logits"][0][-1])],
-                         **_record_kind(cfg)})
+                         **record_kind(cfg)})

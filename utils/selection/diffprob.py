@@ -1,353 +1,61 @@
-"""Per-identity data-pruning selections for face recognition (NumPy only).
+"""DiffProb (Caldeira et al., FG 2025): per identity, drop a sample whose labelled-class probability is within
+the threshold ``t`` of the last kept one, relaxing ``t`` until the identity keeps ``MIN`` samples; and the
+threshold that keeps a requested fraction (NumPy only).
 
-The pruning rules of the DiffProb paper and of the methods it is compared with:
-
-* ``diffprob``: DiffProb (Caldeira et al., FG 2025). Per identity, a sample is dropped when its
-  labelled-class probability is within ``t`` of the last kept sample.
-* ``diffprob_threshold_for_fraction`` and ``diffprob_for_fraction``: the threshold for a requested kept fraction.
-* ``dynunc_scores``: DynUnc (He et al. 2023), the uncertainty computed from per-epoch probabilities.
-* the entropy of "Data Pruning Can Do More" (Yang et al., TMLR) is ``utils.dynamics.soft_labels.soft_label_entropy``,
-  streamed over the top-k records with the cleaning's soft labels.
-* ``keep_top_per_identity``: the one helper that keeps k samples per identity by score. DynUnc, the
-  entropy method and Rand all go through it.
-* ``random_keep``: Rand, uniformly at random within each identity.
-
-Conventions. ``labels`` holds one non-negative integer identity label per sample. The values can be
-anything and need not be contiguous. A *sample index* is a position in these arrays. Every selection returns
-the kept sample indices as a sorted, unique ``int64`` array. ``excluded`` is a boolean mask of length N or an
-array of sample indices. It removes samples before a method runs (cleaning), and an identity left with no
-sample vanishes.
-
-Everything is vectorised. One sort groups the samples by identity, and the per-identity rules run as
-segment operations on that order. Python loops only step through positions within an identity, DiffProb
-relaxation rounds, windows or bisection steps. They never loop over identities.
+The rule as the paper writes it is ``diffprob_loop``: one plain Python loop per identity, the first thing a
+reader of the paper looks for. ``diffprob`` is the same rule vectorised over identities (one sort groups the
+samples; Python loops only step through positions within an identity and the relaxation rounds); the tests
+check it against ``diffprob_loop`` for every threshold, ``MIN`` and exclusion they try.
 """
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple
 
 import numpy as np
 
+from utils.arrays import (EMPTY, check_fraction, check_min, check_prob, dense_labels, excluded_mask, group_order, int_labels,
+                          stable_order)
 from utils.errors import InputError
 
-__all__ = [
-    "diffprob", "diffprob_threshold_for_fraction", "diffprob_for_fraction", "dynunc_scores",
-    "keep_top_per_identity", "random_keep", "random_key", "per_identity_counts", "identity_index",
-    "label_map_for", "selection_summary", "format_summary",
-]
-
-_EMPTY = np.empty(0, dtype=np.int64)
 _CHUNK = 1 << 14  # elements per vectorised block: small enough that the temporaries stay in cache
 
 
-# ============================================================================ input validation
-def _int_labels(labels) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise InputError(f"labels must be a 1-D array (one identity label per sample), found shape {arr.shape}")
-    if arr.size == 0:
-        raise InputError("empty input: labels has no sample")
-    if arr.dtype.kind in "iu":
-        out = arr.astype(np.int64, copy=False)
-    elif arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
-        out = arr.astype(np.int64)
-    else:
-        raise InputError(f"labels must be integers, found dtype {arr.dtype}")
-    if out.min() < 0:
-        i = int(np.argmax(out < 0))
-        raise InputError(f"labels must be >= 0, found labels[{i}] = {out[i]}")
-    return out
+def diffprob_loop(prob, labels, threshold, min_samples_per_id=5, excluded=None) -> np.ndarray:
+    """DiffProb exactly as the paper's pseudocode reads, one identity at a time: what ``diffprob`` computes.
 
-
-def _excluded_mask(excluded, n: int) -> np.ndarray | None:
-    """``excluded`` (None, a bool mask of length n, or sample indices) as a bool mask, or None."""
-    if excluded is None:
-        return None
-    ex = np.asarray(excluded)
-    if ex.dtype == bool:
-        if ex.shape != (n,):
-            raise InputError(f"excluded: a boolean mask must have shape ({n},), found {ex.shape}")
-        return ex if ex.any() else None
-    if ex.size == 0:
-        return None
-    if ex.dtype.kind not in "iu" or ex.ndim != 1:
-        raise InputError(f"excluded must be a boolean mask of length {n} or a 1-D array of sample indices, "
-                         f"found dtype {ex.dtype} shape {ex.shape}")
-    if ex.min() < 0 or ex.max() >= n:
-        bad = ex[(ex < 0) | (ex >= n)][0]
-        raise InputError(f"excluded: sample index {bad} outside [0, {n})")
-    mask = np.zeros(n, dtype=bool)
-    mask[ex] = True
-    return mask
-
-
-def _check_fraction(fraction, name: str = "fraction") -> float:
-    try:
-        f = float(fraction)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number in (0, 1], found {fraction!r}") from None
-    if not 0.0 < f <= 1.0:  # also rejects NaN
-        raise InputError(f"{name} must be in (0, 1], found {fraction}")
-    return f
-
-
-def _check_scores(scores, n: int) -> np.ndarray:
-    """One numeric score per sample (any numeric dtype; NaN allowed)."""
-    scores = np.asarray(scores)
-    if scores.shape != (n,):
-        raise InputError(f"scores and labels differ in length: scores shape {scores.shape}, {n} labels")
-    if scores.dtype.kind not in "fiub":
-        raise InputError(f"scores must be a numeric array, found dtype {scores.dtype}")
-    return scores
-
-
-def _check_int(value, name: str, minimum: int, why: str = "") -> int:
-    """`value` as an int of at least `minimum`, else an InputError naming `name` (and `why` the minimum)."""
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be an integer >= {minimum}, found {value!r}") from None
-    if v < minimum:
-        raise InputError(f"{name} must be >= {minimum}{why}, found {v}")
-    return v
-
-
-def _check_min(min_samples_per_id) -> int:
-    return _check_int(min_samples_per_id, "min_samples_per_id", 0)
-
-
-def _check_prob(prob, n: int, mask: np.ndarray | None) -> np.ndarray:
-    p = np.asarray(prob)
-    if p.ndim != 1:
-        raise InputError(f"prob must be a 1-D array (one probability per sample), found shape {p.shape}")
-    if p.shape[0] != n:
-        raise InputError(f"prob and labels differ in length: {p.shape[0]} probabilities, {n} labels")
-    if p.dtype.kind not in "fiu":
-        raise InputError(f"prob must be a float array, found dtype {p.dtype}")
-    p = p.astype(np.float64, copy=False)
-    bad = ~(p >= 0) | (p == np.inf)  # NaN, negative, +inf
-    if mask is not None:
-        bad &= ~mask
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise InputError(f"prob must be finite and >= 0 (exclude the sample instead), found prob[{i}] = {p[i]}"
-                         f" ({int(bad.sum())} such samples)")
-    return p + 0.0  # -0.0 -> +0.0, and a private copy
-
-
-# ============================================================================ grouping by identity
-def _dense_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(identities ascending, dense label 0..K-1 of each sample) for int64 labels >= 0."""
-    n = labels.size
-    lmax = int(labels.max())
-    if lmax <= 2 * n + (1 << 20):  # a lookup table beats a sort when labels are not too sparse
-        present = np.zeros(lmax + 1, dtype=bool)
-        present[labels] = True
-        identities = np.flatnonzero(present)
-        remap = np.cumsum(present, dtype=np.int64) - 1
-        return identities.astype(np.int64), remap[labels]
-    identities, dense = np.unique(labels, return_inverse=True)
-    return identities.astype(np.int64), dense.astype(np.int64).reshape(-1)
-
-
-def _stable_order(values: np.ndarray) -> np.ndarray:
-    """Indices sorting ``values`` ascending (NaN last), with equal values in index order.
-
-    Fast path: float values that are exact in float32 (scores saved as float32 are), and integers
-    that fit in 32 bits, map to order-preserving 32-bit keys. A key packed with the index is unique,
-    so one plain (SIMD) value sort gives the stable order. Any other float64 input runs a general
-    argsort, then sorts packed (run of equal values, index) keys to put ties back into index order.
+    For each identity: ``O`` is its samples sorted by probability ascending (ties in index order). With at most
+    ``MIN`` samples, all are kept. Otherwise, with ``r = 0``, repeat: keep ``O[-1]``; for ``x`` from ``O[-2]``
+    down to ``O[0]``, keep ``x`` when ``last - p(x) > (1 + r) * t``, ``last`` being the last kept probability;
+    then ``r = r - 0.01``; until at least ``MIN`` are kept. At ``t = 0`` an identity with fewer than ``MIN``
+    distinct probabilities keeps all (the paper's loop would never end there). Slow: for reading and tests.
     """
-    n = values.size
-    key32 = _sortable_u32(values) if n < 2 ** 32 else None
-    if key32 is not None:
-        key = (key32.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-        key.sort()
-        return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    o = np.argsort(values)
-    sv = values[o]
-    same = sv[1:] == sv[:-1]
-    if sv.dtype.kind == "f":
-        nan = np.isnan(sv)
-        if nan.any():
-            same |= nan[1:] & nan[:-1]
-    if not same.any():
-        return o
-    run = np.zeros(n, dtype=np.int64)
-    np.cumsum(~same, out=run[1:])
-    key = run * n + o
-    key.sort()
-    return key % n
-
-
-def _sortable_u32(values: np.ndarray) -> np.ndarray | None:
-    """uint32 keys with the order of ``values`` (NaN last, -0.0 == 0.0), or None if 32 bits cannot hold them."""
-    if values.dtype.kind in "iu":
-        if values.size and (values.min() < -2 ** 31 or values.max() >= 2 ** 31):
-            return None
-        return (values.astype(np.int64) + 2 ** 31).astype(np.uint32)
-    f = values.astype(np.float32)
-    nan = np.isnan(values)
-    if not ((f == values) | nan).all():
-        return None
-    f += np.float32(0.0)  # -0.0 -> +0.0
-    f[nan] = np.float32(np.nan)  # one NaN pattern, positive: above +inf
-    bits = f.view(np.uint32)
-    # IEEE order as unsigned integers: flip every bit of negatives, set the sign bit of positives
-    return np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
-
-
-def _group_order(dense: np.ndarray, o: np.ndarray) -> np.ndarray:
-    """Indices sorted by (dense label, position in the order ``o``); ``o`` is a permutation of range(n)."""
-    n = dense.size
-    rank = np.empty(n, dtype=np.int64)
-    rank[o] = np.arange(n, dtype=np.int64)
-    key = dense * n + rank
-    key.sort()
-    return o[key % n]
-
-
-def per_identity_counts(labels) -> tuple[np.ndarray, np.ndarray]:
-    """(identities, counts): the distinct labels in ascending order and the number of samples of each."""
-    labels = _int_labels(labels)
-    identities, dense = _dense_labels(labels)
-    return identities, np.bincount(dense, minlength=identities.size).astype(np.int64)
-
-
-def identity_index(labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label dictionary, identity -> sample indices, in CSR form: ``(identities, starts, order)``.
-
-    ``identities`` (K,) are the distinct labels in ascending order. ``order`` (N,) lists the sample indices
-    grouped by identity, ascending within each identity. ``starts`` (K,) is where each identity begins in
-    ``order``. Identity ``identities[i]`` owns ``order[starts[i]:starts[i + 1]]``, and the last one runs
-    to ``len(order)``. All arrays are int64.
-    """
-    labels = _int_labels(labels)
-    n = labels.size
-    identities, dense = _dense_labels(labels)
-    key = dense * n + np.arange(n, dtype=np.int64)
-    key.sort()  # packed keys are unique, so a plain (SIMD) value sort is enough and is stable by construction
-    order = key % n
-    counts = np.bincount(dense, minlength=identities.size)
-    starts = np.zeros(identities.size, dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    return identities, starts, order
-
-
-def label_map_for(kept, labels) -> dict[int, int]:
-    """Old label -> new contiguous label (0, 1, ... in ascending old-label order), for the identities with
-    at least one kept sample. It gives the number of classes and the labels of the retrained head."""
-    labels = _int_labels(labels)
-    kept = _as_kept(kept, labels.size)
-    present = np.unique(labels[kept])
-    return {int(old): new for new, old in enumerate(present.tolist())}
-
-
-def _as_kept(kept, n: int) -> np.ndarray:
-    kept = np.asarray(kept)
-    if kept.size == 0:
-        return _EMPTY
-    if kept.ndim != 1 or kept.dtype.kind not in "iu":
-        raise InputError(f"kept must be a 1-D integer array of sample indices, found dtype {kept.dtype} "
-                         f"shape {kept.shape}")
-    kept = kept.astype(np.int64, copy=False)
-    if kept.min() < 0 or kept.max() >= n:
-        bad = kept[(kept < 0) | (kept >= n)][0]
-        raise InputError(f"kept: sample index {bad} outside [0, {n})")
-    return kept
-
-
-def selection_summary(kept, labels, num_images: int | None = None) -> dict:
-    """Kept images, kept fraction (of ``num_images``, default ``len(labels)``), identities kept out of all,
-    and the min / median / max number of kept images per kept identity."""
-    labels = _int_labels(labels)
-    kept = np.unique(_as_kept(kept, labels.size))
-    total = labels.size if num_images is None else int(num_images)
-    _, per_id = np.unique(labels[kept], return_counts=True)
-    num_ids = int(np.unique(labels).size)
-    return {
-        "kept_images": int(kept.size),
-        "num_images": total,
-        "kept_fraction": kept.size / total if total else 0.0,
-        "identities_kept": int(per_id.size),
-        "identities": num_ids,
-        "images_per_identity_min": int(per_id.min()) if per_id.size else 0,
-        "images_per_identity_median": float(np.median(per_id)) if per_id.size else 0.0,
-        "images_per_identity_max": int(per_id.max()) if per_id.size else 0,
-    }
-
-
-def format_summary(summary: dict) -> str:
-    """One line for logs, from ``selection_summary``'s dict."""
-    s = summary
-    return (f"kept {s['kept_images']:,} of {s['num_images']:,} images ({s['kept_fraction']:.2%}), "
-            f"{s['identities_kept']:,} of {s['identities']:,} identities, images per kept identity "
-            f"min {s['images_per_identity_min']} / median {s['images_per_identity_median']:g} / "
-            f"max {s['images_per_identity_max']}")
-
-
-# ============================================================================ per identity, keep k by score
-def keep_top_per_identity(scores, labels, fraction, min_samples_per_id=5, excluded=None, return_rank=False):
-    """Per identity, the ``k`` samples with the highest ``scores``.
-
-    An identity with ``n`` (non-excluded) samples keeps ``k = int(n * fraction)``. If ``k < MIN``, it keeps
-    ``MIN`` when ``n > MIN`` and all ``n`` otherwise (the rule of DynUnc and Rand in the DiffProb paper).
-    Equal scores keep the lower sample index first, and NaN counts as the lowest score. This is the single
-    place that implements "per identity, keep k by score", and every score-based method and Rand calls it.
-
-    With ``return_rank`` it returns ``(kept, rank)``: ``rank`` (N,) int64 is each sample's place in its
-    identity in that order (0 = the highest score), -1 for excluded samples; ``kept`` is ``rank < k``.
-    """
-    labels = _int_labels(labels)
-    n = labels.size
-    scores = _check_scores(scores, n)
-    fraction = _check_fraction(fraction)
-    min_k = _check_min(min_samples_per_id)
-    mask = _excluded_mask(excluded, n)
-    sel = None if mask is None else np.flatnonzero(~mask)
-    # Integer scores (Rand's random order) stay integers: exact, and the fast 32-bit sort path applies.
-    sc = scores.astype(np.int64) if scores.dtype.kind in "iub" else scores.astype(np.float64)
-    lab = labels
-    if sel is not None:
-        if sel.size == 0:
-            return (_EMPTY, np.full(n, -1, dtype=np.int64)) if return_rank else _EMPTY
-        sc, lab = sc[sel], labels[sel]
-    identities, dense = _dense_labels(lab)
-    # Ascending order of -score means descending score with ties by index, and NaN (= -NaN) last.
-    order = _group_order(dense, _stable_order(-sc))
-    counts = np.bincount(dense, minlength=identities.size)
-    k = (counts * fraction).astype(np.int64)  # int(n * fraction): truncation, as the reference code does
-    k = np.where(k < min_k, np.minimum(counts, min_k), k)
-    starts = np.zeros(identities.size, dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    rank_in_id = np.arange(lab.size, dtype=np.int64) - np.repeat(starts, counts)
-    chosen = order[rank_in_id < np.repeat(k, counts)]
-    if sel is not None:
-        chosen = sel[chosen]
-    chosen.sort()
-    if not return_rank:
-        return chosen
-    rank = np.full(n, -1, dtype=np.int64)
-    rank[order if sel is None else sel[order]] = rank_in_id
-    return chosen, rank
-
-
-def random_keep(labels, fraction, min_samples_per_id=5, seed=0, excluded=None) -> np.ndarray:
-    """Rand: per identity, the same number of samples as ``keep_top_per_identity`` keeps, drawn uniformly at
-    random. ``np.random.default_rng(seed)`` draws one random order of all N samples (excluding samples
-    does not change it), and the first ones of each identity in that order are kept. (The paper repository keeps the last
-    samples of every identity instead. That is a defect, and this function does not copy it.)"""
-    labels = _int_labels(labels)
-    return keep_top_per_identity(random_key(labels.size, seed), labels, fraction, min_samples_per_id,
-                                 excluded=excluded)
-
-
-def random_key(num_samples: int, seed=0) -> np.ndarray:
-    """Rand's sort key: one uniformly random order of all N samples (``np.random.default_rng(seed).permutation``);
-    per identity, the highest keys are kept first."""
-    return np.random.default_rng(seed).permutation(num_samples)
+    t, min_k = check_threshold(threshold), check_min(min_samples_per_id)
+    labels = int_labels(labels)
+    prob = np.asarray(prob, dtype=np.float64)
+    mask = excluded_mask(excluded, labels.size)
+    kept = []
+    for identity in np.unique(labels if mask is None else labels[~mask]):
+        mine = [i for i in np.flatnonzero(labels == identity).tolist() if mask is None or not mask[i]]
+        O = sorted(mine, key=lambda i: (float(prob[i]), i))
+        if len(O) <= min_k:
+            kept += O
+            continue
+        r = 0
+        while True:
+            keep, last = [O[-1]], float(prob[O[-1]])
+            for x in O[-2::-1]:
+                if last - float(prob[x]) > (1 + r) * t:
+                    keep.append(x)
+                    last = float(prob[x])
+            r = r - 0.01
+            if len(keep) >= min_k:
+                break
+            if t == 0:  # every later round is the same: keep all
+                keep = O
+                break
+        kept += keep
+    return np.array(sorted(kept), dtype=np.int64)
 
 
 # ============================================================================ DiffProb
@@ -362,17 +70,17 @@ class _Segments(NamedTuple):
 
 
 def _prepare_diffprob(prob, labels, excluded) -> _Segments:
-    labels = _int_labels(labels)
+    labels = int_labels(labels)
     n = labels.size
-    mask = _excluded_mask(excluded, n)
-    p = _check_prob(prob, n, mask)
+    mask = excluded_mask(excluded, n)
+    p = check_prob(prob, n, mask)
     sel = None if mask is None else np.flatnonzero(~mask)
     if sel is not None:
         if sel.size == 0:
-            return _Segments(_EMPTY, np.empty(0), _EMPTY, _EMPTY, _EMPTY, n)
+            return _Segments(EMPTY, np.empty(0), EMPTY, EMPTY, EMPTY, n)
         p, labels = p[sel], labels[sel]
-    identities, dense = _dense_labels(labels)
-    local = _group_order(dense, _stable_order(p))
+    identities, dense = dense_labels(labels)
+    local = group_order(dense, stable_order(p))
     order = local if sel is None else sel[local]
     counts = np.bincount(dense, minlength=identities.size).astype(np.int64)
     ends = np.cumsum(counts)
@@ -475,7 +183,7 @@ def _walk(seg: _Segments, ids: np.ndarray, thr, want_positions: bool):
     counts[by_len] = counts_sorted
     if not want_positions:
         return counts, None
-    return counts, pos[np.concatenate(chain)] if chain else _EMPTY
+    return counts, pos[np.concatenate(chain)] if chain else EMPTY
 
 
 def _reaches(seg: _Segments, ids: np.ndarray, thr: np.ndarray, need: int) -> np.ndarray:
@@ -555,7 +263,7 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - off, lens)
 
 
-def _check_threshold(threshold) -> float:
+def check_threshold(threshold) -> float:
     try:
         t = float(threshold)
     except (TypeError, ValueError):
@@ -616,11 +324,11 @@ def diffprob(prob, labels, threshold, min_samples_per_id=5, excluded=None, retur
     identity labels >= 0. ``excluded`` drops samples before the rule runs (cleaning), and an identity left
     with nothing vanishes.
     """
-    t = _check_threshold(threshold)
-    min_k = _check_min(min_samples_per_id)
+    t = check_threshold(threshold)
+    min_k = check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
-        return (_EMPTY, np.full(seg.num_images, -1, dtype=np.int64)) if return_rank else _EMPTY
+        return (EMPTY, np.full(seg.num_images, -1, dtype=np.int64)) if return_rank else EMPTY
     return _diffprob_positions(seg, t, min_k, return_rank)
 
 
@@ -776,8 +484,8 @@ def diffprob_threshold_for_fraction(prob, labels, keep_fraction, min_samples_per
     There a geometric grid over the range looks for the first crossing, or else for the smallest
     selection (best effort: a few isolated thresholds may keep slightly fewer).
     """
-    keep_fraction = _check_fraction(keep_fraction, "keep_fraction")
-    min_k = _check_min(min_samples_per_id)
+    keep_fraction = check_fraction(keep_fraction, "keep_fraction")
+    min_k = check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
         raise InputError("every sample is excluded: there is nothing to select a threshold for")
@@ -787,8 +495,8 @@ def diffprob_threshold_for_fraction(prob, labels, keep_fraction, min_samples_per
 def diffprob_for_fraction(prob, labels, keep_fraction, min_samples_per_id=5, excluded=None, return_rank=False):
     """``(kept, threshold)``: ``diffprob`` at ``diffprob_threshold_for_fraction`` (one preparation for both);
     ``(kept, threshold, rank)`` with ``return_rank`` (see ``diffprob``)."""
-    keep_fraction = _check_fraction(keep_fraction, "keep_fraction")
-    min_k = _check_min(min_samples_per_id)
+    keep_fraction = check_fraction(keep_fraction, "keep_fraction")
+    min_k = check_min(min_samples_per_id)
     seg = _prepare_diffprob(prob, labels, excluded)
     if seg.order.size == 0:
         raise InputError("every sample is excluded: there is nothing to select a threshold for")
@@ -797,78 +505,3 @@ def diffprob_for_fraction(prob, labels, keep_fraction, min_samples_per_id=5, exc
         kept, rank = _diffprob_positions(seg, t, min_k, True)
         return kept, t, rank
     return _diffprob_positions(seg, t, min_k), t
-
-
-# ============================================================================ DynUnc
-def dynunc_scores(history, window=10) -> np.ndarray:
-    """DynUnc uncertainty (He et al. 2023) of every sample, float64 (N,).
-
-    ``history`` (E, N) holds the labelled-class probability of each sample after each epoch, and NaN where a
-    sample was not seen in that epoch. For every window of ``J = window`` consecutive epochs ending at epoch
-    ``J-1 .. E-2`` (0-based, the last epoch's window is left out as in the reference code), the uncertainty
-    is the sample standard deviation (ddof = 1) of the window's available values. It needs at least 2, or
-    the window has no value. The score is the mean over the windows that have a value, and NaN when none
-    has (``keep_top_per_identity`` ranks NaN lowest).
-
-    Vectorised over samples, in blocks that stay in cache. The window means come from running sums
-    over epochs. The squared deviations are then summed around those means (two passes), so windows of
-    tiny variance, such as converged samples, keep full precision. A one-pass sum-of-squares would
-    cancel there.
-    """
-    J = _check_int(window, "window", 2, " (a standard deviation needs two epochs)")
-    h = np.asarray(history)
-    if h.ndim != 2:
-        raise InputError(f"history must have shape (num_epochs, num_samples), found shape {h.shape}")
-    E, N = h.shape
-    if N == 0:
-        raise InputError("empty input: history has no sample")
-    if E < J + 1:
-        raise InputError(f"dynunc_scores needs at least window + 1 = {J + 1} epochs (windows end at epochs "
-                         f"J-1 .. E-2), found {E}")
-    if h.dtype.kind not in "fiu":
-        raise InputError(f"history must be a float array, found dtype {h.dtype}")
-    out = np.empty(N, dtype=np.float64)
-    chunk = max(64, (1 << 14) // E)  # ~500 samples at E = 34: the block stays in L2
-    for a in range(0, N, chunk):
-        out[a:a + chunk] = _dynunc_block(h[:E - 1, a:a + chunk], J)  # the last epoch is never in a window
-    return out
-
-
-def _dynunc_block(block: np.ndarray, J: int) -> np.ndarray:
-    x = block.astype(np.float64)
-    if np.isinf(x).any():
-        raise InputError("history must hold probabilities (finite, or NaN for an unseen sample), found inf")
-    valid = ~np.isnan(x)
-    has_nan = not valid.all()
-    if has_nan:
-        x = np.where(valid, x, 0.0)
-    E1, C = x.shape
-    W = E1 - J + 1  # windows starting at epochs 0 .. E-1-J
-    run = np.empty((E1 + 1, C))  # running sums over epochs, row by row (contiguous; faster than cumsum(axis=0))
-    run[0] = 0.0
-    for e in range(E1):
-        np.add(run[e], x[e], out=run[e + 1])
-    s1 = run[J:] - run[:W]
-    if has_nan:
-        cnt = np.empty((E1 + 1, C))
-        cnt[0] = 0.0
-        for e in range(E1):
-            np.add(cnt[e], valid[e], out=cnt[e + 1])
-        n = cnt[J:] - cnt[:W]
-    else:
-        n = np.full((W, C), float(J))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = s1 / n
-    m2 = np.empty((W, C))
-    for w in range(W):
-        d = x[w:w + J] - mean[w]
-        if has_nan:
-            d *= valid[w:w + J]
-        np.einsum("ij,ij->j", d, d, out=m2[w])
-    ok = n >= 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        std = np.sqrt(m2 / (n - 1))
-        n_win = ok.sum(axis=0)
-        total = np.where(ok, std, 0.0).sum(axis=0)
-        return np.where(n_win > 0, total / n_win, np.nan)
-
