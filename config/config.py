@@ -416,6 +416,9 @@ def parse_config(argv=None, description: str = "", extra=None, defaults: Config 
             text = getattr(args, f.name)
             if text is not None:
                 overrides[f.name] = parse_value(f.name, text)
+        if overrides.get("threshold") is not None and "fraction" in overrides:
+            raise ConfigError(f"--threshold {overrides['threshold']:g} and --fraction {overrides['fraction']:g} both "
+                              f"given: a DiffProb threshold decides the kept fraction itself; give one of them")
         cfg = resolve(dataclasses.replace(base, **overrides), preset_needed=preset_needed)
     except ConfigError as e:
         parser.print_usage(sys.stderr)

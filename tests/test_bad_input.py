@@ -292,6 +292,23 @@ NOT_CHECKPOINT = "not a readable torch checkpoint"
 NOT_NUMPY = "truncated or not a NumPy"
 OTHER_DATASET = "was made from another dataset"
 RETRAIN = ("--is_original_train", "false")
+
+
+def _few_pairs(path):
+    """A well-formed .bin of 4 pairs: fewer than the protocol's 10 folds (the stage crashed in the fold split)."""
+    bins, issame = pickle.loads(path.read_bytes(), encoding="bytes")
+    path.write_bytes(pickle.dumps((bins[:8], issame[:4])))
+    return path
+
+
+def _relabel_out_of_range(w):
+    """A relabel.npz naming a sample the dataset does not have (retraining crashed with an IndexError)."""
+    path = paths.clean_dir(w.cfg) / "relabel.npz"
+    index = np.array([0, N + 5], dtype=np.int64)
+    save_array(path, {"index": index, "label": np.zeros(2, dtype=np.int64),
+                      "suggested_label": np.ones(2, dtype=np.int64)}, "clean_trainset", w.fp)
+    return [*RETRAIN, "--coreset_method", "relabel"], path
+
 RETRAIN_RAND = (*RETRAIN, "--coreset_method", "rand")
 
 CASES = {
@@ -397,6 +414,8 @@ CASES = {
     "train_everything/label-map-not-contiguous": artifact_case(
         "train_everything.py", lambda w: rand_set(w) / "label_map.json",
         _write_text('{"map": {"0": 0, "1": 5}}'), "not contiguous", *RETRAIN_RAND),
+    "train_everything/relabel-index-out-of-range": Case("train_everything.py", lambda w: _relabel_out_of_range(w),
+                                                         rf"'index' must hold distinct sample indices in \[0, {N}\)"),
     # eval_verification: the .bin verification sets
     "eval_verification/bin-truncated": bin_case(lambda p, w: truncated(p), "not a readable pickle"),
     "eval_verification/bin-empty": bin_case(lambda p, w: empty(p), "not a readable pickle"),
@@ -405,6 +424,7 @@ CASES = {
         lambda p, w: crafted(p, w, lambda payload: ([PNG, payload], [True])), "refused to load"),
     "eval_verification/bin-not-images": bin_case(
         lambda p, w: foreign(p, pickle.dumps(([b"not an image", PNG], [True]))), "image 0 could not be decoded"),
+    "eval_verification/bin-fewer-pairs-than-folds": bin_case(lambda p, w: _few_pairs(p), "fewer than the 10 folds"),
     "eval_verification/model-truncated": model_case("eval_verification.py", lambda p, w: truncated(p), NOT_CHECKPOINT,
                                                     "--val_targets", "syn_frontal"),
     # eval_ijbc: the model and the release's meta files
@@ -498,6 +518,19 @@ def test_undecodable_training_image_names_record_key_and_sample(work):
     r = run_as_user("train_everything.py", *work.keys())
     _one_line(r, f"{work.rec / 'train.rec'}: record key {key} (sample {first}) is not an image OpenCV can decode",
               "--skip_bad_images true")
+    _assert_unchanged(work.out, before, allowed=TRAIN_LOGS)
+
+
+def test_a_property_stating_the_wrong_size_names_the_first_record(work):
+    first = int(PaddedDistributedSampler(N, seed=0).order()[0])
+    work.rec = _copy_rec(work)
+    classes = (work.rec / "property").read_text().split(",")[0]
+    (work.rec / "property").write_text(f"{classes},48,48\n")  # the images are 32x32
+    key = int(read_layout(work.rec).image_keys[first])
+    before = _files(work.out)
+    r = run_as_user("train_everything.py", *work.keys())
+    _one_line(r, f"{work.rec / 'train.rec'}: record key {key} (sample {first}) is a 32x32x3 image where its property "
+                 f"file says 48x48x3", "--skip_bad_images true")
     _assert_unchanged(work.out, before, allowed=TRAIN_LOGS)
 
 
@@ -679,3 +712,42 @@ def test_stage_takes_over_the_lock_of_a_killed_run(work):
     _stale_lock(clean)
     run_script("clean_trainset.py", *work.keys())
     assert is_complete(clean / "kept_index.npy", work.fp) and not (clean / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------- the user's file system, Ctrl-C
+@pytest.mark.parametrize("script", ["clean_trainset.py", "coreset_rand.py", "generate_label_dict.py", "eval_trainset.py"])
+def test_an_output_this_user_cannot_write_ends_in_one_line(work, in_process, monkeypatch, capsys, script):
+    """A read-only --output (simulated: the tests may run as root, whom permissions do not stop)."""
+    readonly = work.tmp / "readonly"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == readonly or readonly in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    keys = work.keys()
+    keys[keys.index("--output") + 1] = readonly / "out"
+    code = in_process(script, *keys)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    stage = script[:-3]
+    assert err.startswith(f"{stage}: error: cannot write {readonly / 'out'}"), err
+    assert "Permission denied" in err and not readonly.exists()
+
+
+def test_ctrl_c_ends_in_one_line_and_exit_130(work, in_process, monkeypatch, capsys):
+    import utils.selection.registry as registry
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    folder = paths.coreset_dir(work.cfg, "rand")
+    before = _files(work.out)
+    monkeypatch.setattr(registry, "run_selection", interrupted)
+    code = in_process("coreset_rand.py", *work.keys(), "--fraction", "0.3")
+    err = capsys.readouterr().err
+    assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("coreset_rand: interrupted (Ctrl-C)"), err
+    assert _files(work.out) == before and not (folder.parent / "rand_0.30").exists()

@@ -123,3 +123,14 @@ def test_paper_recipe_details():
     assert parse_config(["--network", "smallnet"]).dropout == 0.0
     assert "cfp_ff" in parse_config(["--dataset", "webface"]).val_targets
     assert parse_config(["--network", "mfn"]).network == "mfn"
+
+
+def test_a_threshold_and_a_fraction_together_are_refused(capsys):
+    """--fraction was silently ignored when --threshold was given too; now the conflict is named."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--coreset_method", "diffprob", "--threshold", "0.05", "--fraction", "0.3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --threshold 0.05 and --fraction 0.3 both given" in err
+    assert parse_config(["--threshold", "0.05"]).threshold == 0.05  # either alone is fine
+    assert parse_config(["--fraction", "0.3"]).fraction == 0.3

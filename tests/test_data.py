@@ -72,7 +72,7 @@ def test_missing_index_names_the_fix(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- bad images
-def _rec_with_a_garbage_payload(folder, num_images=6, bad_sample=3):
+def _rec_with_a_garbage_payload(folder, num_images=6, bad_sample=3, odd_size=None):
     """An InsightFace-layout RecordIO (header at key 0, images at keys 1..n) whose sample `bad_sample` is garbage."""
     from utils.data import recordio
 
@@ -85,7 +85,9 @@ def _rec_with_a_garbage_payload(folder, num_images=6, bad_sample=3):
         for key in range(1, num_images + 1):
             header = recordio.IRHeader(0, float(labels[key - 1]), key, 0)
             img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-            rec.write_idx(key, recordio.pack(header, b"garbage, not a JPEG") if key - 1 == bad_sample
+            if odd_size and key - 1 == bad_sample:  # a decodable image of another size
+                img = rng.integers(0, 255, (odd_size, odd_size, 3), dtype=np.uint8)
+            rec.write_idx(key, recordio.pack(header, b"garbage, not a JPEG") if key - 1 == bad_sample and not odd_size
                           else recordio.pack_img(header, img, img_fmt=".png"))
         for label in range(labels.max() + 1):
             start = 1 + 2 * label
@@ -102,6 +104,22 @@ def test_undecodable_record_names_file_key_and_sample(tmp_path):
         ds[3]
     assert str(e.value) == (f"{folder / 'train.rec'}: record key 4 (sample 3) is not an image OpenCV can decode; "
                             f"rerun with --skip_bad_images true to train without it, or replace the file")
+
+
+def test_an_image_of_another_size_names_its_record_and_can_be_skipped(tmp_path):
+    """One image of another size ended in a torch.stack traceback naming no record."""
+    folder = _rec_with_a_garbage_payload(tmp_path / "rec", odd_size=20)
+    with pytest.raises(ArtifactError) as e:
+        open_dataset(folder)[3]
+    assert str(e.value) == (f"{folder / 'train.rec'}: record key 4 (sample 3) is a 20x20x3 image where its property "
+                            f"file says 16x16x3 (if every image says so, the property file is wrong); rerun with "
+                            f"--skip_bad_images true to train without it, or replace the file")
+    skipping = open_dataset(folder, skip_bad_images=True)
+    assert skipping[3].sample_index == 3 and skipping[2][0].shape == (3, 16, 16)
+    (folder / "property").write_text("3,24,24\n")  # a property that states the wrong size: the first image says so
+    with pytest.raises(ArtifactError, match=r"record key 1 \(sample 0\) is a 16x16x3 image where its property file "
+                                            r"says 24x24x3"):
+        open_dataset(folder)[0]
 
 
 def test_bad_image_from_a_dataloader_worker_is_one_line(tmp_path):

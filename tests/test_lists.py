@@ -314,3 +314,52 @@ def test_csv_numbers_are_printfs():
     assert text == ["%.9g" % v for v in x]
     v = np.array([0, 7, -7, 10, -123456, 2 ** 62], dtype=np.int64)
     assert [bytes(r[r != 0]).decode() for r in _int_chars(v)] == [str(i) for i in v.tolist()]
+
+
+# ------------------------------------------------------------------------------------------ one run per list
+RETRAIN_KEYS = ("--is_original_train", "false", "--network", "smallnet", "--embedding_size", "16", "--batch_size", "32",
+                "--num_epoch", "1", "--lr_steps", "1", "--num_workers", "0", "--val_targets", "", "--frequent", "100")
+
+
+def test_two_lists_from_outside_train_in_folders_of_their_own(scored, tmp_path, monkeypatch, capsys):
+    """A list given by --kept_index names its retrain folder by its bytes: a second list never resumes, nor
+    overwrites, the first one's model (it did when the folder was named by --coreset_method and --fraction)."""
+    labels, out_dir = scored["labels"], tmp_path / "out"
+    made = {}
+    for name, ids in (("a", [0, 1, 2]), ("b", [3, 4, 5])):
+        plain = tmp_path / f"{name}.npy"
+        np.save(plain, np.flatnonzero(np.isin(labels, np.unique(labels)[ids])))
+        code, out, err = run_stage_script(monkeypatch, capsys, "train_everything.py", "--rec", scored["rec"], "--output",
+                                          out_dir, "--kept_index", plain, "--resume", "true", *RETRAIN_KEYS)
+        assert code == 0, err
+        cfg = parse_config(["--rec", str(scored["rec"]), "--output", str(out_dir), "--kept_index", str(plain),
+                            *RETRAIN_KEYS])
+        digest = __import__("hashlib").sha256(plain.read_bytes()).hexdigest()[:12]
+        assert paths.train_dir(cfg).name == f"kept_{digest}_smallnet_CosFace"
+        made[name] = (paths.train_dir(cfg), (paths.train_dir(cfg) / "backbone.pth").read_bytes())
+        assert "resumed from" not in out
+    assert made["a"][0] != made["b"][0] and (made["a"][0] / "backbone.pth").read_bytes() == made["a"][1]
+    summary = json.loads((made["b"][0] / "train_summary.json").read_text())
+    assert summary["num_classes"] == 3 and summary["inputs"] == [str(tmp_path / "b.npy")]
+
+
+def test_resuming_on_a_list_rewritten_since_is_refused(scored, tmp_path, monkeypatch, capsys):
+    """coreset_rand.py rerun with another seed rewrites coresets/<scorer>/rand_0.50/kept_index.npy; a retrain
+    resumed in that folder must not continue the first list's model on the second list."""
+    import shutil
+
+    out_dir = tmp_path / "out"
+    shutil.copytree(scored["out"], out_dir)
+    base = ["--rec", str(scored["rec"]), "--output", str(out_dir), "--coreset_method", "rand", "--fraction", "0.5",
+            "--network", "smallnet"]
+    assert run_stage_script(monkeypatch, capsys, "coreset_rand.py", *base, "--seed", "1")[0] == 0
+    code, _, err = run_stage_script(monkeypatch, capsys, "train_everything.py", *base, "--resume", "true", *RETRAIN_KEYS)
+    assert code == 0, err
+    model = paths.train_dir(parse_config([*base, *RETRAIN_KEYS]))
+    before = (model / "backbone.pth").read_bytes()
+    assert run_stage_script(monkeypatch, capsys, "coreset_rand.py", *base, "--seed", "2")[0] == 0
+    code, _, err = run_stage_script(monkeypatch, capsys, "train_everything.py", *base, "--resume", "true",
+                                    *RETRAIN_KEYS)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "was trained on another kept list or label map" in err and str(model / "last.pt") in err
+    assert (model / "backbone.pth").read_bytes() == before

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import ToolkitError
+from utils.artifacts.paths import manifest_path
 
 log = logging.getLogger("diffprob")
 
@@ -150,12 +151,6 @@ def atomic_save_npz(path, arrays: dict):
 
 
 # ------------------------------------------------------------------------------------------ manifests
-def manifest_path(path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name.split(".")[0] + ".manifest.json") if "." in path.name else \
-        path.with_name(path.name + ".manifest.json")
-
-
 def write_manifest(path, stage: str, fingerprint: Fingerprint, config=None, inputs=(), info=None):
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     atomic_write_json(manifest_path(path), {

@@ -10,13 +10,19 @@ guesses another's paths.
   coresets/<scorer>/<method>_<fraction>/kept_index.npy label_map.json plot.png ranking.npy ranking.csv
                                   eval_simprobs.py, coreset_*.py
   retrain/<scorer>/<method>_<fraction>_<network>_<loss>/   train_everything.py, is_original_train=False
+  retrain/<scorer>/kept_<sha256:12>_<network>_<loss>/      the same on a list given by --kept_index that is not
+                                  where its own selection wrote it (a list from outside, a copy, a renamed file)
 
 <scorer> is `<network>_<loss>` of the original model whose scores made the kept list
 (`--original_network`, default `--network`, and `--original_net_loss`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from types import SimpleNamespace
+
 
 
 def scorer_tag(cfg) -> str:
@@ -86,12 +92,50 @@ def label_map_path(cfg, method: str = None) -> Path:
     return coreset_dir(cfg, method) / "label_map.json"
 
 
+def manifest_path(path) -> Path:
+    """The manifest beside an artifact: `kept_index.npy` -> `kept_index.manifest.json`."""
+    path = Path(path)
+    return path.with_name(path.name.split(".")[0] + ".manifest.json") if "." in path.name else \
+        path.with_name(path.name + ".manifest.json")
+
+
+def given_list_tag(cfg) -> str:
+    """The retrain folder's name for a list given by `--kept_index`: the list's own, never a folder's guess.
+
+    A kept list in the folder its own selection wrote it to (its manifest's method and fraction name that
+    folder) keeps the selection's name, `<method>_<fraction>`. Any other list (made outside the toolkit, copied,
+    renamed) is named by what it holds: `kept_` and the first 12 hex digits of the sha256 of its bytes and its
+    `--label_map`'s, so two lists never share a folder (nor a resumed run). An unreadable list gets a name
+    from its path; loading it then says what is wrong.
+    """
+    kept = Path(cfg.kept_index)
+    try:
+        manifest = json.loads(manifest_path(kept).read_text())
+        made = SimpleNamespace(**{**vars(cfg), **{k: manifest["config"][k] for k in ("coreset_method", "fraction",
+                                                                                        "threshold")}})
+        tag = coreset_tag(made)
+        own_map = not cfg.label_map or Path(cfg.label_map) == kept.parent / "label_map.json"
+        if manifest["stage"] != "clean_trainset" and kept.parent.name == tag and own_map:
+            return tag
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no manifest (a plain list) or not this toolkit's: named by its bytes
+    digest = hashlib.sha256()
+    for path in (kept, cfg.label_map):
+        if path:
+            try:
+                digest.update(Path(path).read_bytes())
+            except OSError:
+                digest.update(str(path).encode())
+    return "kept_" + digest.hexdigest()[:12]
+
+
 def train_dir(cfg) -> Path:
     """Where train_everything.py writes this config's model."""
     if cfg.is_original_train:
         return original_dir(cfg, cfg.network, cfg.loss)
+    tag = given_list_tag(cfg) if cfg.kept_index else coreset_tag(cfg)
     # names both the model that scored the kept list and the network + loss trained on it
-    return Path(cfg.output) / "retrain" / scorer_tag(cfg) / f"{coreset_tag(cfg)}_{cfg.network}_{cfg.loss}"
+    return Path(cfg.output) / "retrain" / scorer_tag(cfg) / f"{tag}_{cfg.network}_{cfg.loss}"
 
 
 def ijb_root(cfg) -> Path:

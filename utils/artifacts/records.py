@@ -198,6 +198,27 @@ def cleaned_kept(cfg, fingerprint: Fingerprint) -> tuple:
     return load_kept_index(path, fingerprint), path
 
 
+def load_relabel(path, dataset):
+    """(sample indices, suggested labels) of cleaning's relabel.npz, checked against `dataset`: the indices in range
+    and distinct, its labels this dataset's, the suggested labels classes of it (export and retraining read it)."""
+    fp = dataset.fingerprint
+    rel = load_array(path, fp)
+    missing = {"index", "label", "suggested_label"} - set(rel if isinstance(rel, dict) else ())
+    if missing:
+        raise ArtifactError(f"{path}: expected a relabel.npz with arrays index, label, suggested_label "
+                            f"(clean_trainset.py --relabel true); missing {sorted(missing)}")
+    order = np.argsort(rel["index"], kind="stable")
+    index = rel["index"][order].astype(np.int64)
+    if index.size and (index[0] < 0 or index[-1] >= fp.num_images or np.any(np.diff(index) == 0)):
+        raise ArtifactError(f"{path}: 'index' must hold distinct sample indices in [0, {fp.num_images})")
+    if not np.array_equal(dataset.all_labels[index], rel["label"][order]):
+        raise ArtifactError(f"{path}: its 'label' array does not hold this dataset's labels of its samples")
+    suggested = rel["suggested_label"][order].astype(np.int64)
+    if suggested.size and (suggested.min() < 0 or suggested.max() >= dataset.source_num_classes):
+        raise ArtifactError(f"{path}: suggested labels must be in [0, {dataset.source_num_classes})")
+    return index, suggested
+
+
 def labels_from_label_dict(path, fingerprint: Fingerprint) -> np.ndarray:
     """Per-sample labels rebuilt from generate_label_dict.py's `label_dict.npz` (CSR: identities, starts, order)."""
     d = load_array(path, fingerprint)

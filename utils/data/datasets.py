@@ -35,10 +35,10 @@ _SKIP_HINT = "rerun with --skip_bad_images true to train without it, or replace 
 class BadImageError(ArtifactError):
     """A sample whose image cannot be decoded: `where` (file, record key) and `sample_index` say which."""
 
-    def __init__(self, where: str, sample_index: int = None):
+    def __init__(self, where: str, sample_index: int = None, problem: str = "is not an image OpenCV can decode"):
         self.where, self.sample_index = where, sample_index
         if sample_index is not None:
-            message = f"{where} (sample {sample_index}) is not an image OpenCV can decode; {_SKIP_HINT}"
+            message = f"{where} (sample {sample_index}) {problem}; {_SKIP_HINT}"
         else:  # rebuilt from its message (unpickled, or re-raised by a DataLoader worker)
             message = where
             # A worker re-raises it in the main process as type(e)("Caught ... Original Traceback ...
@@ -153,6 +153,7 @@ class RecordDataset(FaceDataset):
         self._pid = None
         self._cache = None  # sample index -> decoded image, once the first image shows the set fits
         self._cache_decided = False
+        self._size = None  # (height, width) every image must have: set by the first image checked
 
     def _open(self):
         from utils.data.recordio import MXIndexedRecordIO
@@ -173,6 +174,7 @@ class RecordDataset(FaceDataset):
             _, img = unpack_img(record)
         except RecordIOError as e:
             raise BadImageError(f"{self.rec_dir / 'train.rec'}: record key {key}", sample_index) from e
+        self._check_size(img, key, sample_index)
         if not self._cache_decided:
             self._cache_decided = True
             if img.nbytes * self.num_images <= self.cache_bytes:
@@ -181,6 +183,17 @@ class RecordDataset(FaceDataset):
             img.setflags(write=False)  # shared by every later read
             self._cache[sample_index] = img
         return img
+
+    def _check_size(self, img, key: int, sample_index: int):
+        """Every image of a batch must have one size: the `property` file's, else the first image read's."""
+        if self._size is None:
+            self._size = tuple(self.layout.image_size) if self.layout.image_size else img.shape[:2]
+        if img.ndim != 3 or img.shape[2] != 3 or img.shape[:2] != self._size:
+            found = "x".join(map(str, img.shape))
+            said = "its property file says" if self.layout.image_size else "the first image read is"
+            raise BadImageError(f"{self.rec_dir / 'train.rec'}: record key {key}", sample_index,
+                                f"is a {found} image where {said} {self._size[0]}x{self._size[1]}x3 (if every "
+                                f"image says so, the property file is wrong)")
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts.files import (ArtifactError, Fingerprint, atomic_save_npy, atomic_write_json, label_map_array,
-                             load_array, load_kept_index, load_label_map, manifest_path, validate_kept_index)
+                             load_kept_index, load_label_map, manifest_path, validate_kept_index)
+from utils.artifacts.records import load_relabel
 from utils.data.recordio import read_property
 from utils.data.writer import (EXPORT_MANIFEST, ORIGIN_INDEX, carry_files, check_destination,
                                  file_sha256, link_or_copy, staged_folder, write_recordio)
@@ -50,26 +51,6 @@ def _as_path(value):
     return value if isinstance(value, (str, os.PathLike)) else None
 
 
-def _load_relabel(path, dataset):
-    """(sample indices, suggested labels) of cleaning's relabel.npz, checked against `dataset`."""
-    fp = dataset.fingerprint
-    rel = load_array(path, fp)
-    missing = {"index", "label", "suggested_label"} - set(rel if isinstance(rel, dict) else ())
-    if missing:
-        raise ArtifactError(f"{path}: expected a relabel.npz with arrays index, label, suggested_label "
-                            f"(clean_trainset.py --relabel true); missing {sorted(missing)}")
-    order = np.argsort(rel["index"], kind="stable")
-    index = rel["index"][order].astype(np.int64)
-    if index.size and (index[0] < 0 or index[-1] >= fp.num_images or np.any(np.diff(index) == 0)):
-        raise ArtifactError(f"{path}: 'index' must hold distinct sample indices in [0, {fp.num_images})")
-    if not np.array_equal(dataset.all_labels[index], rel["label"][order]):
-        raise ArtifactError(f"{path}: its 'label' array does not hold this dataset's labels of its samples")
-    suggested = rel["suggested_label"][order].astype(np.int64)
-    if suggested.size and (suggested.min() < 0 or suggested.max() >= dataset.source_num_classes):
-        raise ArtifactError(f"{path}: suggested labels must be in [0, {dataset.source_num_classes})")
-    return index, suggested
-
-
 def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> ExportPlan:
     """Resolve the selection against `dataset` (a `FaceDataset`); every input is checked before a byte is written.
 
@@ -85,7 +66,7 @@ def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> Expor
     assigned = dataset.all_labels.copy()  # each sample's label after --relabel, in the source's numbering
     inputs = {"relabel": None}
     if relabel is not None:
-        index, suggested = _load_relabel(relabel, dataset)
+        index, suggested = load_relabel(relabel, dataset)
         assigned[index] = suggested
         inputs["relabel"] = _describe(relabel, "relabelled", int(index.size))
 

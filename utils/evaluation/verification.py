@@ -361,6 +361,9 @@ class VerificationSet:
         self.name = name
         self.path = os.fspath(path)
         data_list, self.issame = load_bin(self.path, image_size)
+        if len(self.issame) < 10:  # the protocol's 10 folds (training, eval_verification) need a pair each
+            raise BinFileError(f"{self.path}: {len(self.issame)} pair(s), fewer than the 10 folds of the verification "
+                               f"protocol; a verification set needs at least 10 pairs")
         all_images = data_list[0]
         first = {}
         rows = np.array([first.setdefault(img.tobytes(), i) for i, img in enumerate(all_images.numpy())])

@@ -3,11 +3,15 @@
 It parses the config (defaults of config/config.py + command-line overrides), sets up the process
 (`utils.runtime.context`: device, precision, torchrun group, logging), logs every resolved key, calls
 `main(cfg, ctx)`, and turns the project's own errors (`utils.errors.ToolkitError`) into one line on
-stderr and exit status 1. Any other exception is a bug and keeps its traceback.
+stderr and exit status 1; so are a folder or file the user cannot write (permission, read-only file system, full
+disk: the path and the reason) and Ctrl-C (exit 130; every output is written whole or not at all, so a rerun
+continues). Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import time
 
@@ -20,6 +24,11 @@ from utils.errors import ToolkitError
 from utils.artifacts.locking import LockError, OutputLock
 
 log = logging.getLogger("diffprob")
+
+
+# What a user's file system, not a bug, causes: one line naming the path (a full disk while writing an artifact is
+# reported by utils/artifacts/files.py with the artifact's name).
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _rank0_code(ctx: Context, code: int) -> int:
@@ -83,6 +92,18 @@ def run_stage(name: str, main, description: str = "", extra_args=None, argv=None
         # The project's own errors are worded for users: one line, no traceback. Anything else is a bug.
         _clear_progress_bars()
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even if e's has several
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise  # anything else is a bug: its traceback
+        _clear_progress_bars()
+        where = e.filename if e.filename is not None else "the output folder"
+        print(f"{name}: error: cannot write {where}: {e.strerror or os.strerror(e.errno)}; choose an --output "
+              f"this user can write to", file=sys.stderr)
+    except KeyboardInterrupt:
+        _clear_progress_bars()
+        print(f"{name}: interrupted (Ctrl-C); every file it wrote is whole, and the same command continues",
+              file=sys.stderr)
+        code = 130
     finally:
         if lock is not None:
             lock.release()

@@ -9,6 +9,7 @@ soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from utils.data.datasets import PaddedDistributedSampler, collate_skip_bad, open
 from utils.models.embedding import forward_uint8
 from utils.errors import UserError
 from utils.models.build import build_head, head_kwargs, model_kwargs, new_backbone
-from utils.artifacts.records import npz_headers
+from utils.artifacts.records import load_relabel, npz_headers
 from utils.selection.registry import RETRAIN_ONLY, get_method
 from utils.data.transforms import random_hflip
 
@@ -78,14 +79,12 @@ def load_selection(cfg, fingerprint: Fingerprint, labels: np.ndarray):
 
 def relabelled(cfg, dataset):
     """The full dataset with cleaning's flagged samples moved to their suggested label."""
-    from utils.artifacts.files import load_array
-
     path = paths.clean_dir(cfg) / "relabel.npz"
     if not path.exists():
         raise ArtifactError(f"missing {path}: run clean_trainset.py --relabel true first")
-    rel = load_array(path, dataset.fingerprint)
-    log.info("relabel: %d flagged samples take their suggested label", len(rel["index"]))
-    return dataset.with_labels(rel["index"], rel["suggested_label"])
+    index, suggested = load_relabel(path, dataset)
+    log.info("relabel: %d flagged samples take their suggested label", index.size)
+    return dataset.with_labels(index, suggested)
 
 
 @dataclass
@@ -107,6 +106,7 @@ class Run:
     global_step: int = 0
     inputs: list = field(default_factory=list)
     label_map: dict = None
+    selection: str = ""  # selection_digest: the samples and labels trained on
     best: dict = field(default_factory=dict)
     skipped_images: int = 0  # undecodable images dropped in the last epoch (skip_bad_images)
 
@@ -156,10 +156,17 @@ def prepare_run(cfg, ctx: Context) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     run = Run(cfg, ctx, out, dataset, loader, sampler, backbone, train_backbone, head, optimizer, scheduler,
-              scaler, steps_per_epoch, inputs=inputs, label_map=label_map)
+              scaler, steps_per_epoch, inputs=inputs, label_map=label_map, selection=selection_digest(dataset))
     if cfg.resume:
         _resume(run)
     return run
+
+
+def selection_digest(dataset) -> str:
+    """sha256 of what a run trains on: which samples (the kept list) under which labels (label map, relabelling)."""
+    digest = hashlib.sha256(np.ascontiguousarray(dataset.sample_index, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def make_sgd(backbone, head, device: torch.device, *, lr: float, momentum: float, weight_decay: float):
@@ -218,7 +225,7 @@ def save_epoch(run: Run, epoch: int):
         save_checkpoint(paths.epoch_checkpoint(out, epoch), light)
         save_checkpoint(out / "backbone.pth", run.backbone.state_dict())
         save_checkpoint(out / "last.pt", {"epoch": epoch, "world_size": ctx.world_size,
-                                          "fingerprint": run.dataset.fingerprint.to_dict()})
+                                          "fingerprint": run.dataset.fingerprint.to_dict(), "selection": run.selection})
         if not cfg.is_original_train and epoch > 1:  # retrained models keep only the newest epoch
             paths.epoch_checkpoint(out, epoch - 1).unlink(missing_ok=True)
     barrier(ctx)
@@ -279,6 +286,9 @@ def _resume(run: Run):
     last = load_checkpoint(marker)
     if Fingerprint.from_dict(last["fingerprint"]) != run.dataset.fingerprint:
         raise ArtifactError(f"{marker} belongs to another dataset or kept list; use another --output")
+    if last.get("selection", run.selection) != run.selection:  # (runs before 2026-12-05 recorded none)
+        raise ArtifactError(f"{marker} was trained on another kept list or label map than the one given now; resume it "
+                            f"with the list it was trained on, or train this one with another --output")
     epoch, saved_world = int(last["epoch"]), int(last["world_size"])
     light = load_checkpoint(paths.epoch_checkpoint(out, epoch))
     if saved_world == ctx.world_size:
