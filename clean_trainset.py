@@ -13,7 +13,7 @@ suggested labels of the mislabeled samples are written too, for retraining on ev
 
 The CSVs add each sample's image file (image-folder datasets) or record key (RecordIO). With a
 `noise.json` in the dataset, the summary measures the cleaning against the injected noise. With
-`--clean_round R` (iterative cleaning, run_pipeline.py --clean-rounds) the same files go to
+`--clean_round R` (iterative cleaning, run_pipeline.py --clean_rounds) the same files go to
 `clean/<scorer>/round_<R>/` as well; round R >= 2 reads the scores of round R-1's retrained model
 (eval_trainset.py --clean_round R) and reports how much the flagged set changed.
 

@@ -6,20 +6,9 @@ This is coreset_select.py's stage for `--coreset_method dynunc`: it writes cores
 
 Every key of config/config.py can be overridden: `python coreset_dynunc.py --KEY VALUE`; `--help` lists them.
 """
-from utils.artifacts import paths
-from utils.data.datasets import open_dataset
-from utils.artifacts.kept_sets import write_selection
-from utils.artifacts.records import open_records
-from utils.runtime.stage import run_stage
-from utils.selection.registry import get_method, run_selection
+from coreset_select import main, stage_for
 
-
-def run_dynunc(cfg, ctx=None) -> dict:
-    method = get_method("dynunc")
-    rec = open_records(cfg, open_dataset(cfg.rec))  # labels from the record headers alone
-    selection = run_selection(method, rec, cfg)  # reads the files the method needs, then selects
-    return write_selection(cfg, paths.coreset_dir(cfg, method.name), method, selection, rec)
-
+run_dynunc = stage_for("dynunc")  # the stage function (tests call it)
 
 if __name__ == "__main__":
-    run_stage("coreset_dynunc", run_dynunc, description=__doc__, lock_dir=lambda cfg: paths.coreset_dir(cfg, "dynunc"))
+    main("coreset_dynunc", "dynunc", __doc__)

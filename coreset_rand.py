@@ -5,20 +5,9 @@ This is coreset_select.py's stage for `--coreset_method rand`: it writes coreset
 
 Every key of config/config.py can be overridden: `python coreset_rand.py --KEY VALUE`; `--help` lists them.
 """
-from utils.artifacts import paths
-from utils.data.datasets import open_dataset
-from utils.artifacts.kept_sets import write_selection
-from utils.artifacts.records import open_records
-from utils.runtime.stage import run_stage
-from utils.selection.registry import get_method, run_selection
+from coreset_select import main, stage_for
 
-
-def run_rand(cfg, ctx=None) -> dict:
-    method = get_method("rand")
-    rec = open_records(cfg, open_dataset(cfg.rec))  # labels from the record headers alone
-    selection = run_selection(method, rec, cfg)  # reads the files the method needs, then selects
-    return write_selection(cfg, paths.coreset_dir(cfg, method.name), method, selection, rec)
-
+run_rand = stage_for("rand")  # the stage function (tests call it)
 
 if __name__ == "__main__":
-    run_stage("coreset_rand", run_rand, description=__doc__, lock_dir=lambda cfg: paths.coreset_dir(cfg, "rand"))
+    main("coreset_rand", "rand", __doc__)

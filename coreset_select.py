@@ -27,5 +27,21 @@ def select(cfg, ctx=None, method_name: str = None) -> dict:
     return write_selection(cfg, paths.coreset_dir(cfg, method.name), method, selection, rec)
 
 
+def stage_for(method_name: str):
+    """`select` for one method: what the paper's per-method scripts (coreset_rand.py, ...) run."""
+    def run(cfg, ctx=None) -> dict:
+        return select(cfg, ctx, method_name)
+    return run
+
+
+def main(stage: str = "coreset_select", method_name: str = None, description: str = __doc__):
+    """Run the stage; `method_name` fixes the method (the paper's per-method scripts)."""
+    if method_name is None:
+        run_stage(stage, select, description=description, lock_dir=paths.coreset_dir)
+    else:
+        run_stage(stage, stage_for(method_name), description=description,
+                  lock_dir=lambda cfg: paths.coreset_dir(cfg, method_name))
+
+
 if __name__ == "__main__":
-    run_stage("coreset_select", select, description=__doc__, lock_dir=paths.coreset_dir)
+    main()

@@ -14,14 +14,14 @@ Every key of config/config.py can be overridden: `python export_trainset.py --KE
 """
 from utils.errors import UserError
 from utils.data.export import export_dataset, format_summary
+from utils.runtime.cli import add_bool
 from utils.runtime.stage import run_stage
 
 
 def add_export_args(parser):
     parser.add_argument("--out", default=None, help="dataset folder to create (refused if it exists, unless "
                                                     "--overwrite true)")
-    parser.add_argument("--overwrite", default="false", type=str.lower, choices=("true", "false"),
-                        help="replace an existing --out folder")
+    add_bool(parser, "overwrite", "replace an existing --out folder")
     parser.add_argument("--relabel_file", default=None,
                         help="cleaning's relabel.npz: its samples take the suggested label before renumbering")
 
@@ -34,7 +34,7 @@ def run_export(cfg, ctx, args) -> dict:
         raise UserError("--kept_index FILE is required: a kept list (.npy, with its manifest or plain, or the "
                         "paper's 'kept_index = [...]' text)")
     summary = export_dataset(cfg.rec, cfg.kept_index or None, cfg.label_map or None, args.out,
-                             relabel=args.relabel_file, overwrite=args.overwrite == "true")
+                             relabel=args.relabel_file, overwrite=args.overwrite)
     print(format_summary(summary))
     return summary
 

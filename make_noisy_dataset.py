@@ -1,13 +1,14 @@
 """Write a copy of a RecordIO dataset with injected label noise and its ground truth (see utils/data/noise.py and --help).
 
-    python make_noisy_dataset.py --rec data/synthetic --out data/synthetic_noisy --flip-rate 0.1 \
-        --open-rate 0.05 --open-from data/other_identities --seed 0
+    python make_noisy_dataset.py --rec data/synthetic --out data/synthetic_noisy --flip_rate 0.1 \
+        --open_rate 0.05 --open_from data/other_identities --seed 0
 """
 import argparse
 import sys
 
 from utils.errors import ToolkitError
 from utils.data.noise import check_rates, inject_noise
+from utils.runtime.cli import add_bool, flag
 
 
 def main(argv=None) -> int:
@@ -17,15 +18,15 @@ def main(argv=None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rec", required=True, help="source dataset folder (train.rec, train.idx, property)")
     parser.add_argument("--out", required=True, help="dataset folder to create (refused if it exists)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--flip-rate", type=float, default=0.0,
+    add_bool(parser, "overwrite", "replace an existing --out folder")
+    parser.add_argument(*flag("flip_rate"), type=float, default=0.0,
                         help="share of images relabelled to another identity of the dataset, drawn uniformly")
-    parser.add_argument("--open-rate", type=float, default=0.0,
-                        help="share of images whose image is replaced by one of --open-from (label kept)")
-    parser.add_argument("--open-from", default=None,
+    parser.add_argument(*flag("open_rate"), type=float, default=0.0,
+                        help="share of images whose image is replaced by one of --open_from (label kept)")
+    parser.add_argument(*flag("open_from"), default=None,
                         help="RecordIO dataset of identities the training set does not contain, same image size")
     parser.add_argument("--seed", type=int, default=0, help="the same seed and arguments give byte-identical files")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_bool(parser, "quiet", "no progress bar and no summary")
     args = parser.parse_args(argv)
     try:
         check_rates(args.flip_rate, args.open_rate, args.open_from)

@@ -1,6 +1,6 @@
 """Write a synthetic face-recognition dataset in the real formats (the generator: utils/synthetic/generator.py).
 
-    python make_synthetic_dataset.py --out data/synthetic --num-ids 500 --image-size 112 --seed 0
+    python make_synthetic_dataset.py --out data/synthetic --num_ids 500 --image_size 112 --seed 0
 
 The folder holds train.rec/.idx/property (InsightFace layout), syn_frontal.bin and syn_pose.bin
 (verification pairs of held-out identities), ijb/ (IJB-C and IJB-B release layouts), noise.json (the
@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 
+from utils.runtime.cli import add_bool, flag
 from utils.synthetic.generator import CONFIG_HELP, SyntheticConfig, generate_dataset
 
 
@@ -24,12 +25,12 @@ def build_arg_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="dataset folder to create (must be empty or absent)")
     for f in dataclasses.fields(SyntheticConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        parser.add_argument(*flag(f.name), type=type(f.default), default=f.default,
                             help=CONFIG_HELP[f.name])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="rendering processes (does not change the files)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_bool(parser, "overwrite", "replace a non-empty --out folder")
+    add_bool(parser, "quiet", "no progress bar and no summary")
     return parser
 
 

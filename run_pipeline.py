@@ -36,6 +36,7 @@ from utils.artifacts.records import clean_round_dir, round_model_dir, round_scor
 from utils.data.noise_file import load_noise
 from utils.evaluation.report import METHOD_LABELS, mean_accuracy, write_results
 from utils.selection.registry import METHODS, canonical_name, list_methods
+from utils.runtime.cli import add_bool, flag, parse_bool
 from utils.pipeline.runner import RUNNERS, choose_runner, preload, run_forked, run_subprocess
 from utils.training.loop import check_bins
 
@@ -54,7 +55,7 @@ class Key(NamedTuple):
 
 
 class StopPipeline(Exception):
-    """Raised at --stop-after: the steps so far are complete, a re-run continues from there."""
+    """Raised at --stop_after: the steps so far are complete, a re-run continues from there."""
 
 
 @dataclass
@@ -73,7 +74,7 @@ PROFILES = {
     # CI's end-to-end test: seconds per stage.
     "tiny": Profile(
         "a few seconds per stage (tests)",
-        data=["--num-ids", "24", "--image-size", "32", "--seed", "0", "--val-pairs", "200"],
+        data=["--num_ids", "24", "--image_size", "32", "--seed", "0", "--val_pairs", "200"],
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
         fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
@@ -81,19 +82,19 @@ PROFILES = {
     # images/s (docs/results.md); 3,000 verification pairs per set.
     "demo": Profile(
         "the default without a GPU: 100 identities, 12 epochs; about 10 minutes at 460 images/s in tools/bench_train.py",
-        data=["--num-ids", "100", "--image-size", "32", "--seed", "0", "--val-pairs", "1500"],
+        data=["--num_ids", "100", "--image_size", "32", "--seed", "0", "--val_pairs", "1500"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
                    num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
     # The earlier default, 1.5x the identities and 4x the verification pairs: about twice the demo's time.
     "cpu": Profile(
         "150 identities, 12 epochs, 6,000 verification pairs per set: about twice the demo's time",
-        data=["--num-ids", "150", "--image-size", "32", "--seed", "0"],
+        data=["--num_ids", "150", "--image_size", "32", "--seed", "0"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
                    num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
     # One GPU: the paper's backbone at 112x112 on a larger synthetic set (or the real data with --rec).
     "gpu": Profile(
         "one GPU: iresnet50 at 112x112",
-        data=["--num-ids", "2000", "--image-size", "112", "--seed", "0", "--workers", "8"],
+        data=["--num_ids", "2000", "--image_size", "112", "--seed", "0", "--workers", "8"],
         train=dict(network="iresnet50", embedding_size=512, batch_size=256, num_epoch=20, lr_steps=[12, 16, 18],
                    lr=0.1, num_workers=8, record_topk=10, window=10, frequent=50,
                    verify_every_epoch=False)),
@@ -421,7 +422,7 @@ class Pipeline:
             results["cleaning"] = {k: q.get(k) for k in ("removed", "precision", "recall", "noisy",
                                                          "recall_flipped", "recall_open_set")}
             rounds = sorted(paths.clean_dir(base).glob("round_*/summary.json"), key=lambda f: int(f.parent.name[6:]))
-            if rounds:  # --clean-rounds: each round's counts and quality
+            if rounds:  # --clean_rounds: each round's counts and quality
                 results["cleaning_rounds"] = [
                     {"round": s.get("round"), "change": s.get("change"), **{k: s.get("quality", {}).get(k) for k in
                                                                             ("removed", "precision", "recall")}}
@@ -494,14 +495,14 @@ def _trainees(p, args, train: dict) -> tuple:
         else [base_loss]
     bad = [n for n in nets if n not in list_models()]
     if bad:
-        p.error(f"--retrain-networks: unknown {bad}; valid: {', '.join(list_models())}")
+        p.error(f"--retrain_networks: unknown {bad}; valid: {', '.join(list_models())}")
     if args.retrain_networks is None and args.retrain_losses is None:
         return ()
     return tuple((n, x) for n in nets for x in losses if (n, x) != (base_net, base_loss))
 
 
 def show_config(pipe: Pipeline) -> dict:
-    """--show-config: what the original model's training will use, in one screen; exit 2 if a .bin is missing."""
+    """--show_config: what the original model's training will use, in one screen; exit 2 if a .bin is missing."""
     cfg = pipe.cfg(is_original_train=True)
     world = max(1, pipe.nproc)
     keys = ("dataset", "rec", "network", "loss", "s", "m", "embedding_size", "num_epoch", "lr_steps", "lr_decay",
@@ -552,25 +553,25 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train every configuration (full data, every method x fraction) with N seeds: the training "
                         "seed and, for a seeded selection (Rand), the selection seed; the tables give mean +- std")
-    p.add_argument("--retrain-networks", default=None, metavar="NET,...",
+    p.add_argument(*flag("retrain-networks"), default=None, metavar="NET,...",
                    help="also retrain the same kept lists with these networks (the paper's table 3)")
-    p.add_argument("--retrain-losses", default=None, metavar="LOSS,...",
+    p.add_argument(*flag("retrain-losses"), default=None, metavar="LOSS,...",
                    help="also retrain the same kept lists with these losses (the paper's table 2)")
-    p.add_argument("--clean-rounds", type=int, default=1, metavar="N",
+    p.add_argument(*flag("clean-rounds"), type=int, default=1, metavar="N",
                    help="iterative cleaning: clean, retrain on the cleaned set, score every sample with that model, "
                         "clean again; at most N rounds, fewer when the flagged set changes by less than "
                         "--set clean_tolerance=T (default 1: clean once)")
     p.add_argument("--data", nargs="*", metavar="KEY=VALUE",
                    help="synthetic generator options over the profile's (make_synthetic_dataset.py --help lists "
                         "them), e.g. --data redundancy=0.5 redundant_id_share=1 for a highly redundant set")
-    p.add_argument("--show-config", action="store_true",
+    p.add_argument(*flag("show_config"), type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
                    help="print the original model's resolved training config (schedule, targets, batch, lr) and "
                         "check that the verification sets are there, then exit without running anything")
     p.add_argument("--runner", default="auto", choices=RUNNERS,
                    help="how each stage runs: fork (CPU, one process: a forked copy of the pipeline with the imports "
                         "done once), subprocess (a new interpreter: GPUs and torchrun), auto (fork where it can)")
-    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
-    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+    add_bool(p, "fresh", "delete --out first instead of resuming")
+    p.add_argument(*flag("stop-after"), type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count()
@@ -592,7 +593,7 @@ def main(argv=None):
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     if args.clean_rounds < 1:
-        p.error("--clean-rounds must be >= 1")
+        p.error("--clean_rounds must be >= 1")
     if args.data and args.rec is not None:
         p.error("--data sets the synthetic generator's options; it does not apply to --rec")
     if args.rec is None:
@@ -637,7 +638,7 @@ def main(argv=None):
     except LockError as e:
         raise SystemExit(f"run_pipeline: error: {e}") from None
     except StopPipeline as e:
-        print(f"stopped after step {e.args[0]} (--stop-after); run again without it to continue")
+        print(f"stopped after step {e.args[0]} (--stop_after); run again without it to continue")
         return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import sys
@@ -74,7 +75,7 @@ class Config:
     is_original_train: bool = True  # full dataset + per-epoch probability recording (DynUnc input)
     original_net_loss: str = "CosFace"  # loss of the original model whose scores the pruning reads
     original_network: Optional[str] = None  # its network (None: --network); retraining other networks on its lists
-    record_topk: int = 10  # margin-free top-k logits recorded per sample and epoch (entropy method)
+    record_topk: int = 10  # margin-free top-k logits recorded per sample and epoch (what methods and rules that read top-k records use)
     eval_epoch: int = -1  # checkpoint epoch to score (1-based; -1: the last)
     use_all_epochs: bool = False  # score every saved epoch and average
     checkpoint: str = ""  # explicit checkpoint / backbone.pth to score or evaluate
@@ -86,15 +87,15 @@ class Config:
     #                                   ones with their suggested label); the paper's names are aliases
     clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning/rules.py's registry (argmax: the paper's)
     clean_agree: Optional[List[str]] = None  # other rules that must flag a sample too (agreement; None: none)
-    clean_epochs: str = ""  # trajectory soft labels: recorded epochs "A-B" (1-based, inclusive); "": all
-    clean_probs: str = "trajectory"  # confident_learning's probabilities: trajectory (soft labels) | scores
-    clean_margin_quantile: float = 0.25  # trajectory: flag when another identity beats the label by the
+    clean_epochs: str = ""  # rules on soft labels: the recorded epochs "A-B" (1-based, inclusive); "": all
+    clean_probs: str = "trajectory"  # the probabilities a rule reads where it lets you choose (the rule table)
+    clean_margin_quantile: float = 0.25  # soft-label margin rule: flag when another identity beats the label by the
     #                                      clean majority's margin at this quantile (0 < q < 1)
     clean_round: int = 0  # iterative cleaning: round R >= 1 (R >= 2 scores with round R-1's retrained model)
     clean_tolerance: float = 0.01  # rounds stop when the flagged set changes by less (share of the last)
-    fraction: float = 0.5  # kept fraction (per identity for rand/dynunc/entropy; overall for DiffProb)
-    threshold: Optional[float] = None  # DiffProb threshold t (None: searched for `fraction`)
-    window: int = 10  # DynUnc window J (epochs)
+    fraction: float = 0.5  # kept fraction (per identity, or overall for a threshold method: the method table)
+    threshold: Optional[float] = None  # a threshold method's t (None: searched for `fraction`)
+    window: int = 10  # window J (epochs) of methods that read p(label) per epoch
     min_samples_per_id: int = 5
     coreset_order: str = "descending"  # score methods: keep the highest (descending) or lowest scores
     score_epoch: int = -1  # EL2N averages the epochs up to it; margin / least confidence read it (1-based; -1: last)
@@ -145,8 +146,7 @@ def infer_dataset(rec) -> tuple:
                       f"one): pass --dataset {' | '.join(DATASET_PRESETS)}")
 
 
-# Allowed values per key. The registries add theirs when they are imported: `coreset_method` from
-# utils/selection/registry.py (selection methods), `clean_rule` from utils/cleaning/rules.py (cleaning rules).
+# Allowed values per key that config itself knows; `choices(key)` adds the keys a registry owns.
 CHOICES = {
     "dtype": ("auto", "fp32", "fp16", "bf16"),
     "device": ("auto", "cpu", "cuda"),
@@ -157,8 +157,32 @@ CHOICES = {
 }
 
 
-# Other names a key accepts for a value (the paper repository's method names), also filled by the registries.
-ALIASES = {}
+# Keys whose values a registry owns: {key: (module, function giving the values, function giving aliases or None)}.
+# config asks the registry when a config is checked or a --help is built, by module name: the registries import
+# modules that import config, so config cannot import them (nor does importing a registry change config).
+REGISTRY_KEYS = {
+    "coreset_method": ("utils.selection.registry", "coreset_method_choices", "coreset_method_aliases"),
+    "clean_rule": ("utils.cleaning.rules", "rule_choices", None),
+    "clean_probs": ("utils.cleaning.rules", "prob_source_choices", None),
+}
+
+
+def _registry(key: str, which: int):
+    module, *functions = REGISTRY_KEYS[key]
+    name = functions[which]
+    return getattr(importlib.import_module(module), name)() if name else {}
+
+
+def choices(key: str):
+    """The values `key` accepts: config's own list or the owning registry's; None where any value goes."""
+    if key in REGISTRY_KEYS:
+        return tuple(_registry(key, 0))
+    return CHOICES.get(key)
+
+
+def aliases(key: str) -> dict:
+    """Other names `key` accepts for a value (the paper repository's method names) -> the registered ones."""
+    return _registry(key, 1) if key in REGISTRY_KEYS else {}
 
 
 class ConfigError(ToolkitError, ValueError):
@@ -229,7 +253,8 @@ def _describe_keys():
 
 def _check(cfg: Config):
     """Value checks that do not need the dataset."""
-    for key, allowed in CHOICES.items():
+    for key in (*CHOICES, *REGISTRY_KEYS):
+        allowed = choices(key)
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.ccs_beta < 1 or cfg.ccs_strata < 1:
@@ -315,8 +340,8 @@ def resolve(cfg: Config, preset_needed: bool = True) -> Config:
     from losses.registry import HEAD_DEFAULTS, get_head
 
     values = dataclasses.asdict(cfg)
-    for key, names in ALIASES.items():
-        values[key] = names.get(values[key], values[key])
+    for key in REGISTRY_KEYS:
+        values[key] = aliases(key).get(values[key], values[key])
     if values["dataset"] == "auto":
         try:
             values["dataset"], how = infer_dataset(values["rec"])
@@ -381,7 +406,8 @@ def build_parser(description: str = "", stage: str = None, argv=()) -> argparse.
     for f in dataclasses.fields(Config):
         base, is_list = _base_type(hints[f.name])
         kind = f"list of {base.__name__}" if is_list else base.__name__
-        one_of = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
+        allowed = choices(f.name)
+        one_of = f"; one of {', '.join(allowed)}" if allowed else ""
         if base is dict:
             kind, one_of = "name=value,...", f"; {head_params_help()}"
         hidden = shown is not None and f.name not in shown
@@ -418,7 +444,7 @@ def parse_config(argv=None, description: str = "", extra=None, defaults: Config 
                 overrides[f.name] = parse_value(f.name, text)
         if overrides.get("threshold") is not None and "fraction" in overrides:
             raise ConfigError(f"--threshold {overrides['threshold']:g} and --fraction {overrides['fraction']:g} both "
-                              f"given: a DiffProb threshold decides the kept fraction itself; give one of them")
+                              f"given: a threshold decides the kept fraction itself; give one of them")
         cfg = resolve(dataclasses.replace(base, **overrides), preset_needed=preset_needed)
     except ConfigError as e:
         parser.print_usage(sys.stderr)
@@ -444,10 +470,6 @@ def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=1, sort_keys=True)
 
 
-# Methods whose `fraction` is a target the selection aims at (DiffProb only when no threshold is given).
-_FRACTION_METHODS = ("rand", "dynunc", "entropy", "diffprob")
-
-
 def check_against_dataset(cfg: Config, num_images: int, num_classes: int, image_size=None, *, class_counts=None,
                           world_size: int = 1):
     """Checks of a resolved config that need the dataset; raises ConfigError naming the keys and the dataset.
@@ -462,12 +484,6 @@ def check_against_dataset(cfg: Config, num_images: int, num_classes: int, image_
         errors.append(f"record_topk={cfg.record_topk} must be >= 0 (0: record no top-k logits)")
     elif cfg.is_original_train and cfg.record_topk > num_classes:
         errors.append(f"record_topk={cfg.record_topk} exceeds the dataset's {num_classes} identities")
-    if cfg.coreset_method == "entropy" and cfg.record_topk == 0:
-        errors.append("coreset_method=entropy reads the top-k logits the original training records; "
-                      "record_topk=0 records none")
-    if cfg.coreset_method == "dynunc" and cfg.window > cfg.num_epoch:
-        errors.append(f"window={cfg.window} exceeds num_epoch={cfg.num_epoch}: DynUnc needs at least `window` "
-                      f"epochs of recorded probabilities")
     if cfg.eval_epoch == 0 or cfg.eval_epoch < -1 or cfg.eval_epoch > cfg.num_epoch:
         errors.append(f"eval_epoch={cfg.eval_epoch} must be -1 (the last) or an epoch in 1..{cfg.num_epoch} "
                       f"(num_epoch)")
@@ -479,19 +495,8 @@ def check_against_dataset(cfg: Config, num_images: int, num_classes: int, image_
     if global_batch > num_images:
         errors.append(f"batch_size={cfg.batch_size} x {world_size} process(es) = {global_batch} exceeds the "
                       f"dataset's {num_images} images: with drop_last no step would run")
-    if class_counts is not None and cfg.coreset_method in _FRACTION_METHODS and \
-            not (cfg.coreset_method == "diffprob" and cfg.threshold is not None):
-        import numpy as np
-
-        counts = np.asarray(class_counts, dtype=np.int64)
-        floor = int(np.minimum(counts, cfg.min_samples_per_id).sum())
-        if floor >= num_images:
-            errors.append(f"min_samples_per_id={cfg.min_samples_per_id} is at least the size of every identity "
-                          f"(largest {int(counts.max(initial=0))}): every image would be kept")
-        elif floor > cfg.fraction * num_images:
-            errors.append(f"min_samples_per_id={cfg.min_samples_per_id} alone keeps {floor} of {num_images} images "
-                          f"(min(count, {cfg.min_samples_per_id}) per identity), more than fraction={cfg.fraction} "
-                          f"asks ({cfg.fraction * num_images:.0f}); lower min_samples_per_id or raise fraction")
+    # what the selection method reads, checked by its registry entry (by name: see REGISTRY_KEYS)
+    errors += importlib.import_module("utils.selection.registry").method_config_errors(cfg, num_images, class_counts)
     if image_size is not None:
         from backbones.common import final_map_size
 

@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds on 2 CPU cores, large enough that every identity has > min_samples_per_id images.
-TINY_DATASET = ["--num-ids", "16", "--image-size", "32", "--seed", "3", "--val-pairs", "200"]
+TINY_DATASET = ["--num_ids", "16", "--image_size", "32", "--seed", "3", "--val_pairs", "200"]
 TINY_TRAIN = ["--network", "smallnet", "--embedding_size", "64", "--batch_size", "32", "--num_epoch", "3",
               "--lr_steps", "2", "--lr", "0.2", "--num_workers", "0", "--frequent", "5", "--record_topk", "4",
               "--score_batch_size", "64", "--eval_batch_size", "64"]

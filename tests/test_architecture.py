@@ -26,12 +26,12 @@ def test_import_graph_tool_exits_zero_and_prints_the_height():
 
 
 def test_config_choices_and_aliases_come_from_the_registries():
-    from config.config import CHOICES, parse_config
+    from config.config import choices, parse_config
     from utils.cleaning import rules as cleaning
     from utils.selection import registry as selection
 
-    assert CHOICES["coreset_method"] == ("full", "relabel", *selection.METHODS, "eval_simprobs", "eval_simprobs_clean")
-    assert CHOICES["clean_rule"] == tuple(cleaning.RULES)
+    assert choices("coreset_method") == ("full", "relabel", *selection.METHODS, "eval_simprobs", "eval_simprobs_clean")
+    assert choices("clean_rule") == tuple(cleaning.RULES)
     assert parse_config(["--coreset_method", "eval_simprobs"]).coreset_method == "diffprob"
     assert parse_config(["--coreset_method", "eval_simprobs_clean"]).coreset_method == "diffprob_clean"
     with pytest.raises(SystemExit) as e:
@@ -52,7 +52,6 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     from utils.selection import registry as selection
 
     monkeypatch.setattr(selection, "METHODS", dict(selection.METHODS))
-    monkeypatch.setitem(config_module.CHOICES, "coreset_method", config_module.CHOICES["coreset_method"])
 
     @selection.register_method("lowest_index", title="lowest index", summary="per identity, the first images")
     def select_lowest(rec, cfg):
@@ -79,3 +78,50 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
 def test_stage_scripts_import_without_running(script):
     module = importlib.import_module(script)
     assert module.__doc__ and len(module.__doc__.strip().splitlines()) >= 3
+
+
+def test_importing_a_registry_changes_no_config_and_config_names_no_method_or_rule():
+    """The registries are asked (config.choices, config.aliases); importing one writes into nothing."""
+    code = ("import config.config as c, copy; before = copy.deepcopy(c.CHOICES); "
+            "import utils.selection.registry, utils.cleaning.rules; assert c.CHOICES == before; "
+            "assert 'coreset_method' not in c.CHOICES and 'clean_rule' not in c.CHOICES; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+    from utils.cleaning import rules
+    from utils.selection import registry
+
+    source = (REPO / "config" / "config.py").read_text()
+    logic = "\n".join(line.split("#")[0] for line in source.splitlines() if "str = " not in line)  # defaults aside
+    named = [n for n in (*registry.METHODS, *rules.RULES) if re.search(rf"[\"']{n}[\"']", logic)]
+    assert named == [], f"config/config.py names {named}: a registry entry should declare it"
+
+
+@pytest.mark.parametrize("method", ["el2n", "ccs_el2n", "ccs_aum", "ccs_dynunc", "dynunc", "rand", "entropy"])
+def test_every_method_is_checked_by_the_keys_it_declares(method):
+    """The per-identity minimum check and the window check were typed by method name, and stale: EL2N and the
+    ccs_* methods skipped the minimum, ccs_dynunc the window. Now each entry's declared keys decide."""
+    from config.config import ConfigError, check_against_dataset
+    from utils.selection import registry
+
+    reads = registry.METHODS[method].reads
+    cfg = parse_args_for(method, ["--min_samples_per_id", "10", "--fraction", "0.25"])
+    with pytest.raises(ConfigError, match="min_samples_per_id=10 alone keeps 120 of 200 images"):
+        check_against_dataset(cfg, 200, 16, class_counts=[20, 5] * 8)
+    cfg = parse_args_for(method, ["--window", "12", "--num_epoch", "8", "--lr_steps", "4"])
+    if "window" in reads:
+        with pytest.raises(ConfigError, match=r"window=12 exceeds num_epoch=8"):
+            check_against_dataset(cfg, 200, 16)
+    else:
+        check_against_dataset(cfg, 200, 16)
+    cfg = parse_args_for(method, ["--record_topk", "0"])
+    if "topk" in registry.METHODS[method].needs:
+        with pytest.raises(ConfigError, match=f"coreset_method={method} reads the top-k logits"):
+            check_against_dataset(cfg, 200, 16)
+    else:
+        check_against_dataset(cfg, 200, 16)
+
+
+def parse_args_for(method, extra):
+    from config.config import parse_config
+
+    return parse_config(["--coreset_method", method, "--dataset", "synthetic", "--batch_size", "32", *extra])

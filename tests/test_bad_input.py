@@ -684,7 +684,7 @@ def test_second_pipeline_on_a_folder_stops_at_once(tmp_path):
     out = tmp_path / "demo"
     with held_by_this_test(out):
         started = time.time()
-        r = run_as_user("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1")
+        r = run_as_user("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "1")
         _refused_by_holder(r, out, started)
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing made
 
@@ -692,7 +692,7 @@ def test_second_pipeline_on_a_folder_stops_at_once(tmp_path):
 def test_pipeline_takes_over_the_lock_of_a_killed_run(tmp_path):
     out = tmp_path / "demo"
     _stale_lock(out)
-    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1")
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "1")
     assert "stopped after step 1" in r.stdout
     assert (out / "data" / "train.idx").exists() and not (out / LOCK_NAME).exists()
 

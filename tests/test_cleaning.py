@@ -409,8 +409,8 @@ def test_a_label_map_that_does_not_fit_the_dataset_is_refused():
 
 
 def test_pipeline_refuses_zero_rounds():
-    r = run_script("run_pipeline.py", "--clean-rounds", "0", check=False)
-    assert r.returncode == 2 and "--clean-rounds" in r.stderr
+    r = run_script("run_pipeline.py", "--clean_rounds", "0", check=False)
+    assert r.returncode == 2 and "--clean_rounds" in r.stderr
 
 
 def test_measure_tool_prints_a_row_per_rule_and_the_cleanlab_reference(tiny, tmp_path):

@@ -101,9 +101,10 @@ def test_check_against_dataset_passes_sound_configs_and_gathers_every_error():
     from config.config import ConfigError, check_against_dataset
 
     check_against_dataset(parse_config(_ok_args()), 200, 16, 112, class_counts=[20, 5] * 8)
-    # a given DiffProb threshold makes `fraction` moot; a retraining does not record top-k logits
-    check_against_dataset(parse_config(_ok_args() + ["--min_samples_per_id", "10", "--fraction", "0.25",
-                                                     "--threshold", "0.1"]), 200, 16, class_counts=[20, 5] * 8)
+    # a given DiffProb threshold makes `fraction` moot: by fraction (0.5: 100 of 200) the minimum alone (120) would be
+    # refused; a retraining records no top-k logits
+    check_against_dataset(parse_config(_ok_args() + ["--min_samples_per_id", "10", "--threshold", "0.1"]), 200, 16,
+                          class_counts=[20, 5] * 8)
     check_against_dataset(parse_config(_ok_args() + ["--record_topk", "20", "--is_original_train", "false"]), 200, 16)
     with pytest.raises(ConfigError, match="record_topk=-1.*; eval_epoch=9"):
         check_against_dataset(parse_config(_ok_args() + ["--record_topk", "-1", "--eval_epoch", "9"]), 200, 16)
@@ -131,6 +132,6 @@ def test_a_threshold_and_a_fraction_together_are_refused(capsys):
         parse_config(["--coreset_method", "diffprob", "--threshold", "0.05", "--fraction", "0.3"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "error: --threshold 0.05 and --fraction 0.3 both given" in err
+    assert "error: --threshold 0.05 and --fraction 0.3 both given: a threshold decides the kept fraction itself" in err
     assert parse_config(["--threshold", "0.05"]).threshold == 0.05  # either alone is fine
     assert parse_config(["--fraction", "0.3"]).fraction == 0.3

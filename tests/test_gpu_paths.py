@@ -163,5 +163,5 @@ def test_gpu_check_goes_on_after_a_failed_section(capsys):
     assert "section train: FAILED" in out and "section score" not in out
     assert c.failed == ["train", "bf16"] and set(c.figures["seconds"]) == {"train", "score", "bf16"}
     with pytest.raises(SystemExit) as exit_:
-        main(["--dry-run", "--only", "train,warp"])
+        main(["--dry_run", "--only", "train,warp"])
     assert exit_.value.code == 2 and "--only: unknown sections ['warp']" in capsys.readouterr().err

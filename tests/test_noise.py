@@ -104,11 +104,11 @@ def test_noise_on_golden(golden_dir, data, tmp_path):
 
 
 @pytest.mark.parametrize("flip, open_, open_from, message", [
-    (-0.1, 0.0, None, "--flip-rate -0.1 must lie in"),
-    (0.0, 1.5, "x", "--open-rate 1.5 must lie in"),
+    (-0.1, 0.0, None, "--flip_rate -0.1 must lie in"),
+    (0.0, 1.5, "x", "--open_rate 1.5 must lie in"),
     (0.6, 0.6, "x", "must not exceed 1"),
-    (0.0, 0.1, None, "needs --open-from"),
-    (float("nan"), 0.0, None, "--flip-rate nan must lie in"),
+    (0.0, 0.1, None, "needs --open_from"),
+    (float("nan"), 0.0, None, "--flip_rate nan must lie in"),
 ])
 def test_bad_rates(flip, open_, open_from, message):
     with pytest.raises(ValueError, match=message):
@@ -117,14 +117,14 @@ def test_bad_rates(flip, open_, open_from, message):
 
 def test_command_line(data, tmp_path):
     src, other = data
-    r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "ok", "--flip-rate", "0.1",
-                   "--open-rate", "0.05", "--open-from", other, "--seed", "1", "--quiet")
+    r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "ok", "--flip_rate", "0.1",
+                   "--open_rate", "0.05", "--open_from", other, "--seed", "1", "--quiet")
     assert r.stdout == "" and len(json.loads((tmp_path / "ok" / "noise.json").read_text())["open_set"]) > 0
-    for args in (["--flip-rate", "1.5"], ["--flip-rate", "0.6", "--open-rate", "0.6", "--open-from", other],
-                 ["--open-rate", "0.1"]):
+    for args in (["--flip_rate", "1.5"], ["--flip_rate", "0.6", "--open_rate", "0.6", "--open_from", other],
+                 ["--open_rate", "0.1"]):
         r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "bad", *args, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, r.stderr
-    r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "ok", "--flip-rate", "0.1",
+    r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "ok", "--flip_rate", "0.1",
                    check=False)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"make_noisy_dataset.py: error: {tmp_path / 'ok'} already exists; pass --overwrite to replace it"]

@@ -22,7 +22,7 @@ METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy"}
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "demo"
-    first = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "4")
+    first = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "4")
     second = run_script("run_pipeline.py", "--profile", "tiny", "--out", out)
     return out, first.stdout, second.stdout
 
@@ -129,10 +129,10 @@ def test_a_forked_step_is_what_a_subprocess_step_is(pipeline, tmp_path):
 
 def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
     """--seeds 2 retrains every configuration with a second seed (Rand selects again with it; DiffProb's list is
-    the same), --retrain-losses retrains the same lists with another loss; the table gives mean +- std."""
+    the same), --retrain_losses retrains the same lists with another loss; the table gives mean +- std."""
     out, _, _ = pipeline
     r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--methods", "rand,diffprob",
-                   "--seeds", "2", "--retrain-losses", "ArcFace", timeout=1800)
+                   "--seeds", "2", "--retrain_losses", "ArcFace", timeout=1800)
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == 2
     by = {(x["method"], x["seed_offset"], x["trainee"]): x for x in res["runs"]}
@@ -167,7 +167,7 @@ def test_generator_options_reach_the_data_and_a_resume_must_match_them(tmp_path)
     set); a later run on the same folder with other options is refused instead of reusing the old data."""
     out = tmp_path / "redundant"
     asked = ["--data", "redundancy=0.4", "redundant_id_share=1", "flip_rate=0.1"]
-    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1", *asked)
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "1", *asked)
     assert "stopped after step 1" in r.stdout
     made = json.loads((out / "data" / "dataset.json").read_text())
     assert made["config"]["redundancy"] == 0.4 and made["config"]["redundant_id_share"] == 1.0
@@ -179,10 +179,10 @@ def test_generator_options_reach_the_data_and_a_resume_must_match_them(tmp_path)
     assert 0.25 < truth["share"] <= 0.4, truth["share"]
     before = (out / "data" / "train.rec").stat().st_mtime_ns
 
-    again = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1", *asked)
+    again = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "1", *asked)
     assert "[ 1] make the synthetic dataset: complete, skipped" in again.stdout
 
-    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop-after", "1",
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "1",
                    "--data", "redundancy=0.2", check=False)
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()

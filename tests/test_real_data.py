@@ -38,7 +38,7 @@ def _set_classes(rec, classes):
 def _pipeline(*argv):
     from run_pipeline import main
 
-    return main([*map(str, argv), "--show-config"])
+    return main([*map(str, argv), "--show_config"])
 
 
 def test_webface_gets_the_paper_schedule_and_targets_not_the_profile_s(real, tmp_path, capsys):

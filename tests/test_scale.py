@@ -170,7 +170,7 @@ def test_bench_scale_runs_only_the_asked_steps_after_the_set_up(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_prints_every_section_with_numbers(tmp_path):
-    out = _run(["bash", "tools/gpu_check.sh", "--dry-run", "--json", str(tmp_path / "gpu.json")], timeout=900)
+    out = _run(["bash", "tools/gpu_check.sh", "--dry_run", "--json", str(tmp_path / "gpu.json")], timeout=900)
     sections = re.split(r"^== (\w+) ==$", out, flags=re.M)
     found = dict(zip(sections[1::2], sections[2::2]))
     assert list(found) == ["env", "data", "loader", "train", "score", "bf16", "torchrun", "pipeline", "summary"]

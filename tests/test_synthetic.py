@@ -313,20 +313,20 @@ def test_refuses_a_non_empty_folder_and_leaves_nothing_half_written(tmp_path):
 
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "make_synthetic_dataset.py", "--out", str(out), "--num-ids", "5", "--image-size", "24",
-           "--seed", "1", "--flip-rate", "0.1", "--open-rate", "0.05", "--val-pairs", "4", "--ijb-ids", "2",
-           "--ijb-templates", "4", "--workers", "1"]
+    cmd = [sys.executable, "make_synthetic_dataset.py", "--out", str(out), "--num_ids", "5", "--image_size", "24",
+           "--seed", "1", "--flip_rate", "0.1", "--open_rate", "0.05", "--val_pairs", "4", "--ijb_ids", "2",
+           "--ijb_templates", "4", "--workers", "1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "images of 5 identities" in done.stdout
     assert json.loads((out / "noise.json").read_text())["num_classes"] == 5
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "--overwrite" in again.stderr
-    bad = subprocess.run(cmd + ["--flip-rate", "0.7"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd + ["--flip_rate", "0.7"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "flip_rate" in bad.stderr
     bad = subprocess.run(cmd + ["--redundancy", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "redundant_id_share" in bad.stderr
-    knobs = subprocess.run(cmd + ["--ijb-targets", "ijbb", "--redundancy", "0.3", "--redundant-id-share", "1",
+    knobs = subprocess.run(cmd + ["--ijb_targets", "ijbb", "--redundancy", "0.3", "--redundant_id_share", "1",
                                   "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert knobs.returncode == 0, knobs.stderr
     assert json.loads((out / "redundancy.json").read_text())["redundancy"] == 0.3

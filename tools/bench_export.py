@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_pruning import SCALES, synthetic  # noqa: E402
+from utils.runtime.cli import flag  # noqa: E402
 
 
 def write_source(folder: Path, num_images: int, num_ids: int, max_size: int, payload_bytes: int, seed: int):
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     images, ids, largest = SCALES["casia"]
     parser.add_argument("--records", type=int, default=images, help="image records (CASIA-WebFace: 490,623)")
     parser.add_argument("--ids", type=int, default=ids, help="identities (CASIA-WebFace: 10,572)")
-    parser.add_argument("--payload-bytes", type=int, default=4096, help="mean payload size")
+    parser.add_argument(*flag("payload_bytes"), type=int, default=4096, help="mean payload size")
     parser.add_argument("--fraction", type=float, default=0.5, help="kept share per identity")
     parser.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each step; the table shows the fastest")

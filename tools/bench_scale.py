@@ -17,7 +17,7 @@ utils/selection/registry.py's registry (whatever they hold when it runs), the la
 list, label map, summary, plot) and the export's index plan. Peak RSS is the process's high-water mark (VmHWM,
 which also counts the pages of memory-mapped files it touched; the top-k records are read with file reads,
 utils/dynamics/blocks.py); peak anon is the highest sampled RssAnon (allocations alone). A step whose anonymous memory
-passes --mem-cap-gb is stopped (the machine is shared) and reported so.
+passes --mem_cap_gb is stopped (the machine is shared) and reported so.
 
 Before writing, the free disk space is checked: the records take epochs x images x 68 bytes twice (the
 epoch files and the assembled ones; the epoch files are deleted once assembled unless --keep). When they
@@ -42,6 +42,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from utils.runtime.cli import flag  # noqa: E402
 
 # images, identities, largest identity, epochs of the original training
 SCALES = {
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="epochs of the simulated training (default: the scale's)")
     p.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mem-cap-gb", type=float, default=13.0, help="stop a step whose anonymous memory passes this")
+    p.add_argument(*flag("mem_cap_gb"), type=float, default=13.0, help="stop a step whose anonymous memory passes this")
     p.add_argument("--keep", action="store_true", help="keep the epoch files after assembling, and the folder")
     p.add_argument("--only", default=None, metavar="STEP,...",
                    help="run only these steps after the set-up (the records are always written), e.g. "

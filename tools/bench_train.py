@@ -9,8 +9,8 @@ and two loops:
              channels_last, fused SGD (on CUDA), optional torch.compile
   plain      the paper repository's recipe: fp32, NCHW, images scaled on the host
 
-    python tools/bench_train.py --network iresnet50 --batch-size 256 --num-classes 10572        # on a GPU
-    python tools/bench_train.py --network smallnet --image-size 32 --batch-size 64 --device cpu
+    python tools/bench_train.py --network iresnet50 --batch_size 256 --num_classes 10572        # on a GPU
+    python tools/bench_train.py --network smallnet --image_size 32 --batch_size 64 --device cpu
     python tools/bench_train.py --rec data/synthetic --loader recordio --workers 8
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from config.config import CHOICES  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
 from utils.training.loop import make_sgd, train_step  # noqa: E402
 from utils.models.embedding import amp_dtype, forward_uint8  # noqa: E402
+from utils.runtime.cli import flag  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; fp32 runs are still reported against bf16 peak.
 PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12}
@@ -200,15 +201,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--network", default="iresnet50")
     p.add_argument("--loss", default="CosFace")
-    p.add_argument("--embedding-size", type=int, default=512)
-    p.add_argument("--num-classes", type=int, default=10572, help="head classes (CASIA-WebFace: 10572)")
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(*flag("embedding_size"), type=int, default=512)
+    p.add_argument(*flag("num_classes"), type=int, default=10572, help="head classes (CASIA-WebFace: 10572)")
+    p.add_argument(*flag("image_size"), type=int, default=112)
+    p.add_argument(*flag("batch_size"), type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (ours)")
-    p.add_argument("--compile-mode", default="default", choices=CHOICES["compile_mode"],
+    p.add_argument(*flag("compile_mode"), default="default", choices=CHOICES["compile_mode"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--loader", default="synthetic", choices=["synthetic", "recordio"])
     p.add_argument("--rec", default=None, help="RecordIO folder for --loader recordio")
@@ -218,7 +219,7 @@ def main(argv=None):
                         "load (the RecordIO loader alone)")
     p.add_argument("--profile", action="store_true", help="after the timing, profile 5 steps of each loop")
     p.add_argument("--device", default="auto")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs' bf16 peak)")
+    p.add_argument(*flag("peak_tflops"), type=float, default=None, help="peak for MFU (default: known GPUs' bf16 peak)")
     args = p.parse_args(argv)
     if (args.loader == "recordio" or "load" in args.loops.split(",")) and not args.rec:
         p.error("--loader recordio and --loops load need --rec DIR")

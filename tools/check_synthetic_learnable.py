@@ -1,7 +1,7 @@
 """Is the synthetic dataset learnable, and does its label noise matter? Train a tiny CNN for a few CPU
 minutes on train.rec, then report held-out pair verification and how the model sees the noisy samples.
 
-    python tools/check_synthetic_learnable.py --num-ids 300 --image-size 32 --seconds 120
+    python tools/check_synthetic_learnable.py --num_ids 300 --image_size 32 --seconds 120
     python tools/check_synthetic_learnable.py --data data/synthetic --seconds 120
     python tools/check_synthetic_learnable.py ... --labels true     # the same images, noise-free labels
 
@@ -30,6 +30,7 @@ from utils.data import recordio  # noqa: E402
 from utils.synthetic.generator import SyntheticConfig, generate_dataset, VERIFICATION_BINS  # noqa: E402
 from utils.data.transforms import normalize_batch, random_hflip  # noqa: E402
 from utils.evaluation.verification import evaluate, load_bin  # noqa: E402
+from utils.runtime.cli import flag  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -184,16 +185,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="", help="existing synthetic dataset folder (default: generate one)")
-    parser.add_argument("--num-ids", type=int, default=300)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--median-images", type=float, default=20.0)
-    parser.add_argument("--flip-rate", type=float, default=0.05)
-    parser.add_argument("--open-rate", type=float, default=0.02)
-    parser.add_argument("--val-pairs", type=int, default=SyntheticConfig.val_pairs,
+    parser.add_argument(*flag("num_ids"), type=int, default=300)
+    parser.add_argument(*flag("image_size"), type=int, default=32)
+    parser.add_argument(*flag("median_images"), type=float, default=20.0)
+    parser.add_argument(*flag("flip_rate"), type=float, default=0.05)
+    parser.add_argument(*flag("open_rate"), type=float, default=0.02)
+    parser.add_argument(*flag("val_pairs"), type=int, default=SyntheticConfig.val_pairs,
                         help="genuine (and as many impostor) pairs per verification .bin")
     parser.add_argument("--redundancy", type=float, default=SyntheticConfig.redundancy,
                         help="expected share of re-shot (near-duplicate) training images")
-    parser.add_argument("--redundant-id-share", type=float, default=SyntheticConfig.redundant_id_share,
+    parser.add_argument(*flag("redundant_id_share"), type=float, default=SyntheticConfig.redundant_id_share,
                         help="share of identities holding the re-shoots (1: all)")
     parser.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generation processes")
@@ -201,7 +202,7 @@ def main(argv=None):
                         help="train on the labels in train.rec, or on the true ones (flips fixed, open-set dropped)")
     parser.add_argument("--seconds", type=float, default=120.0, help="training wall time (when --steps is 0)")
     parser.add_argument("--steps", type=int, default=0, help="training steps instead of a time budget")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(*flag("batch_size"), type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (more than 1 slows down badly when other jobs share the cores)")

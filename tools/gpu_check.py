@@ -2,7 +2,7 @@
 
     bash tools/gpu_check.sh                          # one GPU: iresnet50 + CosFace at 112 px (about 7 min on an H200)
     bash tools/gpu_check.sh --json out/gpu.json      # the figures as JSON too
-    bash tools/gpu_check.sh --dry-run                # the same sections on CPU at toy sizes (smallnet, 32 px)
+    bash tools/gpu_check.sh --dry_run                # the same sections on CPU at toy sizes (smallnet, 32 px)
 
 Sections, in order, each a header line `== name ==` and its numbers:
   env        torch, device, bf16 support, CPU cores, the GPU's clocks and driver (nvidia-smi)
@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from utils.runtime.cli import flag  # noqa: E402
 
 _CORES = os.cpu_count() or 2
 # What each mode runs: model, sizes, steps, data.
@@ -59,7 +60,7 @@ MODES = {
     "dry-run": dict(device="cpu", network="smallnet", image_size=32, batch_size=32, score_batch_size=32,
                     embedding_size=64, num_classes=100, steps=3, warmup=1, workers=1, num_ids=12, curve_steps=6,
                     ddp_steps=3, ddp_batch=16, timeout=600,
-                    pipeline=["--profile", "tiny", "--stop-after", "3", "--set", "num_epoch=1", "lr_steps=1",
+                    pipeline=["--profile", "tiny", "--stop_after", "3", "--set", "num_epoch=1", "lr_steps=1",
                               "max_steps_per_epoch=3"], pipeline_on_data=True),
 }
 CURVE_TOLERANCE = 0.05  # relative difference of the mean loss over the last 5 steps, bf16 vs fp32
@@ -158,9 +159,9 @@ def make_dataset(c: Check, folder: Path) -> Path:
     mode = c.mode
     rec = folder / "synthetic"
     t = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "make_synthetic_dataset.py"), "--out", str(rec), "--num-ids",
-                    str(mode["num_ids"]), "--image-size", str(mode["image_size"]), "--val-pairs", "200",
-                    "--ijb-templates", "0", "--quiet"], check=True, cwd=REPO, timeout=mode["timeout"])
+    subprocess.run([sys.executable, str(REPO / "make_synthetic_dataset.py"), "--out", str(rec), "--num_ids",
+                    str(mode["num_ids"]), "--image_size", str(mode["image_size"]), "--val_pairs", "200",
+                    "--ijb_templates", "0", "--quiet"], check=True, cwd=REPO, timeout=mode["timeout"])
     from utils.data.datasets import open_dataset
 
     n = len(open_dataset(rec))
@@ -322,7 +323,7 @@ def summary(c: Check) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="the reduced form on CPU (what the test suite runs)")
+    p.add_argument(*flag("dry_run"), action="store_true", help="the reduced form on CPU (what the test suite runs)")
     p.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--only", default=None,
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
     name = "dry-run" if args.dry_run else "gpu"
     mode = MODES[name]
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU is visible; `bash tools/gpu_check.sh --dry-run` runs the reduced form on CPU",
+        print("gpu_check: no CUDA GPU is visible; `bash tools/gpu_check.sh --dry_run` runs the reduced form on CPU",
               file=sys.stderr)
         return 2
     sections = ["loader", "train", "score", "bf16", "torchrun", "pipeline"]

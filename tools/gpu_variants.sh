@@ -5,16 +5,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=$(command -v python || command -v python3)
-B=("$PY" tools/bench_train.py --network iresnet50 --num-classes 10572 --steps 40 --warmup 8 --dtype bf16 --device cuda)
+B=("$PY" tools/bench_train.py --network iresnet50 --num_classes 10572 --steps 40 --warmup 8 --dtype bf16 --device cuda)
 W=$(( $(nproc) > 16 ? 14 : $(nproc) - 2 ))
 DATA=$(mktemp -d)/synthetic
 run() { echo "== $*"; timeout 150 "$@" 2>&1 | grep -v "^USDT" || echo "(exit $?)"; }
-run "${B[@]}" --batch-size 256 --loops plain,ours
-run "${B[@]}" --batch-size 256 --loops ours --compile
-run "${B[@]}" --batch-size 256 --loops ours --compile --compile-mode reduce-overhead --profile
-"$PY" make_synthetic_dataset.py --out "$DATA" --num-ids 300 --image-size 112 --val-pairs 200 --ijb-templates 0 --quiet
-run "${B[@]}" --batch-size 256 --loops ours --compile --compile-mode reduce-overhead --loader recordio --rec "$DATA" --workers "$W"
-run "${B[@]}" --batch-size 256 --loops plain,ours --loader recordio --rec "$DATA" --workers "$W"
-run "${B[@]}" --batch-size 512 --loops score
-run "${B[@]}" --batch-size 512 --loops score --compile --compile-mode reduce-overhead
-run "${B[@]}" --batch-size 512 --loops score --compile
+run "${B[@]}" --batch_size 256 --loops plain,ours
+run "${B[@]}" --batch_size 256 --loops ours --compile
+run "${B[@]}" --batch_size 256 --loops ours --compile --compile_mode reduce-overhead --profile
+"$PY" make_synthetic_dataset.py --out "$DATA" --num_ids 300 --image_size 112 --val_pairs 200 --ijb_templates 0 --quiet
+run "${B[@]}" --batch_size 256 --loops ours --compile --compile_mode reduce-overhead --loader recordio --rec "$DATA" --workers "$W"
+run "${B[@]}" --batch_size 256 --loops plain,ours --loader recordio --rec "$DATA" --workers "$W"
+run "${B[@]}" --batch_size 512 --loops score
+run "${B[@]}" --batch_size 512 --loops score --compile --compile_mode reduce-overhead
+run "${B[@]}" --batch_size 512 --loops score --compile

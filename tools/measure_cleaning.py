@@ -2,7 +2,7 @@
 
     python tools/measure_cleaning.py --out output/demo          # run_pipeline.py's --out (or its runs/)
 
-Reads the original model's records and scores there (train and score first: `run_pipeline.py --stop-after 3`),
+Reads the original model's records and scores there (train and score first: `run_pipeline.py --stop_after 3`),
 runs every rule with its options through `utils/cleaning/rules.py` (no file is written) and measures the flagged
 sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged with a
 suggested label, against the flips: precision, recall, relabel accuracy (suggestion = true identity); for
@@ -10,7 +10,7 @@ the outliers, against the open-set images. Reference rows: cleanlab's `find_labe
 probabilities as `confident_learning` (the soft labels, made dense: each unlisted class at the rest
 probability), with its default filter and with 'confident_learning'; their suggestion is the row's
 arg-max. Rows per cleaning round come from the `clean/<scorer>/round_<R>/summary.json` files
-(`run_pipeline.py --clean-rounds N`). No rule reads noise.json: it is only the yardstick here.
+(`run_pipeline.py --clean_rounds N`). No rule reads noise.json: it is only the yardstick here.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def measure(out: Path) -> str:
     originals = sorted(runs.glob("original_*/config.json"))
     if not originals:
         raise ArtifactError(f"no original_<network>_<loss>/config.json under {runs}: train the original model first "
-                            f"(python run_pipeline.py --out {out} --stop-after 3)")
+                            f"(python run_pipeline.py --out {out} --stop_after 3)")
     trained = json.loads(originals[0].read_text())
     base = ["--rec", trained["rec"], "--output", str(runs), "--network", trained["network"],
             "--original_net_loss", trained["loss"], "--dataset", trained["dataset"]]

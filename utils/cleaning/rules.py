@@ -25,7 +25,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from config import config as config_module
 from utils.dynamics.blocks import for_each_block
 from utils.dynamics.soft_labels import SparseProbs, checked_records, soft_labels
 from utils.errors import InputError
@@ -78,7 +77,6 @@ def register_rule(name, *, needs=(), summary=""):
             raise ValueError(f"{name}: unknown needs {sorted(unknown)}; valid: {sorted(NEEDS)}")
         RULES[name] = Rule(name, fn, needs if callable(needs) else tuple(needs),
                            summary or (fn.__doc__ or "").strip().split("\n")[0])
-        config_module.CHOICES["clean_rule"] = tuple(RULES)  # the config's choices are the registry's
         return fn
     return wrap
 
@@ -197,7 +195,16 @@ def trajectory_probs(rec: Records, cfg, keep: int = None) -> SparseProbs:
 
 
 PROB_SOURCES = {"trajectory": (trajectory_probs, ("topk",)), "scores": (scores_probs, ("scores",))}
-config_module.CHOICES["clean_probs"] = tuple(PROB_SOURCES)
+
+
+def rule_choices() -> tuple:
+    """The values `clean_rule` accepts (config asks when it checks a config)."""
+    return tuple(RULES)
+
+
+def prob_source_choices() -> tuple:
+    """The values `clean_probs` accepts."""
+    return tuple(PROB_SOURCES)
 
 
 # ------------------------------------------------------------------------------------------- criteria

@@ -1,6 +1,6 @@
 """Inject label noise into a copy of a dataset, with its ground truth in `noise.json`.
 
-`make_noisy_dataset.py --rec SRC --out DST [--flip-rate R] [--open-rate R] [--open-from OTHER] [--seed S]`
+`make_noisy_dataset.py --rec SRC --out DST [--flip_rate R] [--open_rate R] [--open_from OTHER] [--seed S]`
 writes DST in the layout `utils/data/export.py` writes (InsightFace RecordIO, payloads copied byte for byte,
 all or nothing), with
 
@@ -42,13 +42,13 @@ INJECTION_FILE = "noise_injection.json"
 # ---------------------------------------------------------------------------------------- injection
 def check_rates(flip_rate: float, open_rate: float, open_from=None):
     """Raise ValueError (worded for the command line) unless the rates make sense together."""
-    for flag, rate in (("--flip-rate", flip_rate), ("--open-rate", open_rate)):
+    for flag, rate in (("--flip_rate", flip_rate), ("--open_rate", open_rate)):
         if not 0 <= rate <= 1:  # also refuses NaN
             raise ValueError(f"{flag} {rate} must lie in [0, 1]")
     if flip_rate + open_rate > 1:
-        raise ValueError(f"--flip-rate + --open-rate = {flip_rate + open_rate:g} must not exceed 1")
+        raise ValueError(f"--flip_rate + --open_rate = {flip_rate + open_rate:g} must not exceed 1")
     if open_rate > 0 and not open_from:
-        raise ValueError("--open-rate > 0 needs --open-from OTHER_DIR, a RecordIO dataset of other identities")
+        raise ValueError("--open_rate > 0 needs --open_from OTHER_DIR, a RecordIO dataset of other identities")
 
 
 def _recordio_layout(path, flag: str):
@@ -69,13 +69,13 @@ def _image_size(layout) -> tuple:
 
 
 def _open_set_source(layout, open_from):
-    other = _recordio_layout(open_from, "--open-from")
+    other = _recordio_layout(open_from, "--open_from")
     if other.fingerprint == layout.fingerprint:
-        raise ArtifactError(f"--open-from {open_from} is the training set itself; open-set images must show "
+        raise ArtifactError(f"--open_from {open_from} is the training set itself; open-set images must show "
                             f"identities the training set does not contain")
     want, found = _image_size(layout), _image_size(other)
     if want != found:
-        raise ArtifactError(f"--open-from {open_from}: images are {found[0]}x{found[1]} but the training set's are "
+        raise ArtifactError(f"--open_from {open_from}: images are {found[0]}x{found[1]} but the training set's are "
                             f"{want[0]}x{want[1]} (property); open-set images must have the training set's size")
     return other
 
@@ -103,7 +103,7 @@ def inject_noise(src, dst, flip_rate: float = 0.0, open_rate: float = 0.0, open_
     pool = np.flatnonzero((truth == labels) & ~first_of_identity)
     n_flip, n_open = int(round(flip_rate * n)), int(round(open_rate * n))
     if n_flip + n_open > pool.size:
-        raise ArtifactError(f"--flip-rate and --open-rate ask for {n_flip + n_open} noisy images but only {pool.size} "
+        raise ArtifactError(f"--flip_rate and --open_rate ask for {n_flip + n_open} noisy images but only {pool.size} "
                             f"of {n} are clean and not an identity's first image")
     if n_flip and num_classes < 2:
         raise ArtifactError(f"{src} has one identity: there is no other label to flip to")

@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from config import config as config_module
 from utils.artifacts import paths
 from utils.dynamics.dynunc import dynunc_scores
 from utils.selection import diffprob as diffprob_rule
@@ -59,15 +58,21 @@ class Method:
     takes_threshold: bool = False  # `--threshold` sets the selection instead of `--fraction`
     seeded: bool = False  # the selection depends on `--seed` (another training seed selects again)
     summary: str = ""  # one line for --help and the README
+    reads: tuple = ()  # the config keys it reads: checked by `method_config_errors`, listed by the README table
 
 
 METHODS: dict = {}
 _ALIASES: dict = {}
 
 
+# Every method reads these; a method declares the rest (`reads=`), and the checks below follow the keys, not names.
+BASE_KEYS = ("fraction", "min_samples_per_id")
+
+
 def register_method(name, *, title, needs=(), score_name=None, script=None, aliases=(), takes_threshold=False,
-                    seeded=False, summary=""):
-    """Decorator: register `fn(records, cfg) -> Selection` as selection method `name`."""
+                    seeded=False, summary="", reads=()):
+    """Decorator: register `fn(records, cfg) -> Selection` as selection method `name`, reading the config keys
+    BASE_KEYS + `reads` (+ `threshold` when `takes_threshold`, `seed` when `seeded`)."""
     def wrap(fn):
         for n in (name, *aliases):
             if n in METHODS or n in _ALIASES or n in RETRAIN_ONLY:
@@ -75,16 +80,46 @@ def register_method(name, *, title, needs=(), score_name=None, script=None, alia
         unknown = set(needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"{name}: unknown needs {sorted(unknown)}; valid: {sorted(NEEDS)}")
+        keys = (*BASE_KEYS, *(("threshold",) if takes_threshold else ()), *(("seed",) if seeded else ()), *reads)
         METHODS[name] = Method(name, title, fn, tuple(needs), score_name, tuple(script or ("coreset_select.py",)),
                                tuple(aliases), takes_threshold, seeded,
-                               summary or (fn.__doc__ or "").strip().split("\n")[0])
+                               summary or (fn.__doc__ or "").strip().split("\n")[0], tuple(dict.fromkeys(keys)))
         for a in aliases:
             _ALIASES[a] = name
-        # The config's `coreset_method` choices and aliases are the registry's.
-        config_module.CHOICES["coreset_method"] = coreset_method_choices()
-        config_module.ALIASES["coreset_method"] = dict(_ALIASES)
         return fn
     return wrap
+
+
+def method_config_errors(cfg, num_images: int = None, class_counts=None) -> list:
+    """What is wrong with `cfg` for its `coreset_method`, by the keys and inputs the method declares (config
+    asks this when it checks a config against a dataset); [] for full / relabel or an unknown name."""
+    method = METHODS.get(canonical_name(cfg.coreset_method))
+    if method is None:
+        return []
+    errors = []
+    if "topk" in method.needs and cfg.record_topk == 0:
+        errors.append(f"coreset_method={method.name} reads the top-k logits the original training records; "
+                      f"record_topk=0 records none")
+    if "window" in method.reads and cfg.window > cfg.num_epoch:
+        errors.append(f"window={cfg.window} exceeds num_epoch={cfg.num_epoch}: {method.title} needs at least "
+                      f"`window` epochs of recorded probabilities")
+    by_fraction = not (method.takes_threshold and cfg.threshold is not None)
+    if class_counts is not None and num_images and by_fraction:
+        counts = np.asarray(class_counts, dtype=np.int64)
+        floor = int(np.minimum(counts, cfg.min_samples_per_id).sum())
+        if floor >= num_images:
+            errors.append(f"min_samples_per_id={cfg.min_samples_per_id} is at least the size of every identity "
+                          f"(largest {int(counts.max(initial=0))}): every image would be kept")
+        elif floor > cfg.fraction * num_images:
+            errors.append(f"min_samples_per_id={cfg.min_samples_per_id} alone keeps {floor} of {num_images} images "
+                          f"(min(count, {cfg.min_samples_per_id}) per identity), more than fraction={cfg.fraction} "
+                          f"asks ({cfg.fraction * num_images:.0f}); lower min_samples_per_id or raise fraction")
+    return errors
+
+
+def coreset_method_aliases() -> dict:
+    """The paper repository's names -> the registered ones (config resolves them)."""
+    return dict(_ALIASES)
 
 
 def canonical_name(name: str) -> str:
@@ -138,7 +173,7 @@ def select_rand(rec: Records, cfg) -> Selection:
 
 
 @register_method("dynunc", title="DynUnc", needs=("prob_history",), score_name="DynUnc uncertainty",
-                 script=("coreset_dynunc.py",),
+                 script=("coreset_dynunc.py",), reads=("window", "coreset_order"),
                  summary="per identity, the images whose p(label) varied most over training epochs")
 def select_dynunc(rec: Records, cfg) -> Selection:
     """DynUnc (He et al. 2023): mean over sliding windows of the std of p(label) across epochs."""
@@ -265,11 +300,12 @@ def _ccs(score_fn):
     return select
 
 
-def _register_score(name, score_fn, *, title, needs, score_name, summary, script=None):
-    """`name`: per identity the highest scores; `ccs_<name>`: CCS over the same score."""
-    register_method(name, title=title, needs=needs, score_name=score_name, script=script,
-                    summary=summary)(_keep_top(score_fn))
+def _register_score(name, score_fn, *, title, needs, score_name, summary, script=None, reads=()):
+    """`name`: per identity the highest scores; `ccs_<name>`: CCS over the same score. `reads`: the score's keys."""
+    register_method(name, title=title, needs=needs, score_name=score_name, script=script, summary=summary,
+                    reads=(*reads, "coreset_order"))(_keep_top(score_fn))
     register_method(f"ccs_{name}", title=f"CCS over {title}", needs=needs, score_name=score_name, seeded=True,
+                    reads=(*reads, "ccs_beta", "ccs_strata"),
                     summary=f"CCS (Zheng et al. 2023) over the {title} score: the hardest dropped, the rest sampled "
                             f"across score strata")(_ccs(score_fn))
 
@@ -277,7 +313,7 @@ def _register_score(name, score_fn, *, title, needs, score_name, summary, script
 _register_score("entropy", _score_entropy, title="soft-label entropy", needs=("topk",), score_name="soft-label entropy",
                 script=("coreset_entropy.py",),
                 summary="per identity, the images whose epoch-averaged soft label is most uncertain")
-_register_score("el2n", _score_el2n, title="EL2N", needs=("topk",), score_name="EL2N",
+_register_score("el2n", _score_el2n, title="EL2N", needs=("topk",), score_name="EL2N", reads=("score_epoch",),
                 summary="per identity, the largest error L2 norm averaged over the epochs up to --score_epoch "
                         "(Paul et al. 2021)")
 _register_score("forgetting", _score_forgetting, title="forgetting", needs=("topk",), score_name="forgetting events",
@@ -286,12 +322,15 @@ _register_score("forgetting", _score_forgetting, title="forgetting", needs=("top
 _register_score("aum", _score_aum, title="AUM", needs=("topk",), score_name="- area under the margin",
                 summary="per identity, the lowest area under the margin over epochs (Pleiss et al. 2020)")
 _register_score("margin", _score_margin, title="margin", needs=("topk",), score_name="- (p1 - p2)",
+                reads=("score_epoch",),
                 summary="per identity, the smallest gap between the two most probable classes at --score_epoch")
 _register_score("least_confidence", _score_least_confidence, title="least confidence", needs=("topk",),
-                score_name="1 - max p", summary="per identity, the lowest top-class probability at --score_epoch")
+                score_name="1 - max p", reads=("score_epoch",),
+                summary="per identity, the lowest top-class probability at --score_epoch")
 register_method("ccs_dynunc", title="CCS over DynUnc", needs=("prob_history",), score_name="DynUnc uncertainty",
-                seeded=True, summary="CCS (Zheng et al. 2023) over the DynUnc score: the hardest dropped, the rest "
-                                     "sampled across score strata")(_ccs(_score_dynunc))
+                seeded=True, reads=("window", "ccs_beta", "ccs_strata"),
+                summary="CCS (Zheng et al. 2023) over the DynUnc score: the hardest dropped, the rest sampled across "
+                        "score strata")(_ccs(_score_dynunc))
 
 
 def run_selection(method: Method, rec: Records, cfg) -> Selection:

@@ -1274,8 +1274,8 @@ CONFIG_HELP = {
     "flip_rate": "share of training images rendered from another in-set identity (closed-set label flips)",
     "open_rate": "share of training images rendered from identities outside the label set (open-set outliers)",
     "redundancy": "expected share of training images that re-shoot an earlier image of their identity (near-"
-                  "duplicates: one photo shoot, tiny pose/light/crop changes); spread over --redundant-id-share of "
-                  "the identities, so with --redundant-id-share 1 it is the share of each identity's images",
+                  "duplicates: one photo shoot, tiny pose/light/crop changes); spread over --redundant_id_share of "
+                  "the identities, so with --redundant_id_share 1 it is the share of each identity's images",
     "redundant_id_share": "share of identities that hold re-shoots (0.3: the earlier datasets; 1: all identities)",
     "min_images": "fewest images of an identity (identity sizes are log-normal, clipped)",
     "max_images": "most images of an identity",
@@ -1287,6 +1287,6 @@ CONFIG_HELP = {
     "ijb_templates": "templates of each IJB target in ijb/ (>= 2 per subject; 0: no ijb/)",
     "ijb_targets": "IJB release layouts written under ijb/ (comma-separated: ijbc, ijbb); they share loose_crop/ "
                    "with disjoint images",
-    "ijb_crop_scale": "side of an ijb loose crop relative to --image-size (face placed by a random similarity)",
+    "ijb_crop_scale": "side of an ijb loose crop relative to --image_size (face placed by a random similarity)",
     "family_size": "mean identities per family (families share colouring and face shape: hard impostors)",
 }
