@@ -9,6 +9,7 @@ Every key of config/config.py can be overridden: `--KEY VALUE`; `--help` lists t
 """
 import logging
 
+from utils.artifacts.locking import OutputLock
 from utils.artifacts import paths
 from utils.artifacts.files import ArtifactError, atomic_write_json
 from utils.evaluation.commands import add_ijb_args, out_dir, parse_models
@@ -26,6 +27,11 @@ def run_ijb(cfg, ctx, args) -> dict:
         raise ArtifactError(f"{root}: not an IJB release folder (expected loose_crop/ and meta/; set --ijb_root)")
     models = parse_models(cfg, args.models)
     out = out_dir(cfg, args, models)
+    with OutputLock(out, what="eval_ijbc.py"):  # one run per result folder, as every stage
+        return _evaluate(cfg, ctx, args, root, models, out)
+
+
+def _evaluate(cfg, ctx, args, root, models: dict, out) -> dict:
     size = dataset_image_size(cfg.rec)
     results = {}
     for name, path in models.items():

@@ -8,6 +8,7 @@ Every key of config/config.py can be overridden: `--KEY VALUE`; `--help` lists t
 """
 import logging
 
+from utils.artifacts.locking import OutputLock
 from utils.artifacts import paths
 from utils.artifacts.files import ArtifactError, atomic_write_csv, atomic_write_json
 from utils.errors import UserError
@@ -21,6 +22,11 @@ log = logging.getLogger("diffprob")
 
 def run_verification(cfg, ctx, args) -> dict:
     models = parse_models(cfg, args.models)
+    with OutputLock(out_dir(cfg, args, models), what="eval_verification.py"):  # one run per result folder
+        return _evaluate(cfg, ctx, args, models)
+
+
+def _evaluate(cfg, ctx, args, models: dict) -> dict:
     bins = paths.bin_paths(cfg)
     missing = [str(p) for p in bins.values() if not p.exists()]
     if missing:

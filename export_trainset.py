@@ -40,4 +40,5 @@ def run_export(cfg, ctx, args) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("export_trainset", run_export, description=__doc__, extra_args=add_export_args)
+    # the dataset folder is staged and renamed into place as a whole by utils/data/writer.py itself
+    run_stage("export_trainset", run_export, description=__doc__, extra_args=add_export_args, all_at_once=False)

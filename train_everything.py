@@ -82,5 +82,6 @@ def train(cfg, ctx) -> dict:
 
 
 if __name__ == "__main__":
+    # checkpoints are committed one epoch at a time (a killed run resumes from the last), not all at the end
     run_stage("train_everything", train, description=__doc__, distributed=True, lock_dir=paths.train_dir,
-              preset_needed=True)
+              preset_needed=True, all_at_once=False)

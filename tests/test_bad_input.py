@@ -37,7 +37,7 @@ import torch
 from config.config import parse_config
 from tests.helpers import REPO, TINY_TRAIN, env, make_tiny_dataset, run_script
 from utils.artifacts import paths
-from utils.artifacts.files import (Fingerprint, is_complete, load_kept_index, manifest_path, read_array, read_json,
+from utils.artifacts.files import (Fingerprint, is_complete, manifest_path, read_array, read_json,
                              save_array)
 from utils.models.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.datasets import PaddedDistributedSampler, open_dataset
@@ -579,38 +579,55 @@ def in_process(monkeypatch):
     logger.setLevel(saved[2])
 
 
-@pytest.mark.parametrize("nth", [1, 3], ids=["first-write", "third-write"])
-def test_full_disk_ends_in_one_line_and_leaves_earlier_outputs(work, in_process, monkeypatch, capsys, nth):
-    """clean_trainset.py writes flagged.npy, its manifest, then kept_index.npy ...: the disk fills at write `nth`."""
+def _dirs(folder: Path) -> set:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_dir()}
+
+
+@pytest.mark.parametrize("script, extra", [("clean_trainset.py", ["--relabel", "true"]),
+                                           ("coreset_rand.py", ["--fraction", "0.3"]),
+                                           ("generate_label_dict.py", [])])
+def test_a_full_disk_at_any_write_leaves_every_previous_output_whole(work, in_process, monkeypatch, capsys, script,
+                                                                     extra):
+    """A multi-file stage is all-or-nothing: the disk fills at its 1st, 2nd, ... last write, and each time the output
+    folder is exactly as before (a new flagged.npy never stands beside an old kept list), no temporary file or new
+    folder stays, and the stage says so in one line. Then it runs whole."""
+    from utils.artifacts import files
+
+    real = files._make_parents
     writes = []
-    real_write = Path.write_bytes
 
-    def write_until_full(path, data):
-        writes.append(path)
-        if len(writes) < nth:
-            return real_write(path, data)
-        real_write(path, data[: len(data) // 2])  # half written, then the device is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def counting(folder):
+        writes.append(folder)
+        return real(folder)
 
-    clean = paths.clean_dir(work.cfg)
-    before = _files(work.out)
-    monkeypatch.setattr(Path, "write_bytes", write_until_full)
-    code = in_process("clean_trainset.py", *work.keys())
-    monkeypatch.undo()
-    err = capsys.readouterr().err
-    target = writes[-1].name[1:].rsplit(".", 2)[0]  # mkstemp's name: .<target>.<random>.tmp
-    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"clean_trainset: error: no space left on device writing {clean / target} ("), err
-    if nth == 1:
+    monkeypatch.setattr(files, "_make_parents", counting)
+    dry = work.tmp / "dry"
+    shutil.copytree(work.out, dry)
+    keys = work.keys(*extra)
+    keys[keys.index("--output") + 1] = dry
+    assert in_process(script, *keys) == 0, capsys.readouterr().err
+    total = len(writes)
+    assert total >= 2, total  # a multi-file stage (an artifact and its manifest at least)
+    capsys.readouterr()
+    before, folders = _files(work.out), _dirs(work.out)
+    for nth in range(1, total + 1):
+        writes.clear()
+
+        def full_at_nth(folder, nth=nth):
+            writes.append(folder)
+            if len(writes) == nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(folder)
+
+        monkeypatch.setattr(files, "_make_parents", full_at_nth)
+        code = in_process(script, *work.keys(*extra))
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "no space left on device writing" in err, (nth, err)
         _assert_unchanged(work.out, before)
-    else:  # what was written before the disk filled is whole; the file being written keeps its earlier bytes
-        after = _files(work.out)
-        assert not [k for k in after if ".tmp" in k]
-        rel = str((clean / target).relative_to(work.out))  # clean/<scorer>/<file>
-        assert after[rel] == before[rel]
-        assert is_complete(clean / "kept_index.npy", work.fp)
-        for name in ("flagged.npy", "kept_index.npy"):
-            load_kept_index(clean / name, work.fp)
+        assert _dirs(work.out) == folders, (nth, sorted(_dirs(work.out) - folders))
+    monkeypatch.setattr(files, "_make_parents", real)
+    assert in_process(script, *work.keys(*extra)) == 0
+    assert _files(work.out) != before
 
 
 # ---------------------------------------------------------------------------------- a killed writer
@@ -751,3 +768,17 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(work, in_process, monkeypatch, cap
     assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("coreset_rand: interrupted (Ctrl-C)"), err
     assert _files(work.out) == before and not (folder.parent / "rand_0.30").exists()
+
+
+@pytest.mark.parametrize("script", ["eval_verification.py", "eval_ijbc.py"])
+def test_an_evaluation_locks_its_result_folder(work, script):
+    """The evaluation commands did not lock their output folder: two runs could write one verification.json."""
+    out = work.tmp / "eval"
+    extra = ["--models", f"m={work.models / 'backbone.pth'}", "--out", out]
+    if script == "eval_verification.py":
+        extra += ["--val_targets", "syn_frontal"]
+    with held_by_this_test(out):
+        started = time.time()
+        r = run_as_user(script, *work.keys(*extra))
+        _refused_by_holder(r, out, started)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written

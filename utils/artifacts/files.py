@@ -74,6 +74,44 @@ def _disk_full_error(path: Path, nbytes) -> ArtifactError:
     return ArtifactError(f"no space left on device writing {path} ({size}; {free})")
 
 
+# While a stage's outputs are held back (`all_or_nothing`): the (temporary file, target) pairs written so far, and
+# the folders the writes created.
+_HELD = None
+
+
+@contextlib.contextmanager
+def all_or_nothing():
+    """Every atomic write in the block is written whole to its temporary file and held back; they all replace their
+    targets together when the block finishes. An error anywhere (a full disk at the third file, a bug, Ctrl-C)
+    removes them and the folders they created: the previous outputs stay whole, none is half-updated.
+    (`run_stage` wraps every stage but training, whose checkpoints are committed one epoch at a time.)"""
+    global _HELD
+    if _HELD is not None:  # nested: the outer block commits
+        yield
+        return
+    _HELD = {"files": [], "dirs": []}
+    try:
+        yield
+        held, _HELD = _HELD, None
+        for tmp, path in held["files"]:
+            os.replace(tmp, path)
+    finally:
+        if _HELD is not None:
+            for tmp, _ in _HELD["files"]:
+                Path(tmp).unlink(missing_ok=True)
+            for folder in reversed(_HELD["dirs"]):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: another run's files are never removed
+            _HELD = None
+
+
+def _make_parents(folder: Path):
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    if _HELD is not None:
+        _HELD["dirs"].extend(reversed(missing))  # outermost first; removed innermost first
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=".tmp", nbytes=None):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
@@ -85,12 +123,16 @@ def atomic_path(path, suffix=".tmp", nbytes=None):
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
+        if _HELD is not None:  # all_or_nothing: replaced with the stage's other outputs when it finishes
+            _HELD["files"].append((tmp, path))
+            tmp = None
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         if e.errno not in _DISK_FULL:
             raise

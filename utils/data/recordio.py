@@ -4,6 +4,10 @@ Mirrors the part of ``mxnet.recordio`` that face-recognition tools use (``IRHead
 ``unpack``, ``pack_img``, ``unpack_img``, ``MXRecordIO``, ``MXIndexedRecordIO``), plus
 ``rebuild_index`` and ``read_layout`` for datasets.
 
+One module over 600 lines on purpose: it is one file format (framing, the magic-word split, headers, image
+payloads, the index and the dataset layout), read and written by the same few functions; split, each part would
+import the others' private framing details.
+
 On disk, every record is::
 
     uint32 magic = 0xced7230a | uint32 lrec = (cflag << 29) | length | payload | zero pad to 4 bytes

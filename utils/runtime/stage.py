@@ -9,6 +9,7 @@ continues). Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from config.config import parse_config, to_json
 from utils.runtime.context import Context, init_context, init_logging
 from utils.errors import ToolkitError
+from utils.artifacts.files import all_or_nothing
 from utils.artifacts.locking import LockError, OutputLock
 
 log = logging.getLogger("diffprob")
@@ -64,13 +66,15 @@ def _clear_progress_bars():
 
 
 def run_stage(name: str, main, description: str = "", extra_args=None, argv=None, distributed: bool = False,
-              lock_dir=None, preset_needed: bool = False):
+              lock_dir=None, preset_needed: bool = False, all_at_once: bool = True):
     """Parse the config, run `main(cfg, ctx[, args])`, exit 0 on success, 1 on a user error.
 
     Under torchrun, a stage that is not `distributed` (pruning, cleaning, evaluation) runs on rank 0
     while the other ranks wait, so files are written once. `lock_dir(cfg)` names the folder the stage
     writes: it is locked for the run (utils/artifacts/locking.py), so a second run on it stops at once.
     `preset_needed`: the stage reads the dataset preset (training: the schedule; verification: the targets).
+    `all_at_once`: the stage's outputs replace the previous ones together when it succeeds, or not at all
+    (`utils.artifacts.files.all_or_nothing`); training commits its checkpoints epoch by epoch instead.
     """
     parsed = parse_config(argv, description=description or name, extra=extra_args, preset_needed=preset_needed,
                           stage=name)
@@ -85,7 +89,8 @@ def run_stage(name: str, main, description: str = "", extra_args=None, argv=None
         log.info("resolved config:\n%s", to_json(cfg))
         t0 = time.time()
         if distributed or ctx.is_main:
-            result = main(cfg, ctx, args) if extra_args is not None else main(cfg, ctx)
+            with all_or_nothing() if all_at_once else contextlib.nullcontext():
+                result = main(cfg, ctx, args) if extra_args is not None else main(cfg, ctx)
         code = 0
         log.info("%s finished in %.1f s", name, time.time() - t0)
     except ToolkitError as e:

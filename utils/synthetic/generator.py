@@ -1,6 +1,10 @@
 """A learnable stand-in for a face-recognition dataset, written in the real formats (InsightFace
 RecordIO, `.bin` verification pairs, the IJB release layout).
 
+Over 600 lines on purpose: one seeded generator whose drawing order fixes every byte it writes (identities,
+noise, redundancy, verification pairs, IJB templates share one random stream per part); kept in one module so
+that the order is read in one place. No stage imports it (make_synthetic_dataset.py and the tests do).
+
 Each identity is a parametric face: landmark geometry around the ArcFace template, face oval, eyes,
 brows, nose, mouth, skin/hair/eye colouring, a skin texture and accessories. It is painted once into
 a canonical frame (the 112 x 112 ArcFace frame, extended so that loose crops show hair and neck);

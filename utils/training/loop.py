@@ -5,6 +5,9 @@ schedule, resume state) and reported through small callbacks (log line, verifica
 With `is_original_train=True` every epoch also records, per sample, the labelled-class probability
 with margin as seen during that epoch (the DynUnc input) and the margin-free top-k logits (the
 soft-label entropy input), gathered exactly across ranks into `probs/epoch_XXX.npz`.
+
+Just over 600 lines: the loop, its resume (re-splitting the head's shards for another world size) and the
+per-sample recording share the `Run` state and its checkpoint layout; they are sections of this module.
 """
 from __future__ import annotations
 
