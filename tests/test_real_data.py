@@ -107,7 +107,7 @@ def test_ijb_root_reaches_the_stages_and_is_checked(real, tiny, tmp_path, capsys
 
 def test_training_on_a_real_folder_refuses_a_missing_bin(real):
     from utils.errors import UserError
-    from utils.training.loop import check_bins
+    from utils.artifacts.files import check_bins
 
     (real / "agedb_30.bin").unlink()
     cfg = parse_config(["--rec", str(real), "--dataset", "webface"])

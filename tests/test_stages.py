@@ -125,7 +125,10 @@ def test_paper_text_kept_list_is_accepted(setup, tmp_path):
     kept = np.flatnonzero(np.isin(setup["labels"], ids))
     text.write_text("kept_index = [" + ", ".join(map(str, kept)) + "]\n")
     r = run_script("label_mapping.py", *setup["args"], "--kept_index", text)
-    assert "keep 3 of" in r.stdout
+    n_ids = len(np.unique(setup["labels"]))
+    assert f"label map: {kept.size} kept images keep 3 of {n_ids} identities ({n_ids - 3} vanish)" in r.stdout
+    written = json.loads((tmp_path / "label_map.json").read_text())  # the map it wrote: the 3 identities, in order
+    assert {int(k): v for k, v in written["map"].items()} == {int(ids[0]): 0, int(ids[1]): 1, int(ids[2]): 2}
 
 
 def test_bad_inputs_exit_nonzero_and_write_nothing(setup, tmp_path):

@@ -267,3 +267,33 @@ def test_compile_trains_and_resumes_on_cpu(tiny, tmp_path):
     state = torch.load(paths.original_dir(_short(tiny, tmp_path)) / "backbone.pth", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in state)
     get_model("smallnet", num_features=64, input_size=32).load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("loss, margin", [("CosFace", lambda cos, m: cos - m),
+                                          ("ArcFace", lambda cos, m: torch.cos(torch.acos(cos.clamp(-1, 1)) + m))])
+def test_the_recorded_probability_is_the_heads_p_label_with_margin_for_the_same_batch(loss, margin):
+    """DynUnc's input: the probability training records for a sample is softmax(s * margin-adjusted cosines) at its
+    label, from the weights and embeddings of that very step (before the update), computed here from scratch."""
+    from backbones import get_model
+    from losses import ShardedClassifier
+    from utils.training.loop import train_step
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(16) % 8
+    torch.manual_seed(0)
+    model, head = get_model("smallnet", num_features=32, input_size=32), ShardedClassifier(loss, 32, 8)
+    weight = head.head.weight.detach().clone()  # before the step changes it
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _, gt_prob, emb = train_step(model, head, opt, scaler, images, labels, device=torch.device("cpu"),
+                                 flip_gen=torch.Generator().manual_seed(0))
+    cos = torch.nn.functional.normalize(emb.detach().double(), dim=1) @ \
+        torch.nn.functional.normalize(weight.double(), dim=1).T
+    s, m = head.head.s, head.head.m
+    logits = s * cos
+    rows = torch.arange(16)
+    logits[rows, labels] = s * margin(cos[rows, labels], m)
+    expected = torch.softmax(logits, dim=1)[rows, labels]
+    assert gt_prob.shape == (16,)
+    torch.testing.assert_close(gt_prob.double(), expected, rtol=1e-4, atol=1e-6)
+    assert float(expected.min()) < 0.5  # an untrained head: the check is not a trivial 1.0 == 1.0

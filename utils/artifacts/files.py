@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import ToolkitError
-from utils.artifacts.paths import manifest_path
+from utils.errors import ToolkitError, UserError
+from utils.artifacts.paths import bin_paths, manifest_path
 
 log = logging.getLogger("diffprob")
 
@@ -452,3 +452,18 @@ def label_map_array(label_map: dict, num_classes: int) -> np.ndarray:
             raise ArtifactError(f"label map names identity {old}, outside 0..{num_classes - 1}")
         table[old] = new
     return table
+
+
+# ------------------------------------------------------------------------------- verification sets
+def check_bins(cfg):
+    """A real dataset's verification sets must all be there: a run that silently skipped one would report
+    accuracies on fewer targets than the paper. (A synthetic dataset lacking its sets only warns.)"""
+    if cfg.dataset == "synthetic":
+        return
+    missing = [str(path) for path in bin_paths(cfg).values() if not path.exists()]
+    if missing:
+        raise UserError(f"verification set {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if
+                                                                      len(missing) > 1 else "")
+                        + f"; the {cfg.dataset} preset verifies on {','.join(cfg.val_targets)}. InsightFace "
+                        f"publishes the .bin files with the training sets (its dataset zoo, recognition/_datasets_); "
+                        f"put them in {cfg.rec}, or narrow the list with --val_targets")

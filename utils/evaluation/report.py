@@ -11,11 +11,8 @@ import numpy as np
 
 from utils.artifacts.files import atomic_write_csv, atomic_write_json, atomic_write_text
 from utils.evaluation.plots import plot_results
-from utils.selection.registry import METHODS
-
-# Row labels and row order: the full-data model first, then the registry's methods in their order.
-METHOD_LABELS = {"full": "full data", **{name: m.title for name, m in METHODS.items()},
-                 "relabel": "relabelled (cleaning's suggestions)"}
+# Row labels and row order (`labels`, {method: title}): the caller's, from the selection registry
+# (`utils.selection.registry.method_labels()`): the full-data model first, then the methods in their order.
 
 
 def accuracy_standard_error(run) -> float:
@@ -40,17 +37,17 @@ def mean_accuracy(run) -> float:
 TAR_KEY = "TAR@FAR=1e-4"
 
 
-def results_table(results: dict) -> tuple:
+def results_table(results: dict, labels: dict) -> tuple:
     """(header, rows) shaped like the paper's table: method x kept fraction."""
     original = next((r.get("trainee", "") for r in results["runs"] if r["method"] == "full"), "")
     runs = sorted(results["runs"], key=lambda r: (r.get("trainee", "") != original, r.get("trainee", ""),
-                                                   -r["requested_fraction"], list(METHOD_LABELS).index(r["method"]),
+                                                   -r["requested_fraction"], list(labels).index(r["method"]),
                                                    r["seed_offset"]))
     targets = sorted({t for r in runs for t in r["verification"]})
     header = ["method", "kept", *targets, "mean", "± SE", TAR_KEY, "images", "classes", "train s"]
     rows = []
     for r in runs:
-        name = METHOD_LABELS[r["method"]] + (f" (seed +{r['seed_offset']})" if r["seed_offset"] else "") \
+        name = labels[r["method"]] + (f" (seed +{r['seed_offset']})" if r["seed_offset"] else "") \
             + (f" [{r['trainee']}]" if r.get("trainee", "") != original else "")
         tar = r["ijb"].get(TAR_KEY)
         rows.append([name, f"{r['kept_fraction']:.1%}", *[f"{100 * r['verification'].get(t, float('nan')):.2f}"
@@ -110,7 +107,7 @@ def _diff(d: dict) -> str:
     return f"{100 * d['mean']:+.2f}" + ("*" if d["significant"] else "")
 
 
-def seeds_table(results: dict) -> tuple:
+def seeds_table(results: dict, labels: dict) -> tuple:
     """(header, rows): one row per configuration, mean ± std over seeds, paired differences to full data
     and to Rand at the same fraction (`*`: significant by `paired_difference`'s rule)."""
     cs = cells(results)
@@ -118,7 +115,7 @@ def seeds_table(results: dict) -> tuple:
     full = {c["trainee"]: c for c in cs if c["method"] == "full"}
     rand = {(c["requested_fraction"], c["trainee"]): c for c in cs if c["method"] == "rand"}
     cs.sort(key=lambda c: (c["trainee"] != original, c["trainee"], -c["requested_fraction"],
-                           list(METHOD_LABELS).index(c["method"])))
+                           list(labels).index(c["method"])))
     header = ["method", "trained", "kept", "seeds", "mean acc", "vs full", "vs Rand", TAR_KEY, "TAR vs full"]
     rows = []
     for c in cs:
@@ -128,7 +125,7 @@ def seeds_table(results: dict) -> tuple:
         vs_rand = paired_difference(c["accuracy"], rd["accuracy"]) if rd and c is not rd else None
         tar_full = paired_difference(c["tar"], f["tar"]) if f and c is not f and c["tar"] else None
         c["vs_full"], c["vs_rand"], c["tar_vs_full"] = vs_full, vs_rand, tar_full
-        rows.append([METHOD_LABELS[c["method"]], c["trainee"], f"{c['kept_fraction']:.1%}", str(len(c["runs"])),
+        rows.append([labels[c["method"]], c["trainee"], f"{c['kept_fraction']:.1%}", str(len(c["runs"])),
                      _pm(c["accuracy"]), _diff(vs_full) if vs_full else "", _diff(vs_rand) if vs_rand else "",
                      _pm(c["tar"]), _diff(tar_full) if tar_full else ""])
     return header, rows
@@ -140,11 +137,11 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, labels: dict) -> str:
     if results.get("seeds", 1) > 1 or any(c["trainee"] != results["runs"][0].get("trainee", "")
                                            for c in cells(results)):
-        return _markdown_seeds(results)
-    header, rows = results_table(results)
+        return _markdown_seeds(results, labels)
+    header, rows = results_table(results, labels)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
@@ -160,14 +157,14 @@ def markdown(results: dict) -> str:
     return text
 
 
-def _markdown_seeds(results: dict) -> str:
+def _markdown_seeds(results: dict, labels: dict) -> str:
     ds = results["dataset"]
     text = (f"Dataset: {ds['rec']} ({ds['num_images']} images, {ds['num_classes']} identities; {ds['profile']}). "
             f"Mean verification accuracy over the targets and IJB-C TAR at FAR 1e-4, in %, mean ± std over "
             f"{results.get('seeds', 1)} seed(s). 'vs full' and 'vs Rand': the mean paired difference over seeds "
             f"(same seed, same fraction); * marks a difference a two-sided paired t-test over seeds finds at 5% "
             f"(|mean| > t(n-1) x std / sqrt(n)); without * the difference is within the seed spread.\n\n")
-    text += _md_table(*seeds_table(results))
+    text += _md_table(*seeds_table(results, labels))
     return text + _dataset_notes(results)
 
 
@@ -192,11 +189,11 @@ def _dataset_notes(results: dict) -> str:
     return text
 
 
-def write_results(out: Path, results: dict):
+def write_results(out: Path, results: dict, labels: dict):
     """results.json, results.csv, results.md and results.png in `out`; prints the markdown table."""
     atomic_write_json(out / "results.json", results)
-    atomic_write_csv(out / "results.csv", *results_table(results))  # every run, one row each
-    text = markdown(results)
+    atomic_write_csv(out / "results.csv", *results_table(results, labels))  # every run, one row each
+    text = markdown(results, labels)
     atomic_write_text(out / "results.md", text)
-    plot_results(results, out / "results.png", METHOD_LABELS, TAR_KEY, mean_accuracy)
+    plot_results(results, out / "results.png", labels, TAR_KEY, mean_accuracy)
     print(text)

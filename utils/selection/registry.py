@@ -143,6 +143,12 @@ def coreset_method_choices() -> tuple:
     return (*RETRAIN_ONLY, *METHODS, *_ALIASES)
 
 
+def method_labels() -> dict:
+    """{method: title} for tables and plots, in the registry's order: the full-data model first, relabelling last."""
+    return {"full": "full data", **{name: m.title for name, m in METHODS.items()},
+            "relabel": "relabelled (cleaning's suggestions)"}
+
+
 def method_table() -> str:
     """The README's method table (markdown), from the registry."""
     rows = ["| method | `--coreset_method` | script | reads | what it keeps |", "|---|---|---|---|---|"]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from config.config import check_against_dataset
 from losses.sharded import resplit_rows
 from utils.artifacts import paths
-from utils.artifacts.files import (ArtifactError, Fingerprint, atomic_path, is_complete, load_kept_index, load_label_map,
+from utils.artifacts.files import (check_bins, ArtifactError, Fingerprint, atomic_path, is_complete, load_kept_index, load_label_map,
                              manifest_path, read_manifest, save_array, write_manifest)
 from utils.models.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.runtime.context import Context, barrier, gather_by_index, seed_everything
@@ -506,20 +506,6 @@ class ProgressLog:
 def _hms(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def check_bins(cfg):
-    """A real dataset's verification sets must all be there: a run that silently skipped one would report
-    accuracies on fewer targets than the paper. (A synthetic dataset lacking its sets only warns.)"""
-    if cfg.dataset == "synthetic":
-        return
-    missing = [str(path) for path in paths.bin_paths(cfg).values() if not path.exists()]
-    if missing:
-        raise UserError(f"verification set {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if
-                                                                      len(missing) > 1 else "")
-                        + f"; the {cfg.dataset} preset verifies on {','.join(cfg.val_targets)}. InsightFace "
-                        f"publishes the .bin files with the training sets (its dataset zoo, recognition/_datasets_); "
-                        f"put them in {cfg.rec}, or narrow the list with --val_targets")
 
 
 class VerificationCallback:
