@@ -25,7 +25,7 @@ from config.config import DATASET_PRESETS, ConfigError, infer_dataset, parse_con
 from utils.artifacts.locking import LOCK_NAME, LockError, OutputLock
 from utils.pipeline.profiles import PROFILES, Profile
 from utils.pipeline.runner import RUNNERS, choose_runner
-from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, _flag, require_bins  # noqa: F401
+from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, flag_value, require_bins  # noqa: F401
 from utils.runtime.cli import add_bool, flag, parse_bool
 from utils.selection.registry import METHODS, canonical_name, list_methods
 

@@ -125,3 +125,18 @@ def parse_args_for(method, extra):
     from config.config import parse_config
 
     return parse_config(["--coreset_method", method, "--dataset", "synthetic", "--batch_size", "32", *extra])
+
+
+def test_no_private_helper_is_imported_across_modules():
+    """A helper two modules use is public where it lives (scores.py imported nine of pruning.py's private ones)."""
+    import ast
+
+    offenders = []
+    for path in [*REPO.glob("*.py"), *(REPO / "utils").rglob("*.py"), *(REPO / "tools").glob("*.py"),
+                 *(REPO / "config").glob("*.py"), *(REPO / "backbones").glob("*.py"), *(REPO / "losses").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                    node.module.split(".")[0] in ("utils", "config", "backbones", "losses", "tools"):
+                offenders += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offenders == []

@@ -134,9 +134,9 @@ def test_the_pipeline_eta_counts_the_training_and_the_other_steps_left(tmp_path,
 
 
 def test_head_args_travel_from_the_pipeline_to_the_stages(tiny, tmp_path):
-    from run_pipeline import PROFILES, Pipeline, _flag, parse_set
+    from run_pipeline import PROFILES, Pipeline, flag_value, parse_set
 
-    assert _flag({"m1": -0.2, "t": 0.3}) == "m1=-0.2,t=0.3"
+    assert flag_value({"m1": -0.2, "t": 0.3}) == "m1=-0.2,t=0.3"
     pipe = Pipeline(tmp_path, PROFILES["tiny"], rec=tiny, dataset="synthetic",
                     overrides=parse_set(["loss=RobustFace", "head_args=m1=-0.2,t=0.3"]))
     cfg = pipe.cfg()

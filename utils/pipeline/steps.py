@@ -50,7 +50,7 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _flag(value):
+def flag_value(value):
     if isinstance(value, dict):  # head_args
         return ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
@@ -90,7 +90,7 @@ class Pipeline:
         train = self.profile.train if self.dataset == "synthetic" else \
             {k: v for k, v in self.profile.train.items() if k in REAL_DATA_PROFILE_KEYS}
         values = {"rec": self.rec, "output": self.runs, "dataset": self.dataset, **train, **self.overrides, **extra}
-        return [x for k, v in values.items() for x in (f"--{k}", _flag(v))]
+        return [x for k, v in values.items() for x in (f"--{k}", flag_value(v))]
 
     def cfg(self, **extra):
         return parse_config(self.keys(**extra))
