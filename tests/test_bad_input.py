@@ -755,6 +755,7 @@ def test_an_output_this_user_cannot_write_ends_in_one_line(work, in_process, mon
 
 
 def test_ctrl_c_ends_in_one_line_and_exit_130(work, in_process, monkeypatch, capsys):
+    import coreset_select
     import utils.selection.registry as registry
 
     def interrupted(*a, **k):
@@ -763,6 +764,7 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(work, in_process, monkeypatch, cap
     folder = paths.coreset_dir(work.cfg, "rand")
     before = _files(work.out)
     monkeypatch.setattr(registry, "run_selection", interrupted)
+    monkeypatch.setattr(coreset_select, "run_selection", interrupted)  # coreset_rand.py runs coreset_select's stage
     code = in_process("coreset_rand.py", *work.keys(), "--fraction", "0.3")
     err = capsys.readouterr().err
     assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, err

@@ -103,7 +103,8 @@ def given_list_tag(cfg) -> str:
     """The retrain folder's name for a list given by `--kept_index`: the list's own, never a folder's guess.
 
     A kept list in the folder its own selection wrote it to (its manifest's method and fraction name that
-    folder) keeps the selection's name, `<method>_<fraction>`. Any other list (made outside the toolkit, copied,
+    folder) keeps the selection's name, `<method>_<fraction>`; cleaning's list in its own folder keeps the config's
+    (a cleaning round retrains as `full` inside the round's folder). Any other list (made outside the toolkit, copied,
     renamed) is named by what it holds: `kept_` and the first 12 hex digits of the sha256 of its bytes and its
     `--label_map`'s, so two lists never share a folder (nor a resumed run). An unreadable list gets a name
     from its path; loading it then says what is wrong.
@@ -115,8 +116,11 @@ def given_list_tag(cfg) -> str:
                                                                                         "threshold")}})
         tag = coreset_tag(made)
         own_map = not cfg.label_map or Path(cfg.label_map) == kept.parent / "label_map.json"
-        if manifest["stage"] != "clean_trainset" and kept.parent.name == tag and own_map:
-            return tag
+        if own_map and kept.name == "kept_index.npy":
+            if manifest["stage"] == "clean_trainset":  # cleaning's list in its own folder (a cleaning round's
+                return coreset_tag(cfg)               # retrain: `full`, inside the round's folder, as before)
+            if kept.parent.name == tag:
+                return tag
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no manifest (a plain list) or not this toolkit's: named by its bytes
     digest = hashlib.sha256()

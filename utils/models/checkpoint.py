@@ -85,7 +85,9 @@ def follow_marker(path) -> Path:
 
 
 def _is_marker(ckpt) -> bool:
-    return isinstance(ckpt, dict) and set(ckpt) == {"epoch", "world_size", "fingerprint"}
+    """`last.pt`: epoch, world size, fingerprint, and since 2026-12-05 the selection digest of what was trained on."""
+    return isinstance(ckpt, dict) and {"epoch", "world_size", "fingerprint"} <= set(ckpt) <= \
+        {"epoch", "world_size", "fingerprint", "selection"}
 
 
 def strip_prefix(state: dict) -> dict:
