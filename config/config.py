@@ -202,16 +202,16 @@ def _base_type(tp):
     return tp, False
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+TRUE_WORDS = {"1", "true", "yes", "on"}  # what a boolean key accepts (utils/runtime/cli.py too)
+FALSE_WORDS = {"0", "false", "no", "off"}
 
 
 def _parse_scalar(key, text, tp):
     if tp is bool:
         low = text.strip().lower()
-        if low in _TRUE:
+        if low in TRUE_WORDS:
             return True
-        if low in _FALSE:
+        if low in FALSE_WORDS:
             return False
         raise ConfigError(f"--{key}: expected a boolean (true/false), got {text!r}")
     try:

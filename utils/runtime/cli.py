@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+from config.config import FALSE_WORDS, TRUE_WORDS
+
 
 
 def flag(name: str) -> list:
@@ -20,9 +21,9 @@ def flag(name: str) -> list:
 
 def parse_bool(text: str) -> bool:
     low = str(text).strip().lower()
-    if low in _TRUE:
+    if low in TRUE_WORDS:
         return True
-    if low in _FALSE:
+    if low in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from config.config import check_against_dataset
 from losses.sharded import resplit_rows
+from utils.arrays import label_map_for
 from utils.artifacts import paths
 from utils.artifacts.files import (check_bins, ArtifactError, Fingerprint, atomic_path, is_complete, load_kept_index, load_label_map,
                              manifest_path, read_manifest, save_array, write_manifest)
@@ -59,8 +60,6 @@ def lr_factor(cfg, steps_per_epoch: int):
 
 def load_selection(cfg, fingerprint: Fingerprint, labels: np.ndarray):
     """(kept_index, label_map, inputs) for retraining; (None, None, []) for the original training."""
-    from utils.arrays import label_map_for
-
     if cfg.is_original_train or (cfg.coreset_method == "full" and not cfg.kept_index):
         return None, None, []
     if not cfg.kept_index and cfg.coreset_method not in RETRAIN_ONLY:
