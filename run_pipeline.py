@@ -24,7 +24,7 @@ import torch
 from config.config import DATASET_PRESETS, ConfigError, infer_dataset, parse_config, parse_value
 from utils.artifacts.locking import LOCK_NAME, LockError, OutputLock
 from utils.pipeline.profiles import PROFILES, Profile
-from utils.pipeline.runner import RUNNERS, choose_runner
+from utils.pipeline.runner import RUNNERS, choose_jobs, choose_runner
 from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, flag_value, require_bins  # noqa: F401
 from utils.runtime.cli import add_bool, flag, parse_bool
 from utils.selection.registry import METHODS, canonical_name, list_methods
@@ -153,6 +153,10 @@ def main(argv=None):
     p.add_argument("--runner", default="auto", choices=RUNNERS,
                    help="how each stage runs: fork (CPU, one process: a forked copy of the pipeline with the imports "
                         "done once), subprocess (a new interpreter: GPUs and torchrun), auto (fork where it can)")
+    p.add_argument("--jobs", default="auto", metavar="N",
+                   help="CPU: how many trainings run at once where they do not depend on each other (the retrainings; "
+                        "the original model beside the full data's other seeds), each on --set threads=T threads "
+                        "(default: the profile's, else the cores shared out); auto: one per core, at most 8 (1 on GPUs)")
     add_bool(p, "fresh", "delete --out first instead of resuming")
     p.add_argument(*flag("stop-after"), type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
@@ -204,11 +208,13 @@ def main(argv=None):
     nproc = args.nproc or max(1, gpus)
     try:
         runner = choose_runner(args.runner, gpus, nproc)
+        jobs = choose_jobs(args.jobs, gpus, nproc)
     except ValueError as e:
         p.error(str(e))
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
-                    clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner)
+                    clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner,
+                    jobs=jobs)
     if args.show_config:
         return show_config(pipe)
     try:

@@ -32,6 +32,9 @@ class Config:
     output: str = "output"  # experiment folder; every stage reads and writes below it
     val_targets: Optional[List[str]] = None  # .bin names in `rec` (None: the preset's)
     num_workers: int = 2  # DataLoader worker processes per rank
+    threads: int = 0  # CPU: torch's threads per process (0: the cores per rank less num_workers). Kernels sum in
+    #                   another order with another thread count, so a fixed number gives the same digits on
+    #                   machines with more or fewer cores (the CPU profiles of run_pipeline.py use 1)
     skip_bad_images: bool = False  # train without images OpenCV cannot decode (each logged once) instead of stopping
     # ---- model -------------------------------------------------------------------------------
     network: str = "iresnet50"  # backbones registry name
@@ -277,6 +280,8 @@ def _check(cfg: Config):
         raise ConfigError(f"min_samples_per_id={cfg.min_samples_per_id} must be >= 1")
     if cfg.num_workers < 0 or cfg.lr <= 0:
         raise ConfigError("num_workers must be >= 0 and lr > 0")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads={cfg.threads} must be >= 0 (0: the cores per rank less num_workers)")
     if cfg.num_epoch is not None and cfg.num_epoch < 1:
         raise ConfigError(f"num_epoch={cfg.num_epoch} must be >= 1")
 

@@ -135,3 +135,25 @@ def test_a_threshold_and_a_fraction_together_are_refused(capsys):
     assert "error: --threshold 0.05 and --fraction 0.3 both given: a threshold decides the kept fraction itself" in err
     assert parse_config(["--threshold", "0.05"]).threshold == 0.05  # either alone is fine
     assert parse_config(["--fraction", "0.3"]).fraction == 0.3
+
+
+def test_threads_fixes_torchs_cpu_threads(monkeypatch, capsys):
+    """threads=N: N intra-op threads whatever the core count (the same digits on any machine); 0: the cores per
+    local rank less one per DataLoader worker, at least 1."""
+    import torch
+
+    from utils.runtime import context
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(context.os, "cpu_count", lambda: 8)
+        assert context.cpu_threads(parse_config(["--threads", "3"])) == 3
+        assert context.cpu_threads(parse_config(["--threads", "0", "--num_workers", "2"])) == 6
+        assert context.cpu_threads(parse_config(["--num_workers", "2"]), local_world_size=4) == 1  # 8 // 4 - 2 = 0
+        context.init_context(parse_config(["--threads", "3", "--device", "cpu"]))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        parse_config(["--threads", "-1"])
+    assert "threads=-1 must be >= 0" in capsys.readouterr().err

@@ -23,7 +23,7 @@ METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy"}
 def pipeline(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "demo"
     first = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--stop_after", "4")
-    second = run_script("run_pipeline.py", "--profile", "tiny", "--out", out)
+    second = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--jobs", "2")
     return out, first.stdout, second.stdout
 
 
@@ -102,8 +102,8 @@ def test_evaluation_commands_on_the_trained_models(pipeline, tmp_path):
 
 
 def test_a_forked_step_is_what_a_subprocess_step_is(pipeline, tmp_path):
-    """The pipeline ran its steps forked (CPU); the same steps run as subprocesses give the same kept list, the
-    same weights and the same accuracies."""
+    """The pipeline ran its steps forked (CPU), two trainings at a time; the same steps run as subprocesses, one
+    training at a time, give the same kept list, the same weights and the same accuracies."""
     import shutil
 
     import torch
@@ -117,7 +117,8 @@ def test_a_forked_step_is_what_a_subprocess_step_is(pipeline, tmp_path):
               "weights": torch.load(model / "backbone.pth", weights_only=True)}
     shutil.rmtree(kept)
     shutil.rmtree(model)
-    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--runner", "subprocess", "--export", "none")
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--runner", "subprocess", "--export", "none",
+                   "--jobs", "1")
     assert "prune: Rand 50% ..." in r.stdout and "retrain: Rand 50% ..." in r.stdout
     assert (kept / "kept_index.npy").read_bytes() == before["kept"]
     summary = json.loads((model / "train_summary.json").read_text())

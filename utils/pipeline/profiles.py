@@ -22,7 +22,7 @@ PROFILES = {
         "a few seconds per stage (tests)",
         data=["--num_ids", "24", "--image_size", "32", "--seed", "0", "--val_pairs", "200"],
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
-                   num_workers=0, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
+                   num_workers=0, threads=1, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
         fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
     # The default first run, CPU: within 10 minutes where tools/bench_train.py's paper-style loop makes 460
     # images/s (docs/results.md); 3,000 verification pairs per set.
@@ -30,13 +30,13 @@ PROFILES = {
         "the default without a GPU: 100 identities, 12 epochs; about 10 minutes at 460 images/s in tools/bench_train.py",
         data=["--num_ids", "100", "--image_size", "32", "--seed", "0", "--val_pairs", "1500"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
-                   num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
+                   num_workers=0, threads=1, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
     # The earlier default, 1.5x the identities and 4x the verification pairs: about twice the demo's time.
     "cpu": Profile(
         "150 identities, 12 epochs, 6,000 verification pairs per set: about twice the demo's time",
         data=["--num_ids", "150", "--image_size", "32", "--seed", "0"],
         train=dict(network="smallnet", embedding_size=128, batch_size=128, num_epoch=12, lr_steps=[8, 11], lr=0.4,
-                   num_workers=0, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
+                   num_workers=0, threads=1, record_topk=10, window=4, frequent=20, verify_every_epoch=False)),
     # One GPU: the paper's backbone at 112x112 on a larger synthetic set (or the real data with --rec).
     "gpu": Profile(
         "one GPU: iresnet50 at 112x112",

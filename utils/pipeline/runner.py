@@ -32,6 +32,25 @@ def can_fork() -> bool:
     return hasattr(os, "fork") and sys.platform != "darwin"  # macOS: fork without exec is unsafe with its frameworks
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or taskset may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def choose_jobs(asked, gpus: int, nproc: int) -> int:
+    """How many trainings run at once: `asked` (a number, or 'auto': one per core, at most 8, on CPU runs in
+    one process each); one on GPUs and under torchrun, where a training takes the whole device."""
+    if asked == "auto":
+        return 1 if gpus or nproc > 1 else max(1, min(8, usable_cores()))
+    jobs = int(asked)
+    if jobs < 1:
+        raise ValueError(f"--jobs {asked}: expected a number >= 1 or auto")
+    if jobs > 1 and (gpus or nproc > 1):
+        raise ValueError(f"--jobs {jobs}: trainings run one at a time on GPUs and under torchrun (each takes the "
+                         f"whole device); --jobs is for CPU runs")
+    return jobs
+
+
 def choose_runner(asked: str, gpus: int, nproc: int) -> str:
     """'fork' for CPU runs in one process on POSIX (unless asked otherwise), else 'subprocess'."""
     if asked not in RUNNERS:
@@ -110,8 +129,37 @@ def _child(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -> in
     return code
 
 
-def run_forked(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -> int:
-    """Run `python script args` as a forked child, stdout and stderr appended to `log_path`; its exit code."""
+class Started:
+    """A stage running in the background: `poll()` gives its exit code once it has ended (None before), `wait()`
+    waits for it and gives it."""
+
+    def __init__(self, pid: int = None, popen: subprocess.Popen = None):
+        self.pid, self.popen, self.code = pid, popen, None
+
+    def poll(self):
+        if self.popen is not None:
+            return self.popen.poll()
+        if self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+        return self.code
+
+    def wait(self) -> int:
+        if self.popen is not None:
+            return self.popen.wait()
+        if self.code is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except KeyboardInterrupt:  # Ctrl-C reaches the child too: let it stop cleanly, then stop
+                os.waitpid(self.pid, 0)
+                raise
+            self.code = os.waitstatus_to_exitcode(status)
+        return self.code
+
+
+def start_forked(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -> Started:
+    """Start `python script args` as a forked child, stdout and stderr appended to `log_path`."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -121,13 +169,17 @@ def run_forked(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -
             code = _child(Path(script), args, Path(log_path), Path(cwd), env)
         finally:
             os._exit(code)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            return os.waitstatus_to_exitcode(status)
-        except KeyboardInterrupt:  # Ctrl-C reaches the child too: let it stop cleanly, then stop
-            os.waitpid(pid, 0)
-            raise
+    return Started(pid=pid)
+
+
+def start_subprocess(cmd: list, log_path: Path, cwd: Path, env: dict) -> Started:
+    with open(log_path, "a") as logf:  # the child holds its own copy of the descriptor
+        return Started(popen=subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT))
+
+
+def run_forked(script: Path, args: list, log_path: Path, cwd: Path, env: dict) -> int:
+    """Run `python script args` as a forked child, stdout and stderr appended to `log_path`; its exit code."""
+    return start_forked(script, args, log_path, cwd, env).wait()
 
 
 def run_subprocess(cmd: list, log_path: Path, cwd: Path, env: dict) -> int:

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +23,7 @@ from utils.data.noise_file import load_noise
 from utils.errors import UserError
 from utils.evaluation.report import mean_accuracy, write_results
 from utils.pipeline.profiles import REAL_DATA_PROFILE_KEYS, Profile
-from utils.pipeline.runner import preload, run_forked, run_subprocess
+from utils.pipeline.runner import Started, preload, start_forked, start_subprocess, usable_cores
 from utils.selection.registry import METHODS, method_labels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +74,7 @@ class Pipeline:
     export: str = "best"  # the kept set written as a dataset: best, none, or <method>_<fraction>
     clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
     runner: str = "subprocess"  # how a stage runs: subprocess or fork (utils/pipeline/runner.py)
+    jobs: int = 1  # trainings run at once where they do not depend on each other (CPU; 1: one after another)
     data_args: list = None  # the synthetic generator's arguments (default: the profile's)
     data_config: dict = None  # the SyntheticConfig they give: an existing data folder must match it
     steps_run: list = field(default_factory=list)
@@ -84,6 +86,7 @@ class Pipeline:
         self.rec = Path(self.rec) if self.rec else self.out / "data"
         self.runs = self.out / "runs"
         self.log_file = self.out / "pipeline.log"
+        self.queued, self.batching = [], False
 
     # ------------------------------------------------------------------------------------ plumbing
     def keys(self, **extra) -> list:
@@ -123,9 +126,10 @@ class Pipeline:
 
     def step(self, title: str, script: list, done, *args, work: float = 0.0):
         """Run one stage script unless `done()` says its outputs are complete; `work` is its share of training
-        (1: a full-data training) for the ETA."""
-        n = len(self.steps_run) + len(self.steps_skipped) + 1
+        (1: a full-data training) for the ETA. Inside `concurrently()` a training is queued instead."""
+        n = len(self.steps_run) + len(self.steps_skipped) + len(self.queued) + 1
         if self.stop_after and n > self.stop_after:
+            self.run_queued()
             raise StopPipeline(n - 1)
         if done():
             self.steps_skipped.append(title)
@@ -136,22 +140,104 @@ class Pipeline:
         if self.nproc > 1 and script[0] in ("train_everything.py", "eval_trainset.py"):
             cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
         cmd += [str(REPO / script[0]), *script[1:], *map(str, args)]
+        if self.batching and script[0] == "train_everything.py":
+            cmd += ["--threads", self.job_threads()]
+            self.queued.append((n, title, cmd, work))
+            return
         print(f"[{n:2d}] {title} ...", end="", flush=True)
         t0 = time.time()
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_file, "a") as logf:
             logf.write(f"\n===== {title}\n$ {' '.join(cmd)}\n")
-        if self.runner == "fork":  # never with torchrun: choose_runner forks only a one-process run
-            code = run_forked(cmd[1], cmd[2:], self.log_file, REPO, env)
-        else:
-            code = run_subprocess(cmd, self.log_file, REPO, env)
+        code = self.start(cmd, self.log_file).wait()
         if code != 0:
             print(" FAILED", flush=True)
-            tail = self.log_file.read_text().splitlines()[-25:]
-            raise SystemExit(f"run_pipeline: step '{title}' failed (exit {code}); last lines of "
-                             f"{self.log_file}:\n" + "\n".join(tail))
+            self.fail(title, code, self.log_file)
         self.steps_run.append(title)
         print(f" {time.time() - t0:.0f} s{self.progress(work, time.time() - t0)}", flush=True)
+
+    def start(self, cmd: list, log_path: Path) -> Started:
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if self.runner == "fork":  # never with torchrun: choose_runner forks only a one-process run
+            return start_forked(cmd[1], cmd[2:], log_path, REPO, env)
+        return start_subprocess(cmd, log_path, REPO, env)
+
+    def fail(self, title: str, code: int, log_path: Path):
+        tail = log_path.read_text().splitlines()[-25:]
+        if log_path != self.log_file:  # a concurrent step's own log: already added to pipeline.log
+            log_path.unlink()
+        raise SystemExit(f"run_pipeline: step '{title}' failed (exit {code}); last lines of "
+                         f"{self.log_file}:\n" + "\n".join(tail))
+
+    def job_threads(self) -> str:
+        """--threads of a training that runs beside others: the profile's or --set's, else the cores shared out
+        (oversubscribed cores made CPU training several times slower)."""
+        given = {**self.profile.train, **self.overrides}.get("threads")
+        return str(given) if given is not None else str(max(1, usable_cores() // self.jobs))
+
+    @contextmanager
+    def concurrently(self):
+        """The trainings stepped inside run `self.jobs` at a time when the block ends (they must not depend on
+        each other); the other steps run at once, in order. One job: each training runs when stepped."""
+        self.batching = self.jobs > 1
+        try:
+            yield
+        except BaseException:
+            self.queued.clear()
+            raise
+        finally:
+            self.batching = False
+        self.run_queued()
+
+    def run_queued(self):
+        """Run the queued trainings, `self.jobs` at a time, the longest first (the last to end is then a short
+        one). Each writes a log of its own, added to pipeline.log whole when it ends. After a failure the
+        running ones finish and no other starts; then the pipeline stops with the failed step's lines."""
+        queued, self.queued = sorted(self.queued, key=lambda q: -q[3]), []
+        if not queued:
+            return
+        if len(queued) > 1:
+            print(f"running {len(queued)} trainings, {min(self.jobs, len(queued))} at a time (--jobs {self.jobs}; "
+                  f"{self.job_threads()} thread(s) each)", flush=True)
+        logs = self.out / "logs"
+        logs.mkdir(exist_ok=True)
+        running, failed, last = {}, None, time.time()
+        try:
+            while queued or running:
+                while queued and not failed and len(running) < self.jobs:
+                    n, title, cmd, work = job = queued.pop(0)
+                    log_path = logs / f"step_{n:02d}.log"
+                    log_path.write_text(f"\n===== {title}\n$ {' '.join(cmd)}\n")
+                    running[n] = (job, self.start(cmd, log_path), log_path, time.time())
+                if failed:
+                    queued.clear()
+                time.sleep(0.05)
+                for n, (job, started, log_path, t0) in list(running.items()):
+                    code = started.poll()
+                    if code is None:
+                        continue
+                    del running[n]
+                    title, work = job[1], job[3]
+                    with open(self.log_file, "a") as logf:
+                        logf.write(log_path.read_text())
+                    if code != 0:
+                        print(f"[{n:2d}] {title} ... FAILED", flush=True)
+                        failed = failed or (title, code, log_path)
+                        continue
+                    log_path.unlink()
+                    self.steps_run.append(title)
+                    now = time.time()  # the ETA counts wall time: the jobs' seconds overlap
+                    print(f"[{n:2d}] {title} ... {now - t0:.0f} s{self.progress(work, now - last)}", flush=True)
+                    last = now
+        except KeyboardInterrupt:  # Ctrl-C reaches the children too: let them stop cleanly, then stop
+            for _, started, _, _ in running.values():
+                started.wait()
+            raise
+        try:
+            if failed:
+                self.fail(*failed)
+        finally:
+            if not any(logs.iterdir()):
+                logs.rmdir()
 
     # --------------------------------------------------------------------------------------- steps
     def run(self) -> dict:
@@ -172,9 +258,12 @@ class Pipeline:
         base = self.cfg()
         require_bins(base)  # before hours of training, not after
         original = paths.original_dir(base, base.network, base.loss)
-        self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
-                  lambda: (original / "train_summary.json").exists(),
-                  *self.keys(is_original_train=True, resume=True), work=1.0)
+        full_seeds = range(1, self.seeds) if self.seeds > 1 else range(1, self.profile.extra_seeds + 1)
+        with self.concurrently():  # the full-data models of the other seeds need nothing of the original's
+            self.step("train the original model (records per-epoch probabilities)", ["train_everything.py"],
+                      lambda: (original / "train_summary.json").exists(),
+                      *self.keys(is_original_train=True, resume=True), work=1.0)
+            full = {seed: self.retrain(Key("full", 1.0, seed)) for seed in full_seeds}
         self.step("score the training set", ["eval_trainset.py"], lambda: is_complete(paths.scores_path(base), fp),
                   *self.keys())
         rounds = {"clean_round": 1} if self.clean_rounds > 1 else {}
@@ -193,23 +282,21 @@ class Pipeline:
                 self.step(f"prune: {METHOD_LABELS[method]} {fraction:.0%}", list(METHODS[method].script),
                           lambda: is_complete(paths.kept_index_path(cfg, method), fp),
                           *self.keys(fraction=fraction))
-        for fraction in self.profile.fractions:
-            for method in self.profile.methods:
-                models[Key(method, fraction)] = self.retrain(Key(method, fraction))
-        for network, loss in self.trainees:  # the same kept lists, other networks and losses
+        with self.concurrently():  # every retraining reads only its kept list
             for fraction in self.profile.fractions:
-                for method in ("full", *self.profile.methods):
-                    key = Key(method, 1.0 if method == "full" else fraction, 0, f"{network}_{loss}")
-                    models[key] = self.retrain(key)
-        if self.seeds > 1:  # every configuration again with seeds +1 .. +N-1
-            for seed in range(1, self.seeds):
-                models[Key("full", 1.0, seed)] = self.retrain(Key("full", 1.0, seed))
+                for method in self.profile.methods:
+                    models[Key(method, fraction)] = self.retrain(Key(method, fraction))
+            for network, loss in self.trainees:  # the same kept lists, other networks and losses
                 for fraction in self.profile.fractions:
-                    for method in self.profile.methods:
-                        models[Key(method, fraction, seed)] = self.retrain(Key(method, fraction, seed))
-        else:
-            for seed in range(1, self.profile.extra_seeds + 1):
-                models[Key("full", 1.0, seed)] = self.retrain(Key("full", 1.0, seed))
+                    for method in ("full", *self.profile.methods):
+                        key = Key(method, 1.0 if method == "full" else fraction, 0, f"{network}_{loss}")
+                        models[key] = self.retrain(key)
+            for seed in full_seeds:  # every configuration again with seeds +1 .. +N-1 (or the full data only)
+                models[Key("full", 1.0, seed)] = full[seed]
+                if self.seeds > 1:
+                    for fraction in self.profile.fractions:
+                        for method in self.profile.methods:
+                            models[Key(method, fraction, seed)] = self.retrain(Key(method, fraction, seed))
         ijb = {}
         if self.profile.ijb and paths.ijb_root(base).is_dir():
             ijb = self.evaluate_ijb(models)
