@@ -1,6 +1,7 @@
 """IJB-B/C evaluation (utils/evaluation/ijb.py) and five-point alignment (utils/data/alignment.py)."""
 import csv
 import os
+from fractions import Fraction
 from itertools import combinations
 
 import cv2
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from utils.data.alignment import ARCFACE_TEMPLATE_112, align_face, arcface_template, estimate_similarity
-from utils.evaluation.ijb import (IJBFeatures, IJBMetaError, evaluate_ijb, extract_features, identification_metrics,
-                       image2template_features, image_features, load_ijb_meta, plot_roc, roc_curve, tar_at_far,
-                       template_pair_scores)
+from utils.evaluation.ijb import (FAR_TARGETS, FPIR_TARGETS, RANKS, IJBFeatures, IJBMetaError, auc, evaluate_ijb,
+                       extract_features, identification_metrics, image2template_features, image_features,
+                       load_ijb_meta, plot_roc, roc_curve, tar_at_far, template_pair_scores)
+from utils.evaluation.verification import far_label
 
 # ----------------------------------------------------------------------------------------------------
 # Alignment
@@ -71,6 +73,117 @@ def test_degenerate_landmarks_are_refused():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Literal, loop-by-loop statements of the IJB numbers, to hold the vectorised code to.
+
+
+def reference_roc_points(labels, scores):
+    """sklearn's roc_curve as counts [(false accepts, true accepts)], accept when score >= threshold: (0, 0),
+    then one point per distinct score from high to low, less the inner points that sklearn's
+    drop_intermediate removes (the step into the point equals the step out of it)."""
+    points = []
+    for threshold in sorted(set(scores), reverse=True):
+        accepted = [label for label, score in zip(labels, scores) if score >= threshold]
+        points.append((accepted.count(0), accepted.count(1)))
+    if len(points) > 2:
+        points = [points[0]] + [b for a, b, c in zip(points, points[1:], points[2:])
+                                if (b[0] - a[0], b[1] - a[1]) != (c[0] - b[0], c[1] - b[1])] + [points[-1]]
+    return [(0, 0)] + points
+
+
+def reference_tar_at_far(labels, scores, far, rule="nearest"):
+    """TAR at FAR read off the ROC: 'nearest' (InsightFace) takes the point whose FPR is nearest `far`, the
+    last such point on ties (the largest TPR); 'floor' the last point whose FPR is at most `far`."""
+    labels = [int(label) for label in labels]
+    num_impostor, num_genuine = labels.count(0), labels.count(1)
+    best_distance, tar = None, None
+    for fp, tp in reference_roc_points(labels, scores):
+        fpr, tpr = fp / num_impostor, tp / num_genuine
+        if rule == "floor" and fpr <= far:
+            tar = tpr
+        if rule == "nearest" and (best_distance is None or abs(fpr - far) <= best_distance):
+            best_distance, tar = abs(fpr - far), tpr
+    return tar
+
+
+def reference_auc(labels, scores):
+    """The ROC's area as the Mann-Whitney count: the fraction of (genuine, impostor) pairs in which the genuine
+    pair scores higher, a tie counting one half."""
+    genuine = [s for s, label in zip(scores, labels) if label == 1]
+    impostor = [s for s, label in zip(scores, labels) if label == 0]
+    wins = sum((g > i) + 0.5 * (g == i) for g in genuine for i in impostor)
+    return wins / (len(genuine) * len(impostor))
+
+
+def reference_template_features(features, meta, flip_test=True):
+    """{template id: feature} as InsightFace's eval_ijbc.py (norm kept, times the detector score): per
+    template, the mean image feature of each of its media, summed, then divided by its norm."""
+    image_feats = features.img_feats.astype(np.float64)
+    if flip_test:
+        image_feats = image_feats + features.flip_feats
+    image_feats = image_feats * meta.faceness[:, None]
+    out = {}
+    for template in np.unique(meta.templates):
+        total = 0
+        for media in np.unique(meta.medias[meta.templates == template]):
+            total = total + image_feats[(meta.templates == template) & (meta.medias == media)].mean(axis=0)
+        out[int(template)] = total / np.linalg.norm(total)
+    return out
+
+
+def reference_identification(template, probe, gallery, ranks=RANKS, fpir_targets=FPIR_TARGETS):
+    """identification_metrics by a loop over the probes. A mated probe's rank is 1 + the number of other
+    subjects' gallery templates scoring at least its best mated score; at FPIR f the threshold is the lowest
+    non-mated top score (or -inf) at which at most floor(f * #non-mated) non-mated probes score above it."""
+    gallery_templates, gallery_subjects = gallery
+    ranks_of_mated, best_of_mated, top_of_nonmated = [], [], []
+    for probe_template, subject in zip(*probe):
+        scores = [float(template[probe_template] @ template[g]) for g in gallery_templates]
+        mated = [s for s, g in zip(scores, gallery_subjects) if g == subject]
+        if mated:
+            best_of_mated.append(max(mated))
+            ranks_of_mated.append(1 + sum(s >= max(mated) for s, g in zip(scores, gallery_subjects) if g != subject))
+        else:
+            top_of_nonmated.append(max(scores))
+    out = {f"rank-{k}": sum(r <= k for r in ranks_of_mated) / len(ranks_of_mated) for k in ranks}
+    for fpir in fpir_targets:
+        allowed = int(Fraction(repr(fpir)) * len(top_of_nonmated))  # floor, in exact decimal arithmetic
+        threshold = min(t for t in top_of_nonmated + [-np.inf] if sum(x > t for x in top_of_nonmated) <= allowed)
+        hits = sum(r == 1 and b > threshold for r, b in zip(ranks_of_mated, best_of_mated))
+        out[f"TPIR@FPIR={fpir:g}"] = hits / len(ranks_of_mated)
+    out.update(num_mated_probes=len(ranks_of_mated), num_nonmated_probes=len(top_of_nonmated),
+               num_gallery_templates=len(gallery_templates))
+    return out
+
+
+def reference_ijb(features, meta, flip_test=True):
+    """evaluate_ijb's 1:1 numbers and 1:N metrics (default options otherwise) by loops, from the raw features."""
+    template = reference_template_features(features, meta, flip_test)
+    scores = [float(template[a] @ template[b]) for a, b in meta.pair_templates]
+    labels = meta.pair_labels.tolist()
+    out = {f"TAR@FAR={far_label(far)}": reference_tar_at_far(labels, scores, far) for far in FAR_TARGETS}
+    out.update(auc=reference_auc(labels, scores), pair_scores=scores)
+    if meta.probe is not None:
+        one_to_n = {name: reference_identification(template, meta.probe, gallery)
+                    for name, gallery in meta.galleries.items()}
+        metric_names = [k for k in one_to_n["G1"] if k.startswith(("rank-", "TPIR@"))]
+        one_to_n["mean"] = {k: sum(r[k] for r in one_to_n.values()) / len(one_to_n) for k in metric_names}
+        out["1:N"] = one_to_n
+    return out
+
+
+def assert_equals_reference(result, reference):
+    """Every TAR exactly (the same ROC point is picked), the AUC and the 1:N metrics to rounding."""
+    tar_keys = [f"TAR@FAR={far_label(far)}" for far in FAR_TARGETS]
+    assert {k: result[k] for k in tar_keys} == {k: reference[k] for k in tar_keys}
+    assert result["auc"] == pytest.approx(reference["auc"], abs=1e-12)
+    assert ("1:N" in result) == ("1:N" in reference)
+    if "1:N" in reference:
+        assert set(result["1:N"]) == set(reference["1:N"])
+        for name, metrics in reference["1:N"].items():
+            assert result["1:N"][name] == pytest.approx(metrics, abs=1e-12), name
+
+
+# ----------------------------------------------------------------------------------------------------
 # 1:1 metrics
 
 
@@ -124,6 +237,38 @@ def test_tar_rules_on_a_hand_made_curve():
     assert tar_at_far(fpr, tpr, (0.25,), rule="floor")[0.25] == 0.6
     with pytest.raises(ValueError, match="valid"):
         tar_at_far(fpr, tpr, rule="median")
+
+
+def test_tar_and_auc_of_ten_scores_by_hand():
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    scores = [0.9, 0.8, 0.7, 0.3, 0.75, 0.5, 0.4, 0.2, 0.1, 0.0]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    # accepted (impostors, genuine) from the highest score down: (0,1) (0,2) (1,2) (1,3) (2,3) (3,3) (3,4) (4,4)
+    # (5,4) (6,4); sklearn drops (2,3), (4,4) and (5,4): the step into each equals the step out of it
+    np.testing.assert_allclose(fpr, np.array([0, 0, 0, 1, 1, 3, 3, 6]) / 6)
+    np.testing.assert_allclose(tpr, np.array([0, 1, 2, 2, 3, 3, 4, 4]) / 4)
+    # FAR 1e-1: the nearest FPR is 1/6 (0.067 away, FPR 0 is 0.1 away), twice: the larger TPR, 3/4.
+    # FAR 0.4: the nearest FPR left is 1/2 -> TPR 1 (the dropped point (2,3), FPR 1/3, would have given 3/4).
+    # floor at 1e-1: the last point with FPR 0 -> 2/4.
+    assert tar_at_far(fpr, tpr, (1e-1, 0.4)) == {1e-1: 0.75, 0.4: 1.0}
+    assert tar_at_far(fpr, tpr, (1e-1,), rule="floor") == {1e-1: 0.5}
+    # AUC: genuine 0.9 and 0.8 beat all 6 impostors, 0.7 beats 5, 0.3 beats 3 -> 20 of 24 pairs
+    assert auc(fpr, tpr) == pytest.approx(20 / 24, abs=1e-15)
+    assert (reference_tar_at_far(labels, scores, 1e-1), reference_tar_at_far(labels, scores, 0.4)) == (0.75, 1.0)
+    assert reference_tar_at_far(labels, scores, 1e-1, "floor") == 0.5 and reference_auc(labels, scores) == 20 / 24
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tar_at_far_and_auc_equal_a_loop_over_thresholds(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(labels, 1.0), 1)  # ties, and straight stretches of the ROC that sklearn drops
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fars = (1e-2, 3e-2, 1e-1, 0.25, 0.5)
+    for rule in ("nearest", "floor"):
+        expected = {far: reference_tar_at_far(labels, scores, far, rule) for far in fars}
+        assert tar_at_far(fpr, tpr, fars, rule) == expected, rule
+    assert auc(fpr, tpr) == pytest.approx(reference_auc(labels, scores), abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,13 +419,22 @@ def test_end_to_end_with_a_dummy_model(ijb_root, tmp_path):
     result = evaluate_ijb(model, ijb_root, "ijbc", batch_size=8, out_dir=out, name="dummy", progress=False)
     meta = load_ijb_meta(ijb_root)
     assert result["num_images"] == len(meta.names) and result["num_templates"] == 12 and result["num_pairs"] == 66
-    tars = [result[f"TAR@FAR=1e-{k}"] for k in range(1, 7)]
-    assert all(np.isfinite(t) and 0 <= t <= 1 for t in tars)
-    assert 0.5 < result["auc"] <= 1.0  # same-subject crops of one face are closer than other faces
-    for gallery in ("G1", "G2", "mean"):
-        metrics = result["1:N"][gallery]
-        assert all(np.isfinite(metrics[k]) for k in ("rank-1", "rank-5", "rank-10", "TPIR@FPIR=0.01", "TPIR@FPIR=0.1"))
-    assert result["1:N"]["G1"]["num_mated_probes"] == 4 and result["1:N"]["G1"]["num_nonmated_probes"] == 4
+    # 4 subjects x 3 templates: 4 x 3 genuine pairs of the 66
+    assert (result["num_genuine"], result["num_impostor"]) == (12, 54)
+    features = extract_features(model, meta, batch_size=5, progress=False)
+    reference = reference_ijb(features, meta)
+    # same-subject crops of one face are closer than other faces: with the pair scores pooled by a loop,
+    # every genuine pair scores above every impostor pair, so every TAR, the AUC, every rank-k and every
+    # TPIR (a mated score beats any non-mated top score) is exactly 1
+    genuine = [s for s, label in zip(reference["pair_scores"], meta.pair_labels) if label == 1]
+    assert min(genuine) > max(s for s, label in zip(reference["pair_scores"], meta.pair_labels) if label == 0)
+    assert [result[f"TAR@FAR=1e-{k}"] for k in range(1, 7)] == [1.0] * 6 and result["auc"] == 1.0
+    ones = {k: 1.0 for k in ("rank-1", "rank-5", "rank-10", "TPIR@FPIR=0.01", "TPIR@FPIR=0.1")}
+    # G1 holds the first template of subjects 0 and 1; the 8 probes are the other two templates of each
+    # subject: 4 of them mated
+    counts = {"num_mated_probes": 4, "num_nonmated_probes": 4, "num_gallery_templates": 2}
+    assert result["1:N"] == {"G1": {**ones, **counts}, "G2": {**ones, **counts}, "mean": ones}
+    assert_equals_reference(result, reference)
     with open(out / "ijbc_tar_far.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0][:3] == ["model", "target", "TAR@FAR=1e-6"] and rows[1][0] == "dummy"
@@ -289,7 +443,6 @@ def test_end_to_end_with_a_dummy_model(ijb_root, tmp_path):
     assert not [p for p in os.listdir(out) if p.startswith(".tmp_")]
 
     # the same features handed in directly give the same numbers
-    features = extract_features(model, meta, batch_size=5, progress=False)
     again = evaluate_ijb(features, ijb_root, progress=False)
     assert again["TAR@FAR=1e-1"] == result["TAR@FAR=1e-1"] and again["auc"] == pytest.approx(result["auc"])
 
@@ -393,9 +546,24 @@ def test_one_to_n_is_optional(ijb_root):
     os.remove(ijb_root / "meta" / "ijbc_1N_probe_mixed.csv")
     meta = load_ijb_meta(ijb_root)
     assert meta.probe is None and meta.galleries == {}
-    result = evaluate_ijb(IJBFeatures(np.random.default_rng(0).normal(size=(len(meta.names), 4)), None),
-                          ijb_root, flip_test=False, progress=False)
-    assert "1:N" not in result and np.isfinite(result["TAR@FAR=1e-3"])
+    features = IJBFeatures(np.random.default_rng(0).normal(size=(len(meta.names), 4)).astype(np.float32), None)
+    result = evaluate_ijb(features, ijb_root, flip_test=False, progress=False)
+    assert "1:N" not in result
+    assert_equals_reference(result, reference_ijb(features, meta, flip_test=False))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_noisy_features_give_the_loop_reference_numbers(ijb_root, seed):
+    """Features that tell the 4 subjects apart only in part (one axis per subject, plus noise as large), so that
+    TARs, AUC, rank-1 and TPIR fall short of the dummy model's 1: each equals the loop-by-loop reference."""
+    meta = load_ijb_meta(ijb_root)
+    rng = np.random.default_rng(seed)
+    subject_axis = np.eye(4)[meta.templates // 100]  # make_ijb numbers subject s's templates 100 s + k
+    features = IJBFeatures(*(subject_axis + rng.normal(size=(2, len(meta.names), 4))).astype(np.float32))
+    result = evaluate_ijb(features, ijb_root, progress=False)
+    reference = reference_ijb(features, meta)
+    assert_equals_reference(result, reference)
+    assert 0 < reference["auc"] < 1 and reference["1:N"]["mean"]["rank-1"] < 1  # no degenerate case
 
 
 def test_unknown_target_lists_the_valid_ones(ijb_root):

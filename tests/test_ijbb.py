@@ -9,6 +9,7 @@ import torch
 
 from backbones import get_model
 from tests.helpers import run_script
+from tests.test_ijb import assert_equals_reference, reference_ijb
 from utils.models.checkpoint import save_checkpoint
 from utils.evaluation.ijb import FAR_TARGETS, IJBFeatures, evaluate_ijb, extract_features, load_ijb_meta
 from utils.synthetic.generator import SyntheticConfig, generate_dataset
@@ -78,6 +79,11 @@ def test_eval_ijbc_on_ijbb_end_to_end(dataset, checkpoint, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(row["model"], row["target"]) for row in rows] == [("rand", "ijbb")]
     assert [float(rows[0][c]) for c in columns] == [round(expected[c], 6) for c in columns]
-    # a random network is no face matcher, but its scores are not degenerate either
-    assert expected["num_pairs"] == expected["num_genuine"] + expected["num_impostor"] > 0
-    assert 0 < expected["auc"] < 1
+    # ... and those are the numbers of the loop-by-loop reference on the same features
+    described = json.loads((dataset / "dataset.json").read_text())["ijb"]["ijbb"]
+    assert (expected["num_genuine"], expected["num_impostor"]) == (described["genuine_pairs"],
+                                                                   described["impostor_pairs"])
+    assert expected["num_pairs"] == described["genuine_pairs"] + described["impostor_pairs"]
+    reference = reference_ijb(features, load_ijb_meta(root, "ijbb"))
+    assert_equals_reference(expected, reference)
+    assert 0 < reference["auc"] < 1  # a random network is no face matcher, but its scores are not degenerate

@@ -119,7 +119,13 @@ def test_command_line(data, tmp_path):
     src, other = data
     r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "ok", "--flip_rate", "0.1",
                    "--open_rate", "0.05", "--open_from", other, "--seed", "1", "--quiet")
-    assert r.stdout == "" and len(json.loads((tmp_path / "ok" / "noise.json").read_text())["open_set"]) > 0
+    assert r.stdout == ""
+    # the options reach the library: round(rate * n) new flips and open-set images on top of the source's own
+    noise, source_noise = (json.loads((folder / "noise.json").read_text()) for folder in (tmp_path / "ok", src))
+    n = read_layout(src).num_images
+    assert (noise["flip_rate"], noise["open_rate"], noise["seed"]) == (0.1, 0.05, 1)
+    assert len(noise["flipped"]) == len(source_noise["flipped"]) + round(0.1 * n)
+    assert len(noise["open_set"]) == len(source_noise["open_set"]) + round(0.05 * n)
     for args in (["--flip_rate", "1.5"], ["--flip_rate", "0.6", "--open_rate", "0.6", "--open_from", other],
                  ["--open_rate", "0.1"]):
         r = run_script("make_noisy_dataset.py", "--rec", src, "--out", tmp_path / "bad", *args, check=False)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_script
+from tests.test_export import recordio_bytes
 from utils.artifacts.files import load_kept_index
 from utils.cleaning.rules import cleaning_quality
 from utils.data.datasets import dataset_fingerprint, open_dataset
@@ -71,8 +72,13 @@ def test_results_follow_the_contract(pipeline):
     best = max((r for r in res["runs"] if r["method"] != "full"), key=lambda r: (mean_accuracy(r), -r["kept_fraction"]))
     assert exp["kept_set"] == f"{best['method']}_{best['requested_fraction']:.2f}"
     exported = open_dataset(exp["folder"])
-    assert exported.num_images == exp["images"] == best["num_images"] and 0 < exp["saving_percent"] < 100
-    assert "% saved) ->" in second
+    assert exported.num_images == exp["images"] == best["num_images"]
+    # the saving is the exported folder's against the source's, byte for byte on disk
+    before, after = recordio_bytes(out / "data"), recordio_bytes(Path(exp["folder"]))
+    assert (exp["bytes_before"], exp["bytes_after"]) == (before, after) and after < before
+    saving = 100 * (before - after) / before
+    assert exp["saving_percent"] == pytest.approx(saving, abs=1e-9)
+    assert f"({saving:.1f}% saved) ->" in second
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -14,6 +14,12 @@ from utils.data.datasets import open_dataset
 from utils.dynamics.soft_labels import soft_label_entropy
 
 
+def summary_line(method, kept, labels):
+    """The start of the line a selection stage prints: its kept images and identities, counted here."""
+    n, n_ids, kept_ids = labels.size, np.unique(labels).size, np.unique(labels[kept]).size
+    return f"{method}: kept {kept.size:,} of {n:,} images ({kept.size / n:.2%}), {kept_ids:,} of {n_ids:,} identities"
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
@@ -53,9 +59,17 @@ def test_clean_removes_disagreeing_samples_and_renumbers(setup):
     assert np.array_equal(kept, np.flatnonzero(setup["pred"] == labels))
     label_map = load_label_map(d / "label_map.json", fp)
     assert setup["vanished"] not in label_map and sorted(label_map.values()) == list(range(len(label_map)))
-    assert "1 of" in r.stdout and "identities vanish" in r.stdout and "precision" in r.stdout
+    # every noisy sample is flagged, and so are 3 clean ones and the vanished identity's clean samples:
+    # recall 1, precision = noisy / flagged
+    flagged = np.flatnonzero(setup["pred"] != labels)
+    assert set(setup["noisy"]) <= set(flagged)
+    precision = setup["noisy"].size / flagged.size
+    n_ids = np.unique(labels).size
+    assert f"removed {flagged.size} of {labels.size} samples" in r.stdout
+    assert f"1 of {n_ids} identities vanish" in r.stdout
+    assert f"precision {precision:.3f}, recall 1.000" in r.stdout
     q = json.loads((d / "summary.json").read_text())["quality"]
-    assert q["recall"] == 1.0 and q["precision"] < 1.0
+    assert q["recall"] == 1.0 and q["precision"] == pytest.approx(precision, abs=1e-12) and precision < 1.0
     relabel = load_array(d / "relabel.npz", fp)
     assert np.array_equal(relabel["suggested_label"], setup["pred"][relabel["index"]])
 
@@ -70,7 +84,12 @@ def test_diffprob_stage_matches_library(setup, extra):
     assert np.array_equal(kept, pruning.diffprob(setup["prob"], setup["labels"], t))
     for name in ("label_map.json", "plot.png", "summary.json", "kept_index.manifest.json"):
         assert (out / name).exists(), name
-    assert "keeps" in r.stdout and "identities" in r.stdout
+    labels = setup["labels"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["kept_images"], summary["identities_kept"], summary["identities"]) == \
+        (kept.size, np.unique(labels[kept]).size, np.unique(labels).size)
+    assert f"diffprob: threshold {t:.6g} keeps {kept.size / labels.size:.4f} of the images" in r.stdout
+    assert summary_line("diffprob", kept, labels) in r.stdout
 
 
 def test_diffprob_on_cleaned_set_excludes_flagged(setup):
@@ -109,7 +128,9 @@ def test_label_dict_and_label_mapping(setup):
     for i, ident in enumerate(d["identities"]):
         end = d["starts"][i + 1] if i + 1 < len(d["starts"]) else len(d["order"])
         assert np.array_equal(d["order"][d["starts"][i]:end], np.flatnonzero(labels == ident))
-    assert "identities" in r.stdout
+    per_id = np.bincount(labels)[np.unique(labels)]
+    assert (f"label dict: {labels.size} images, {per_id.size} identities (images per identity min {per_id.min()}, "
+            f"median {int(np.median(per_id))}, max {per_id.max()})") in r.stdout
     run_script("coreset_rand.py", *setup["args"])
     kept_path = paths.kept_index_path(setup["cfg"], "rand")
     r = run_script("label_mapping.py", *setup["args"], "--kept_index", kept_path)
@@ -184,3 +205,4 @@ def test_score_methods_through_coreset_select(setup, method):
     out = paths.coreset_dir(parse_config(setup["args"] + ["--coreset_method", method]))
     assert np.array_equal(load_kept_index(out / "kept_index.npy", fp), expect)
     assert (out / "plot.png").exists() and f"{method}: " in r.stdout
+    assert summary_line(method, expect, labels) in r.stdout

@@ -295,8 +295,14 @@ def test_verification_set_and_table(tmp_path):
     assert len(vset) == 10
     results = verify_bins(model, {"toy": vset, "again": tmp_path / "toy.bin"}, batch_size=7, dtype="bf16")
     assert set(results) == {"toy", "again"}
+    # XNorm is InsightFace's: the mean L2 norm of the raw embedding of every image and of every flipped image
+    model.eval()
+    with torch.no_grad():
+        x = normalize_batch(vset.images)
+        views = torch.cat([model(x), model(x.flip(-1))]).double()
+    xnorm = float(views.norm(dim=1).mean())
     for r in results.values():
-        assert len(r["accuracy_folds"]) == 10 and np.isfinite(r["xnorm"]) and r["xnorm"] > 0
+        assert len(r["accuracy_folds"]) == 10 and r["xnorm"] == pytest.approx(xnorm, rel=1e-6)
     assert results["toy"]["accuracy_folds"] == results["again"]["accuracy_folds"]
     # the value, not a range: fp32 run == the protocol (`evaluate`) on the image + flip embeddings made here
     exact = vset.run(model, batch_size=7)
@@ -306,6 +312,20 @@ def test_verification_set_and_table(tmp_path):
     assert exact["accuracy_mean"] == pytest.approx(float(np.mean(folds)), abs=1e-12)
     table = format_table(results)
     assert "toy" in table and "again" in table and table.splitlines()[-1].startswith("mean")
+
+
+def test_format_table_by_hand():
+    results = {"lfw": {"accuracy_mean": 0.995, "accuracy_std": 0.0035, "tar_at_far_1e-3": 0.9, "tar_std": 0.01},
+               "cfp_fp": {"accuracy_mean": 0.9, "accuracy_std": 0.0}}  # no TAR: an empty column
+    # names padded to 6 ("target", "cfp_fp"), then two spaces between columns; accuracy "7.3f +- 5.3f" in
+    # percent (16 wide), TAR the same right-aligned to 17 (blank without a TAR); the mean row: the mean accuracy
+    # over targets, (99.5 + 90) / 2 = 94.75, then 10 blanks
+    assert format_table(results).splitlines() == [
+        "target" + "  " + "     accuracy (%)" + "  " + " TAR@FAR=1e-3 (%)",
+        "lfw   " + "  " + " 99.500 +- 0.350" + "  " + "  90.000 +- 1.000",
+        "cfp_fp" + "  " + " 90.000 +- 0.000" + "  " + " " * 17,
+        "mean  " + "  " + " 94.750" + " " * 10,
+    ]
 
 
 def test_an_image_shared_by_pairs_is_embedded_once_with_the_same_result(tmp_path):
