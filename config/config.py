@@ -32,7 +32,9 @@ class Config:
     output: str = "output"  # experiment folder; every stage reads and writes below it
     val_targets: Optional[List[str]] = None  # .bin names in `rec` (None: the preset's)
     num_workers: int = 2  # DataLoader worker processes per rank
-    skip_bad_images: bool = False  # train without images OpenCV cannot decode (each logged once) instead of stopping
+    skip_bad_images: bool = False  # images OpenCV cannot decode do not stop a stage: training goes without them
+    #                                (each logged once), eval_trainset.py gives them no score (NaN, listed as
+    #                                `unscored`), and cleaning and selection leave them out of their kept lists
     # ---- model -------------------------------------------------------------------------------
     network: str = "iresnet50"  # backbones registry name
     SE: bool = False  # squeeze-and-excitation blocks in the iresnets
