@@ -11,6 +11,10 @@ suggested labels of the mislabeled samples are written too, for retraining on ev
     outliers.npy/.csv     [index, label, score] (score: largest class probability), least claimed first
     contact_sheet.png     the most confident flagged images beside their labelled and suggested identity
 
+A sample the scores have no value for (eval_trainset.py --skip_bad_images true: an image it could not decode) is
+not judged: it is not flagged, not counted in the quality figures, and left out of the kept list (it cannot be
+trained on); the summary lists it as `unscored`.
+
 The CSVs add each sample's image file (image-folder datasets) or record key (RecordIO). With a
 `noise.json` in the dataset, the summary measures the cleaning against the injected noise. With
 `--clean_round R` (iterative cleaning, run_pipeline.py --clean_rounds) the same files go to
@@ -27,8 +31,9 @@ import numpy as np
 
 from utils.artifacts import paths
 from utils.artifacts.files import ArtifactError, load_array, save_array
-from utils.cleaning.rules import (check_clean_config, cleaning_quality, flag_change, flag_lists, get_rule, run_rule,
-                            write_flag_lists)
+from utils.arrays import unscored_line
+from utils.cleaning.rules import (check_clean_config, cleaning_quality, flag_change, flag_lists, get_rule, rule_needs,
+                            run_rule, write_flag_lists)
 from utils.cleaning.contact_sheet import contact_sheet, save_figure
 from utils.data.datasets import open_dataset
 from utils.artifacts.kept_sets import write_kept_set
@@ -42,11 +47,15 @@ log = logging.getLogger("diffprob")
 def run_clean(cfg, ctx=None) -> dict:
     check_clean_config(cfg)
     rule = get_rule(cfg.clean_rule)
-    dataset = open_dataset(cfg.rec)
+    dataset = open_dataset(cfg.rec, skip_bad_images=cfg.skip_bad_images)  # the contact sheet decodes images
     rec = open_cleaning_records(cfg, dataset)  # labels from the record headers alone
     flags = run_rule(rule, rec, cfg)
     labels, n = rec.labels, len(rec.labels)
-    kept = np.setdiff1d(np.arange(n, dtype=np.int64), flags.index)
+    reads_scores = any("scores" in rule_needs(get_rule(name), cfg) for name in (rule.name, *(cfg.clean_agree or ())))
+    unscored = rec.unscored if reads_scores else np.empty(0, dtype=np.int64)
+    if unscored.size:  # not judged (a rule may flag its pred -1 as another class): neither flagged nor kept
+        flags = flags.subset(np.setdiff1d(flags.index, unscored))
+    kept = np.setdiff1d(np.arange(n, dtype=np.int64), np.union1d(flags.index, unscored))
     if kept.size == 0:
         raise ArtifactError("cleaning would remove every sample: the scoring model predicts no label right")
     present = np.unique(labels)
@@ -55,6 +64,8 @@ def run_clean(cfg, ctx=None) -> dict:
     info = {"rule": rule.name, "removed": int(flags.index.size), "kept": int(kept.size), "kept_fraction": kept.size / n,
             "mislabeled": int(mislabeled.size), "outliers": int(outliers.size),
             "identities_vanished": int(vanished.size), "vanished": vanished.tolist()[:1000], **flags.info}
+    if unscored.size:
+        info["unscored"] = unscored.tolist()  # neither removed (flagged) nor kept
     noise = load_noise(cfg.rec)
     if noise is not None:
         info["quality"] = cleaning_quality(flags.index, noise, flags.suggested_label, flags.outlier)
@@ -70,7 +81,8 @@ def run_clean(cfg, ctx=None) -> dict:
         info["change"] = flag_change(before, flags.index)
         info["converged"] = info["change"] < cfg.clean_tolerance
         info["previous_flagged"] = int(before.size)
-    sheet = contact_sheet(dataset, mislabeled, outliers, title=f"cleaning ({rule.name}): most confident flags")
+    sheet = contact_sheet(dataset, mislabeled, outliers, title=f"cleaning ({rule.name}): most confident flags",
+                          no_image=unscored)
 
     # everything is computed: write; the kept list (the stage's completion mark) last
     relabel = ~flags.outlier
@@ -97,6 +109,8 @@ def run_clean(cfg, ctx=None) -> dict:
     if "change" in info:
         line += f"; round {cfg.clean_round}: the flagged set changed by {info['change']:.1%}"
     print(line)
+    if unscored.size:
+        print(unscored_line(unscored))
     if cfg.relabel and outliers.size:
         print(f"relabel.npz holds the {relabel.sum()} mislabeled samples; the {outliers.size} outliers have no "
               f"suggested label (training with --coreset_method relabel keeps them as labelled)")

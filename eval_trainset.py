@@ -10,6 +10,11 @@ kept list (its last epoch, or `--checkpoint`), its classes mapped back to the da
 its label map; writes `<output>/clean/<scorer>/round_<R>/scores.npz`. A sample whose identity the model no
 longer has gets p(label) = 0 and is counted in the manifest (`label_in_model` is False for it).
 
+An image that cannot be decoded stops the stage with one line naming its record, unless `--skip_bad_images
+true`: then it has no score (NaN in every probability, -1 as `pred`), the manifest lists it (`unscored`: sample
+indices, with their `unscored_record_key` or `unscored_file`), and one printed line says how many and which;
+cleaning and selection leave such samples out of their kept lists.
+
     python eval_trainset.py --rec data/synthetic --network smallnet --output output
     torchrun --nproc_per_node=8 eval_trainset.py --dataset webface --rec /data/faces_webface_112x112
 
@@ -21,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts import paths
+from utils.arrays import first_few
 from utils.artifacts.files import ArtifactError, save_array
+from utils.artifacts.paths import manifest_path
 from utils.data.datasets import open_dataset
 from utils.models.build import class_tables, load_scoring_model, resolve_checkpoint
-from utils.artifacts.records import round_model_dir, round_scores_path, round_train_keys
+from utils.artifacts.records import round_model_dir, round_scores_path, round_train_keys, sample_names
 from utils.data.redundancy import redundancy_stats
 from utils.runtime.stage import run_stage
 from utils.evaluation.scoring import score_dataset
@@ -61,21 +68,23 @@ def checkpoints_to_score(cfg) -> list:
 def score_with_label_map(cfg, ctx, model, dataset, embeddings: bool) -> dict:
     """Scores of every sample by a model trained on a relabelled subset, in the dataset's classes: the model
     sees each label as its own class; `pred` is mapped back; where the model has no class for a sample's
-    identity, p(label) is 0 (it gives that identity nothing) and `label_in_model` is False."""
+    identity, p(label) is 0 (it gives that identity nothing) and `label_in_model` is False. An unscored sample
+    (no image) stays NaN, `pred` -1."""
     to_model, to_dataset = class_tables(model.label_map, dataset.source_num_classes, model.path)
     mapped = to_model[dataset.all_labels]
     in_model = mapped >= 0
     view = dataset.with_labels(np.arange(dataset.num_images), np.where(in_model, mapped, 0))
     result = score_dataset(cfg, ctx, model.backbone, model.head, view, embeddings=embeddings)
-    result["pred"] = to_dataset[result["pred"]]
+    scored = result["pred"] >= 0
+    result["pred"] = np.where(scored, to_dataset[np.maximum(result["pred"], 0)], -1)
     for key in ("gt_prob_with_margin", "gt_prob"):
-        result[key][~in_model] = 0.0
+        result[key][~in_model & scored] = 0.0
     result["label_in_model"] = in_model
     return result
 
 
 def score_trainset(cfg, ctx) -> Path:
-    dataset = open_dataset(cfg.rec)
+    dataset = open_dataset(cfg.rec, skip_bad_images=cfg.skip_bad_images)
     fp = dataset.fingerprint
     ckpts = checkpoints_to_score(cfg)
     per_epoch = []
@@ -88,7 +97,12 @@ def score_trainset(cfg, ctx) -> Path:
         else:
             per_epoch.append(score_dataset(cfg, ctx, model.backbone, model.head, dataset, embeddings=last))
     embedding = per_epoch[-1].pop("embedding")
-    redundancy = redundancy_stats(embedding, dataset.all_labels) if ctx.is_main else None
+    # the same images fail to decode for every checkpoint; the union, should a file change between them
+    unscored = np.unique(np.concatenate([r.pop("unscored") for r in per_epoch]))
+    scored = np.ones(dataset.num_images, dtype=bool)
+    scored[unscored] = False
+    # measured on the images that have an embedding
+    redundancy = redundancy_stats(embedding[scored], dataset.all_labels[scored]) if ctx.is_main else None
 
     # use_all_epochs: the probabilities are averaged and kept in float64, as the paper's code does (a
     # float32 mean moved 0-3 kept samples in 4 of 12 tested configurations); the arg-max class and its
@@ -104,11 +118,15 @@ def score_trainset(cfg, ctx) -> Path:
         # identity, averaged; clean_trainset's argmax rule removes a sample whose average is below 0.
         votes = [np.where(r["pred"] == result["label"], r["gt_prob_with_margin"], -1.0) for r in per_epoch]
         result["argmax_vote"] = np.mean(votes, axis=0, dtype=np.float64)
-    mislabeled = int((result["pred"] != result["label"]).sum())
+    for key in ("gt_prob_with_margin", "gt_prob", "pred_prob", "argmax_vote"):
+        if key in result:  # no score, and no vote: pred -1 is no class, not another identity
+            result[key][unscored] = np.nan
+    result["pred"][unscored] = -1
+    mislabeled = int((result["pred"] != result["label"])[scored].sum())
     info = {}
     if "label_in_model" in per_epoch[-1]:
         result["label_in_model"] = per_epoch[-1]["label_in_model"]
-        missing = ~result["label_in_model"]
+        missing = ~result["label_in_model"] & scored
         info = {"label_map": True, "samples_without_class": int(missing.sum()),
                 "identities_without_class": np.unique(result["label"][missing]).tolist()}
         if missing.any():
@@ -126,13 +144,30 @@ def score_trainset(cfg, ctx) -> Path:
                               "embedding space has cosine similarity >= threshold"}
         save_array(out, result, "eval_trainset", fp, cfg, inputs=ckpts,
                    info={"checkpoints": [str(p) for p in ckpts], "mislabeled_by_argmax": mislabeled,
-                         "redundancy": summary, **info})
+                         "redundancy": summary, **info, **unscored_info(dataset, unscored)})
+        if unscored.size:
+            column, names = sample_names(dataset)
+            which = first_few(f"sample {i}" + (f" ({column.replace('_', ' ')} {names[i]})" if column else "")
+                              for i in unscored.tolist())
+            print(f"skip_bad_images: {unscored.size} of {dataset.num_images} images could not be decoded and have "
+                  f"no score (NaN, pred -1): {which}; every one is listed as 'unscored' in {manifest_path(out)}")
         print(f"redundancy: {summary['share']:.1%} of the images have a near-identical image of their identity "
               f"(cosine >= {summary['threshold']:g} in the scoring model's embedding space; "
               f"{summary['identities_with_redundancy']} of {len(per_id['label'])} identities)")
         log.info("wrote %s: mean gt_prob_with_margin %.4f, mean gt_prob %.4f, arg-max != label for %d samples",
-                 out, result["gt_prob_with_margin"].mean(), result["gt_prob"].mean(), mislabeled)
+                 out, result["gt_prob_with_margin"][scored].mean(), result["gt_prob"][scored].mean(), mislabeled)
     return out
+
+
+def unscored_info(dataset, unscored) -> dict:
+    """The manifest's fields for the samples without a score: `unscored` (sorted sample indices) and, where
+    the dataset names its samples, their record keys (`unscored_record_key`) or files (`unscored_file`)."""
+    column, names = sample_names(dataset)
+    info = {"unscored": unscored.tolist()}
+    if column:
+        info[f"unscored_{column}"] = [names[i].item() if hasattr(names[i], "item") else names[i]
+                                      for i in unscored.tolist()]
+    return info
 
 
 def scores_output(cfg) -> Path:

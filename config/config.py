@@ -35,7 +35,9 @@ class Config:
     threads: int = 0  # CPU: torch's threads per process (0: the cores per rank less num_workers). Kernels sum in
     #                   another order with another thread count, so a fixed number gives the same digits on
     #                   machines with more or fewer cores (the CPU profiles of run_pipeline.py use 1)
-    skip_bad_images: bool = False  # train without images OpenCV cannot decode (each logged once) instead of stopping
+    skip_bad_images: bool = False  # images OpenCV cannot decode do not stop a stage: training goes without them
+    #                                (each logged once), eval_trainset.py gives them no score (NaN, listed as
+    #                                `unscored`), and cleaning and selection leave them out of their kept lists
     # ---- model -------------------------------------------------------------------------------
     network: str = "iresnet50"  # backbones registry name
     SE: bool = False  # squeeze-and-excitation blocks in the iresnets

@@ -31,6 +31,28 @@ def run_script(script, *args, check=True, torchrun=0, timeout=600):
     return r
 
 
+def run_as_user(script, *args) -> subprocess.CompletedProcess:
+    """`python script args` in a fresh process; its output as a terminal receives it (carriage returns kept,
+    which `text=True` would turn into line ends)."""
+    r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env(),
+                       capture_output=True, timeout=600)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                       r.stderr.decode(errors="replace"))
+
+
+def as_a_terminal_shows(text: str) -> list:
+    """The non-blank lines `text` leaves on a terminal: a carriage return (progress bars) goes back to the
+    start of the line, and what follows overwrites it."""
+    lines = []
+    for raw in text.split("\n"):
+        shown = ""
+        for part in raw.split("\r"):
+            shown = part + shown[len(part):]
+        if shown.strip():
+            lines.append(shown.rstrip())
+    return lines
+
+
 def write_random_topk(cfg, fp, rng, epochs=6, k=4):
     """Random top-k records (label logits too) as training writes them, for the methods that read them."""
     import numpy as np
@@ -49,3 +71,22 @@ def write_random_topk(cfg, fp, rng, epochs=6, k=4):
 def make_tiny_dataset(out: Path):
     run_script("make_synthetic_dataset.py", "--out", out, *TINY_DATASET)
     return out
+
+
+def zero_image_of(rec_dir: Path, sample: int) -> int:
+    """Zero the image bytes of `sample`'s record in train.rec (same length: the index stays right), so that it no
+    longer decodes; returns its record key."""
+    import struct
+
+    from utils.data.recordio import read_index, read_layout
+
+    key = int(read_layout(rec_dir).image_keys[sample])
+    keys, offsets = read_index(rec_dir / "train.idx")
+    offset = int(offsets[keys == key][0])
+    with open(rec_dir / "train.rec", "r+b") as f:
+        f.seek(offset)
+        _, lrec = struct.unpack("<II", f.read(8))
+        assert lrec >> 29 == 0, "a record split around a magic word: pick another sample"
+        f.seek(offset + 8 + 24)  # past the record head and the 24-byte IRHeader of a scalar label
+        f.write(bytes((lrec & (2 ** 29 - 1)) - 24))
+    return key

@@ -21,7 +21,6 @@ import runpy
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -35,7 +34,8 @@ import pytest
 import torch
 
 from config.config import parse_config
-from tests.helpers import REPO, TINY_TRAIN, env, make_tiny_dataset, run_script
+from tests.helpers import (REPO, TINY_TRAIN, as_a_terminal_shows, env, make_tiny_dataset, run_as_user, run_script,
+                           zero_image_of)
 from utils.artifacts import paths
 from utils.artifacts.files import (Fingerprint, is_complete, manifest_path, read_array, read_json,
                              save_array)
@@ -43,7 +43,7 @@ from utils.models.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.datasets import PaddedDistributedSampler, open_dataset
 from utils.artifacts.locking import ENV_TOKENS, LOCK_NAME, OutputLock
 from utils.models.build import new_backbone
-from utils.data.recordio import read_index, read_layout
+from utils.data.recordio import read_layout
 
 # Every stage gets the same keys, so each finds the files the others wrote (utils/artifacts/paths.py).
 # `--val_targets ""`: training evaluates no .bin (the verification cases name theirs).
@@ -61,15 +61,6 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch '{self.marker}'",)
-
-
-def run_as_user(script, *args) -> subprocess.CompletedProcess:
-    """`python script args` in a fresh process; its output as a terminal receives it (carriage returns kept,
-    which `text=True` would turn into line ends)."""
-    r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env(),
-                       capture_output=True, timeout=600)
-    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
-                                       r.stderr.decode(errors="replace"))
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -279,7 +270,7 @@ def ijb_case(fault, expect):
 
 def _score_a_bad_image(w: Work):
     w.rec = _copy_rec(w)
-    key = _zero_image_of(w.rec, 0)
+    key = zero_image_of(w.rec, 0)
     return ["--checkpoint", w.models / "backbone.pth", "--head_checkpoint", w.models / "header.pth"], \
         f"{w.rec / 'train.rec'}: record key {key}"
 
@@ -460,24 +451,11 @@ def _one_line(r, naming: str, expect: str = "") -> str:
     the regular expression `expect`."""
     assert r.returncode == 1, f"exit {r.returncode}\nstderr:\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = _as_a_terminal_shows(r.stderr)
+    lines = as_a_terminal_shows(r.stderr)
     assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{r.stderr[-3000:]!r}"
     assert naming in lines[0], lines[0]
     assert re.search(expect, lines[0]), lines[0]
     return lines[0]
-
-
-def _as_a_terminal_shows(text: str) -> list:
-    """The non-blank lines `text` leaves on a terminal: a carriage return (progress bars) goes back to the
-    start of the line, and what follows overwrites it."""
-    lines = []
-    for raw in text.split("\n"):
-        shown = ""
-        for part in raw.split("\r"):
-            shown = part + shown[len(part):]
-        if shown.strip():
-            lines.append(shown.rstrip())
-    return lines
 
 
 def _assert_unchanged(folder: Path, before: dict, allowed=frozenset()):
@@ -490,20 +468,6 @@ def _assert_unchanged(folder: Path, before: dict, allowed=frozenset()):
 
 
 # ------------------------------------------------------------------------------- the training images
-def _zero_image_of(rec_dir: Path, sample: int) -> int:
-    """Zero the image bytes of `sample`'s record in train.rec (same length: the index stays right); its key."""
-    key = int(read_layout(rec_dir).image_keys[sample])
-    keys, offsets = read_index(rec_dir / "train.idx")
-    offset = int(offsets[keys == key][0])
-    with open(rec_dir / "train.rec", "r+b") as f:
-        f.seek(offset)
-        _, lrec = struct.unpack("<II", f.read(8))
-        assert lrec >> 29 == 0, "a record split around a magic word: pick another sample"
-        f.seek(offset + 8 + 24)  # past the record head and the 24-byte IRHeader of a scalar label
-        f.write(bytes((lrec & (2 ** 29 - 1)) - 24))
-    return key
-
-
 def _copy_rec(w: Work) -> Path:
     rec = w.tmp / "rec"
     shutil.copytree(w.rec, rec, ignore=shutil.ignore_patterns("ijb", "*.bin"))
@@ -513,7 +477,7 @@ def _copy_rec(w: Work) -> Path:
 def test_undecodable_training_image_names_record_key_and_sample(work):
     first = int(PaddedDistributedSampler(N, seed=0).order()[0])  # the first image training decodes
     work.rec = _copy_rec(work)
-    key = _zero_image_of(work.rec, first)
+    key = zero_image_of(work.rec, first)
     before = _files(work.out)
     r = run_as_user("train_everything.py", *work.keys())
     _one_line(r, f"{work.rec / 'train.rec'}: record key {key} (sample {first}) is not an image OpenCV can decode",

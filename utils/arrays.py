@@ -260,3 +260,19 @@ def format_summary(summary: dict) -> str:
             f"{s['identities_kept']:,} of {s['identities']:,} identities, images per kept identity "
             f"min {s['images_per_identity_min']} / median {s['images_per_identity_median']:g} / "
             f"max {s['images_per_identity_max']}")
+
+
+# ============================================================================ samples without a score
+def first_few(values, shown: int = 5) -> str:
+    """The first `shown` of `values`, comma-separated, with ", ..." when there are more (for one-line reports)."""
+    values = list(values)
+    return ", ".join(map(str, values[:shown])) + (", ..." if len(values) > shown else "")
+
+
+def unscored_line(unscored) -> str:
+    """The line a selection or a cleaning prints when the scores it read have no value for some samples
+    (eval_trainset.py --skip_bad_images true: images it could not decode): they are left out of the kept list."""
+    unscored = np.asarray(unscored, dtype=np.int64)
+    count = "1 sample has" if unscored.size == 1 else f"{unscored.size} samples have"
+    return (f"{count} no score (bad images): left out of the kept list (sample{'s' * (unscored.size > 1)} "
+            f"{first_few(unscored.tolist())})")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.arrays import format_summary, label_map_for, selection_summary
+from utils.arrays import format_summary, label_map_for, selection_summary, unscored_line
 from utils.artifacts.files import Fingerprint, atomic_write_json, save_kept_index, save_label_map
 from utils.evaluation.plots import plot_selection
 from utils.selection.ranking import ranking_table, write_ranking
@@ -40,6 +40,8 @@ def write_selection(cfg, folder: Path, method, selection, rec) -> dict:
     for warning in selection.warnings:
         log.warning("%s", warning)
         print(f"warning: {warning}")
+    if selection.info.get("unscored"):
+        print(unscored_line(selection.info["unscored"]))
     labels = rec.labels
     summary = selection_summary(selection.kept, labels, len(labels))
     summary.update(selection.info)

@@ -1,6 +1,8 @@
 """The per-sample files that training and scoring write, read back and checked against the dataset.
 
     scores/<network>_<loss>_<epoch>.npz   eval_trainset.py: gt_prob_with_margin, gt_prob, pred, pred_prob, label
+                                          (NaN probabilities and pred -1 for the samples its manifest lists
+                                          as `unscored`: images it could not decode, --skip_bad_images true)
     original_<net>_<loss>/prob_history.npy    training: P[epoch, sample], labelled-class probability with
                                               margin as seen during that epoch (NaN: not seen)
     original_<net>_<loss>/topk_logits.npz     training: margin-free top-k logits per epoch and sample
@@ -24,7 +26,8 @@ import numpy as np
 
 from utils.artifacts import paths
 from utils.artifacts.files import (ArtifactError, Fingerprint, check_fingerprint, check_numpy_magic, load_array, load_kept_index,
-                             read_array)
+                             read_array, read_manifest)
+from utils.artifacts.paths import manifest_path
 
 SCORE_KEYS = ("gt_prob_with_margin", "gt_prob", "pred", "pred_prob")
 
@@ -39,28 +42,49 @@ def load_scores(cfg, fingerprint: Fingerprint) -> dict:
     missing = [k for k in SCORE_KEYS + ("label",) if k not in data]
     if missing:
         raise ArtifactError(f"{path}: missing arrays {missing}")
-    _check_scores(path, data, fingerprint)
+    _check_scores(path, data, fingerprint, _unscored_mask(path, read_manifest(path), fingerprint.num_images))
     return data
 
 
-def _check_scores(path, data: dict, fingerprint: Fingerprint):
-    """Per image: finite probabilities (floats) and classes of the dataset (integers), as eval_trainset.py writes."""
+def _unscored_mask(path, manifest: dict, n: int) -> np.ndarray:
+    """(n,) bool: the samples the scores' manifest lists as `unscored` (eval_trainset.py --skip_bad_images true)."""
+    listed = (manifest.get("info") or {}).get("unscored", [])
+    index = np.asarray(listed)
+    if index.ndim != 1 or (index.size and (index.dtype.kind not in "iu" or index.min() < 0 or index.max() >= n)):
+        raise ArtifactError(f"{manifest_path(path)}: 'unscored' must list sample indices in [0, {n}), found "
+                            f"{str(listed)[:80]}")
+    mask = np.zeros(n, dtype=bool)
+    mask[index.astype(np.int64)] = True
+    return mask
+
+
+def _check_scores(path, data: dict, fingerprint: Fingerprint, unscored: np.ndarray):
+    """Per image: finite probabilities (floats) and classes of the dataset (integers), as eval_trainset.py writes;
+    for the `unscored` images (bool mask: no image to score), NaN probabilities and `pred` -1."""
     n = fingerprint.num_images
     for key in SCORE_KEYS + ("label",):
         a = data[key]
         if a.shape != (n,):
             raise ArtifactError(f"{path}: '{key}' has shape {a.shape}, expected ({n},): one value per image")
         if key in ("pred", "label"):
-            if a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= fingerprint.num_classes:
+            scored = a[~unscored] if key == "pred" else a
+            if a.dtype.kind not in "iu" or (scored.size and (scored.min() < 0
+                                                             or scored.max() >= fingerprint.num_classes)):
                 found = f"values {a.min()}..{a.max()}" if a.dtype.kind in "iuf" else "values"
                 raise ArtifactError(f"{path}: '{key}' holds {a.dtype} {found}; expected integer classes in "
                                     f"[0, {fingerprint.num_classes})")
+            if key == "pred" and (a[unscored] != -1).any():
+                raise ArtifactError(f"{path}: 'pred' of a sample its manifest lists as unscored is not -1 (sample "
+                                    f"{np.flatnonzero(unscored & (a != -1))[0]}); re-run eval_trainset.py")
         elif a.dtype.kind != "f":
             raise ArtifactError(f"{path}: '{key}' holds {a.dtype}; expected probabilities (floats)")
-        elif not np.isfinite(a).all():
-            bad = np.flatnonzero(~np.isfinite(a))
+        elif not np.isfinite(a[~unscored]).all():
+            bad = np.flatnonzero(~np.isfinite(a) & ~unscored)
             raise ArtifactError(f"{path}: '{key}' is NaN or infinite for {bad.size} images (e.g. sample {bad[0]}); "
                                 f"eval_trainset.py writes finite probabilities: re-run it")
+        elif not np.isnan(a[unscored]).all():
+            raise ArtifactError(f"{path}: '{key}' holds a value for a sample its manifest lists as unscored (sample "
+                                f"{np.flatnonzero(unscored & ~np.isnan(a))[0]}); re-run eval_trainset.py")
 
 
 def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:
@@ -258,6 +282,22 @@ class Records:
     @property
     def scores(self) -> dict:
         return self._load("scores", load_scores, paths.scores_path(self.cfg))
+
+    @property
+    def unscored(self) -> np.ndarray:
+        """Sorted int64 sample indices the scores have no value for (eval_trainset.py --skip_bad_images true: images
+        it could not decode; NaN there, listed in its manifest). Reads the scores."""
+        return np.flatnonzero(np.isnan(self.scores["gt_prob_with_margin"])).astype(np.int64)
+
+    def subset(self, index) -> "Records":
+        """These records restricted to the samples `index` (sorted sample indices; sample `index[i]` is the
+        result's sample i), as if the dataset held only them: every per-sample array read so far, cut. Read what a
+        method needs first (`load`): a file read later would have every sample. `inputs` stays shared."""
+        index = np.asarray(index, dtype=np.int64)
+        cut = {"scores": lambda d: {k: v[index] for k, v in d.items()}, "clean": lambda m: m[index],
+               "prob_history": lambda h: h[:, index], "topk": lambda d: {k: v[:, index] for k, v in d.items()}}
+        return dataclasses.replace(self, labels=self.labels[index],
+                                   _cache={k: cut[k](v) for k, v in self._cache.items()})
 
     @property
     def prob_history(self) -> np.ndarray:

@@ -12,28 +12,37 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.artifacts.files import atomic_path
+from utils.data.datasets import BadImageError
 
 __all__ = ["identity_examples", "contact_sheet", "save_figure"]
 
 
-def identity_examples(labels, avoid) -> dict:
+def identity_examples(labels, avoid, no_image=()) -> dict:
     """identity -> one sample index to show it by: its first sample not in `avoid` (the flagged ones), else its
-    first sample. One pass over the labels, no loop over identities."""
+    first sample; never one of `no_image` (samples known to have no decodable image: an identity that has only
+    those has no example). One pass over the labels, no loop over identities."""
     labels = np.asarray(labels, dtype=np.int64)
     avoid_mask = np.zeros(labels.size, bool)
     avoid_mask[np.asarray(avoid, dtype=np.int64)] = True
     order = np.lexsort((np.arange(labels.size), avoid_mask, labels))  # per identity: unflagged first, index order
+    shown = np.ones(labels.size, bool)
+    shown[np.asarray(no_image, dtype=np.int64)] = False
+    order = order[shown[order]]
+    if order.size == 0:
+        return {}
     first = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
     return dict(zip(labels[order][first].tolist(), order[first].tolist()))
 
 
-def contact_sheet(dataset, mislabeled, outliers, rows: int = 10, title: str = "") -> Figure:
+def contact_sheet(dataset, mislabeled, outliers, rows: int = 10, title: str = "", no_image=()) -> Figure:
     """A Figure of up to `rows` mislabeled samples (most confident first; left) and `rows` outliers (least
     claimed first; right), from `utils.cleaning.rules.flag_lists`' arrays. Per flagged sample three images: the
     sample; an image of its labelled identity; one of the suggested identity (outliers: none). `dataset` gives
-    `all_labels` and `load_image(sample_index)` (uint8 H x W x 3 RGB)."""
+    `all_labels` and `load_image(sample_index)` (uint8 H x W x 3 RGB). No identity is shown by a sample of
+    `no_image` (the scores' unscored ones); another image that cannot be decoded is an empty cell when the
+    dataset skips bad images (`--skip_bad_images true`), else the BadImageError that names it."""
     labels = dataset.all_labels
-    example = identity_examples(labels, np.concatenate([mislabeled["index"], outliers["index"]]))
+    example = identity_examples(labels, np.concatenate([mislabeled["index"], outliers["index"]]), no_image)
     blocks = [[(int(r["index"]), int(r["label"]), int(r["suggested_label"]), f"p={r['confidence']:.2f}")
                for r in mislabeled[:rows]],
               [(int(r["index"]), int(r["label"]), -1, f"max p={r['score']:.2f}") for r in outliers[:rows]]]
@@ -58,7 +67,12 @@ def contact_sheet(dataset, mislabeled, outliers, rows: int = 10, title: str = ""
             for ax, (sample, caption) in zip(row, cells):
                 ax.set_axis_on()
                 if sample is not None:
-                    ax.imshow(dataset.load_image(int(sample)))
+                    try:
+                        ax.imshow(dataset.load_image(int(sample)))
+                    except BadImageError:
+                        if not dataset.skip_bad_images:
+                            raise
+                        caption += " (no image)"
                 ax.set_title(caption, fontsize=7)
                 ax.set_xticks([])
                 ax.set_yticks([])

@@ -221,8 +221,8 @@ def confident_learning(probs: SparseProbs, labels, num_classes: int) -> tuple:
     """Confident learning's off-diagonal rule on sparse probabilities: (issue mask (N,), guessed class (N,),
     its probability (N,), per-class thresholds (K,)).
 
-    Per class j, the threshold t_j is the mean probability of class j over the samples labelled j (2, never
-    reached, for a class no sample has; at least 2e-6). A sample is an issue when some class reaches
+    Per class j, the threshold t_j is the mean probability of class j over the samples labelled j that have one
+    (2, never reached, for a class no such sample has; at least 2e-6). A sample is an issue when some class reaches
     p_k >= t_k - 1e-6 and the class guessed from those (the only one, or the arg-max of the row when several
     do) is not its label, unless the row's arg-max is the label (within 1e-6). This is cleanlab's
     `find_label_issues(filter_by='confident_learning')` exactly (the confident joint's off-diagonals), not its
@@ -232,9 +232,10 @@ def confident_learning(probs: SparseProbs, labels, num_classes: int) -> tuple:
     """
     labels = np.asarray(labels, dtype=np.int64)
     C = int(num_classes)
-    counts = np.bincount(labels, minlength=C)
+    has_prob = ~np.isnan(probs.label_prob)  # a sample never seen or unscored has no say in its class's threshold
+    counts = np.bincount(labels[has_prob], minlength=C)
     with np.errstate(invalid="ignore"):
-        thresholds = np.bincount(labels, weights=np.nan_to_num(probs.label_prob), minlength=C) / counts
+        thresholds = np.bincount(labels[has_prob], weights=probs.label_prob[has_prob], minlength=C) / counts
     thresholds = np.maximum(np.where(counts > 0, thresholds, 2.0), 2e-6)
     n = labels.size
     issue, guess, guess_prob = np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, np.nan)

@@ -6,7 +6,8 @@ A kept-index list selects samples; a label map renumbers the identities that sur
 
 An image that cannot be decoded raises `BadImageError` naming the file, the record key and the sample
 index. With `skip_bad_images` the dataset yields a `BadSample` marker instead, and `collate_skip_bad`
-(the DataLoader's collate_fn then) drops it from the batch with one warning per sample.
+(the DataLoader's collate_fn then) drops it from the batch with one warning per sample; scoring's
+`collate_bad_apart` drops it too and returns the indices of the dropped samples, which get no score.
 """
 from __future__ import annotations
 
@@ -261,12 +262,26 @@ def collate_skip_bad(items):
     of the batch: the shortfall from batch_size is the number skipped. A batch of only bad samples gives
     B = 0 (images of shape (0, 3, 0, 0)).
     """
-    good = [x for x in items if not isinstance(x, BadSample)]
     for bad in items:
         if isinstance(bad, BadSample) and bad.sample_index not in _BAD_SEEN:
             _BAD_SEEN.add(bad.sample_index)
             log.warning("skipping %s (sample %d): not an image OpenCV can decode (skip_bad_images)",
                         bad.where, bad.sample_index)
+    return _collate_good(items)
+
+
+def collate_bad_apart(items):
+    """DataLoader collate_fn for scoring with `skip_bad_images`: `collate_skip_bad`'s three tensors (no warning
+    per sample: the scoring stage reports them all in one line), then the sample indices (m,) of the batch's bad
+    samples, so that the process that reads the loader learns which ones had no image."""
+    bad = [x.sample_index for x in items if isinstance(x, BadSample)]
+    return (*_collate_good(items), torch.tensor(bad, dtype=torch.int64))
+
+
+def _collate_good(items) -> tuple:
+    """The samples of `items` that are not BadSample markers, collated (an empty batch of shape (0, 3, 0, 0)
+    when there is none)."""
+    good = [x for x in items if not isinstance(x, BadSample)]
     if not good:
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), \
             torch.empty(0, dtype=torch.int64)

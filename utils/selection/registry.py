@@ -11,9 +11,14 @@ sample indices (sorted unique int64), the per-sample score it ranked by (or None
 summary, and the order it selected in (`rank`: each sample's place in its identity, kept first), which
 the stage writes as the selection's ranking (utils/selection/ranking.py). Per-identity budgets always go through `utils.selection.keep.keep_top_per_identity` (or DiffProb's own
 rule): one tested helper, as the data-pruning literature learned the hard way (DeepCore).
+
+A method that reads the scores selects among the samples they score: one that eval_trainset.py could not
+decode (--skip_bad_images true) is left out as if the dataset did not hold it (per-identity quotas and the
+fraction count the scored samples), is never kept, and is listed as `unscored` in the summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -339,13 +344,35 @@ register_method("ccs_dynunc", title="CCS over DynUnc", needs=("prob_history",), 
                         "score strata")(_ccs(_score_dynunc))
 
 
+def in_dataset(selection: Selection, index: np.ndarray, num_images: int) -> Selection:
+    """A selection made on the samples `index` only (`Records.subset(index)`), in the dataset's sample indices:
+    every other sample is dropped, unranked (-1) and without a score (NaN)."""
+    def spread(values, fill, dtype):
+        if values is None:
+            return None
+        out = np.full(num_images, fill, dtype=dtype)
+        out[index] = values
+        return out
+
+    return dataclasses.replace(selection, kept=index[selection.kept],
+                               scores=spread(selection.scores, np.nan, np.float64),
+                               rank=spread(selection.rank, -1, np.int64),
+                               sort_key=spread(selection.sort_key, np.nan, np.float64))
+
+
 def run_selection(method: Method, rec: Records, cfg) -> Selection:
     """Check the config against the method, read what it needs, select."""
     if cfg.threshold is not None and not method.takes_threshold:
         raise InputError(f"{method.name} is set by --fraction; --threshold is for "
                          f"{', '.join(m.name for m in METHODS.values() if m.takes_threshold)}")
     rec = rec.load(method.needs)
+    unscored = rec.unscored if "scores" in method.needs else np.empty(0, dtype=np.int64)
     try:
-        return method.select(rec, cfg)
+        if not unscored.size:
+            return method.select(rec, cfg)
+        scored = np.setdiff1d(np.arange(rec.labels.size, dtype=np.int64), unscored)
+        selection = in_dataset(method.select(rec.subset(scored), cfg), scored, rec.labels.size)
+        selection.info["unscored"] = unscored.tolist()
+        return selection
     except InputError as e:  # values the method cannot use came from the files it read: name them
         raise ArtifactError(f"{', '.join(map(str, rec.inputs))}: {e}") from None
