@@ -119,28 +119,30 @@ class _GatherWithGrad(torch.autograd.Function):
 class _ShardedSoftmaxCE(torch.autograd.Function):
     """Mean softmax cross-entropy of logits split by columns over ranks.
 
-    forward(logits (N, C_local), rows, cols) -> (loss scalar, gt_prob (N,)); rows/cols index the
-    labelled class of the rows whose class is local. Backward: (softmax - onehot) / N per slice."""
+    forward(logits (N, C_local), rows, cols, comm, weights) -> (loss scalar, log_prob (N,)); rows/cols index the
+    labelled class of the rows whose class is local; `weights` (N,) multiply each row's cross-entropy before the
+    mean over N (None: weight 1, the plain mean). Backward: weight * (softmax - onehot) / N per slice."""
 
     @staticmethod
-    def forward(ctx, logits, rows, cols, comm: Optional[ShardComm]):
+    def forward(ctx, logits, rows, cols, comm: Optional[ShardComm], weights: Optional[torch.Tensor] = None):
         n = logits.shape[0]
         stats = _softmax_stats(logits, rows, cols, comm)
-        ctx.save_for_backward(stats["exp"], stats["sumexp"], rows, cols)
+        ctx.save_for_backward(stats["exp"], stats["sumexp"], rows, cols, weights)
         ctx.n = n
         log_prob = stats["target"] - stats["max"] - torch.log(stats["sumexp"])
-        loss = -log_prob.mean()
-        gt_prob = torch.exp(log_prob)
-        ctx.mark_non_differentiable(gt_prob)
-        return loss, gt_prob
+        loss = -log_prob.mean() if weights is None else -(weights * log_prob).mean()
+        ctx.mark_non_differentiable(log_prob)
+        return loss, log_prob
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_prob):
-        exp, sumexp, rows, cols = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_log_prob):
+        exp, sumexp, rows, cols, weights = ctx.saved_tensors
         grad = exp / sumexp[:, None]
         grad[rows, cols] -= 1.0
         grad *= grad_loss / ctx.n
-        return grad, None, None, None
+        if weights is not None:
+            grad *= weights[:, None]
+        return grad, None, None, None, None
 
 
 def _softmax_stats(logits, rows, cols, comm: Optional[ShardComm]) -> Dict[str, torch.Tensor]:
@@ -287,9 +289,22 @@ class ShardedClassifier(nn.Module):
         w = F.normalize(self.head.weight[columns].float(), dim=1)
         return F.linear(e, w).clamp(-1.0, 1.0)
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor):
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                local_weights: Optional[torch.Tensor] = None, per_sample: bool = False):
+        """(loss, gt_prob) of the local batch, or with `per_sample` (loss, gt_prob, sample_loss): the local rows'
+        cross-entropy (n,), detached, the head's own loss before the mean (margin and, with Partial FC in
+        training, the sampled softmax included). `local_weights` (n,) multiply the rows' losses before the
+        mean over the global batch (dynamic pruning's reweighting); None is the plain mean."""
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=True)
+            weights = None
+            if local_weights is not None:
+                weights = local_weights.reshape(-1).to(device=embeddings.device, dtype=torch.float32)
+                if weights.numel() != local_embeddings.shape[0]:
+                    raise ValueError(f"ShardedClassifier: {weights.numel()} weights for {local_embeddings.shape[0]} "
+                                     f"embeddings")
+                if self.comm is not None:
+                    weights = self.comm.all_gather_cat(weights, self.comm.sizes(weights.numel(), weights.device))
             local = self._local_labels(labels)
             if self.sampling:
                 columns = self.sample_columns(local)
@@ -301,8 +316,9 @@ class ShardedClassifier(nn.Module):
                 cos = self.head.cosine(embeddings)
             logits = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
             rows = (local >= 0).nonzero().squeeze(1)
-            loss, gt_prob = _ShardedSoftmaxCE.apply(logits, rows, local[rows], self.comm)
-        return loss, gt_prob[lo:hi].detach()
+            loss, log_prob = _ShardedSoftmaxCE.apply(logits, rows, local[rows], self.comm, weights)
+        log_prob = log_prob[lo:hi].detach()
+        return (loss, torch.exp(log_prob), -log_prob) if per_sample else (loss, torch.exp(log_prob))
 
     # ---------------------------------------------------------------------------------- scoring
     @torch.no_grad()

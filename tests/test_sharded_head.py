@@ -34,15 +34,20 @@ def _worker(rank, world_size, init_file, names):
             sharded.load_full_state_dict(start)
             for step in range(2):  # the second step sees the EMA statistics the first one updated
                 emb, labels = _global_batch(step)
+                # the second step weights the samples (dynamic pruning) and asks for the per-sample losses
+                weights = None if step == 0 else torch.rand(len(labels), generator=torch.Generator().manual_seed(3))
                 ref_emb = emb.clone().requires_grad_()
                 torch.manual_seed(step)  # Elastic heads draw margins: the same draw on both sides
-                ref_loss, ref_prob = single(ref_emb, labels)
+                ref_loss, ref_prob, *ref_sample = single(ref_emb, labels, weights, per_sample=bool(step))
                 ref_loss.backward()
 
                 local_emb = emb[lo:hi].clone().requires_grad_()
                 torch.manual_seed(step)
-                loss, prob = sharded(local_emb, labels[lo:hi])
+                loss, prob, *sample = sharded(local_emb, labels[lo:hi], None if weights is None else weights[lo:hi],
+                                              per_sample=bool(step))
                 loss.backward()
+                if step:
+                    torch.testing.assert_close(sample[0], ref_sample[0][lo:hi], **TOL, msg=f"{name}: sample loss")
 
                 where = f"{name} step {step} rank {rank}"
                 torch.testing.assert_close(loss, ref_loss, **TOL, msg=f"loss, {where}")
@@ -157,3 +162,42 @@ def test_score_label_logit_is_the_margin_free_labelled_logit():
     on_top = out["topk_index"][:, 0] == labels  # same scale and value as the top-k record there
     assert on_top.any() and torch.equal(out["label_logit"][on_top], out["topk_logits"][on_top, 0])
     assert "label_logit" not in clf.score(emb, labels)
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_weighted_and_per_sample_losses_are_the_heads_cross_entropy(name):
+    """forward(..., weights, per_sample=True): the loss is mean(w * CE) over the batch, the per-sample losses are
+    CE with reduction none, and the gradients are those of mean(w * CE); without weights, the plain mean."""
+    clf = ShardedClassifier(name, D, C)
+    head = get_head(name, D, C)
+    head.load_state_dict(clf.full_state_dict())
+    emb, labels = _global_batch(1)
+    weights = torch.tensor([0.0, 2.0, 1.0, 1.0, 0.5, 2.0, 1.0, 0.0, 1.0, 3.0])
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    torch.manual_seed(0)
+    loss, prob, sample_loss = clf(e1, labels, weights, per_sample=True)
+    torch.manual_seed(0)
+    logits = head(e2, labels)
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    ref = (weights * ce).mean()
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(sample_loss, ce.detach(), **TOL)
+    torch.testing.assert_close(prob, torch.exp(-ce.detach()), **TOL)
+    assert not sample_loss.requires_grad
+    torch.testing.assert_close(e1.grad, e2.grad, **TOL)
+    torch.testing.assert_close(clf.head.weight.grad, head.weight.grad, **TOL)
+    with pytest.raises(ValueError, match="3 weights for 10 embeddings"):
+        clf(emb, labels, torch.ones(3))
+
+
+def test_no_weights_is_bitwise_the_plain_mean():
+    clf = ShardedClassifier("CosFace", D, C)
+    emb, labels = _global_batch(2)
+    a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    loss_a, prob_a = clf(a, labels)
+    loss_b, prob_b, _ = clf(b, labels, torch.ones(len(labels)), per_sample=True)
+    loss_a.backward()
+    loss_b.backward()
+    assert torch.equal(loss_a, loss_b) and torch.equal(prob_a, prob_b) and torch.equal(a.grad, b.grad)
