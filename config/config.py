@@ -76,6 +76,12 @@ class Config:
     verify_every_epoch: bool = True  # verification on the .bin targets after every epoch (false: after the last)
     frequent: int = 50  # log a line every N steps
     max_steps_per_epoch: int = 0  # 0: the whole epoch (a positive value is for smoke tests)
+    # ---- dynamic pruning: train on less, epoch by epoch (utils/training/dynamic.py) ------------------------
+    dynamic_method: str = "none"  # a method of utils/training/dynamic.py's registry (none: every sample, every epoch)
+    dynamic_ratio: float = 0.5  # the share a pruning epoch prunes (InfoBatch: of the samples below the mean loss)
+    dynamic_anneal: float = 0.875  # epochs 1 .. anneal * num_epoch prune; the rest train on every sample, weight 1
+    dynamic_ema: float = 0.8  # ucb: decay of each sample's moving loss mean and variance
+    dynamic_ucb_c: float = 1.0  # ucb: the score is the loss mean + c * its standard deviation
     # ---- original training and scoring -------------------------------------------------------
     is_original_train: bool = True  # full dataset + per-epoch probability recording (DynUnc input)
     original_net_loss: str = "CosFace"  # loss of the original model whose scores the pruning reads
@@ -169,6 +175,7 @@ REGISTRY_KEYS = {
     "coreset_method": ("utils.selection.registry", "coreset_method_choices", "coreset_method_aliases"),
     "clean_rule": ("utils.cleaning.rules", "rule_choices", None),
     "clean_probs": ("utils.cleaning.rules", "prob_source_choices", None),
+    "dynamic_method": ("utils.training.dynamic", "dynamic_choices", None),
 }
 
 
@@ -282,6 +289,9 @@ def _check(cfg: Config):
         raise ConfigError(f"min_samples_per_id={cfg.min_samples_per_id} must be >= 1")
     if cfg.num_workers < 0 or cfg.lr <= 0:
         raise ConfigError("num_workers must be >= 0 and lr > 0")
+    errors = importlib.import_module("utils.training.dynamic").dynamic_config_errors(cfg)  # the registry's keys
+    if errors:
+        raise ConfigError("; ".join(errors))
     if cfg.threads < 0:
         raise ConfigError(f"threads={cfg.threads} must be >= 0 (0: the cores per rank less num_workers)")
     if cfg.num_epoch is not None and cfg.num_epoch < 1:
