@@ -27,11 +27,11 @@ def test_import_graph_tool_exits_zero_and_prints_the_height():
 
 def test_config_choices_and_aliases_come_from_the_registries():
     from config.config import choices, parse_config
-    from utils.cleaning import rules as cleaning
+    from utils.cleaning import registry
     from utils.selection import registry as selection
 
     assert choices("coreset_method") == ("full", "relabel", *selection.METHODS, "eval_simprobs", "eval_simprobs_clean")
-    assert choices("clean_rule") == tuple(cleaning.RULES)
+    assert choices("clean_rule") == tuple(registry.RULES)
     assert parse_config(["--coreset_method", "eval_simprobs"]).coreset_method == "diffprob"
     assert parse_config(["--coreset_method", "eval_simprobs_clean"]).coreset_method == "diffprob_clean"
     with pytest.raises(SystemExit) as e:
@@ -83,16 +83,16 @@ def test_stage_scripts_import_without_running(script):
 def test_importing_a_registry_changes_no_config_and_config_names_no_method_or_rule():
     """The registries are asked (config.choices, config.aliases); importing one writes into nothing."""
     code = ("import config.config as c, copy; before = copy.deepcopy(c.CHOICES); "
-            "import utils.selection.registry, utils.cleaning.rules; assert c.CHOICES == before; "
+            "import utils.selection.registry, utils.cleaning.registry; assert c.CHOICES == before; "
             "assert 'coreset_method' not in c.CHOICES and 'clean_rule' not in c.CHOICES; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
-    from utils.cleaning import rules
+    from utils.cleaning import registry as cleaning
     from utils.selection import registry
 
     source = (REPO / "config" / "config.py").read_text()
     logic = "\n".join(line.split("#")[0] for line in source.splitlines() if "str = " not in line)  # defaults aside
-    named = [n for n in (*registry.METHODS, *rules.RULES) if re.search(rf"[\"']{n}[\"']", logic)]
+    named = [n for n in (*registry.METHODS, *cleaning.RULES) if re.search(rf"[\"']{n}[\"']", logic)]
     assert named == [], f"config/config.py names {named}: a registry entry should declare it"
 
 
