@@ -163,7 +163,7 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
     stage's scores file; the time is the writing alone (simulating the values is not timed)."""
     from utils.artifacts import paths
     from utils.artifacts.files import save_array
-    from utils.training.loop import record_kind
+    from utils.training.recording import record_kind
 
     labels, fp = _dataset(work)
     labels = np.asarray(labels)
@@ -192,7 +192,7 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
 
 def step_assemble_history(work: Path, scale: str, epochs: int, seed: int) -> dict:
     from utils.artifacts import paths
-    from utils.training.loop import assemble_history
+    from utils.training.recording import assemble_history
 
     _, fp = _dataset(work)
     cfg = _config(work, epochs)

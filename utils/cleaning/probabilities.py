@@ -39,7 +39,7 @@ def trajectory_soft_labels(topk_logits, topk_index, rest_mean_logit, labels, num
                            keep: int = None) -> SparseProbs:
     """The soft label of "Data Pruning Can Do More": softmax of each sample's logits averaged over epochs.
 
-    Inputs are the training records (utils/training/loop.py): `topk_logits` (E, N, k) margin-free, `topk_index`
+    Inputs are the training records (utils/training/recording.py): `topk_logits` (E, N, k) margin-free, `topk_index`
     (E, N, k) (-1: the sample was not seen that epoch), `rest_mean_logit` (E, N) the mean logit of the
     classes outside that epoch's top k. Averaged over the epochs a sample was seen in: a class's logit
     where it is in the top k, the epoch's rest mean elsewhere. What is approximated: a class outside an
