@@ -1,8 +1,11 @@
-"""The shape of the code: layering, import-graph height, and what the registries derive."""
+"""The shape of the code: layering, import-graph height, imports at the top, and what the registries derive."""
+import ast
 import importlib
+import io
 import re
 import subprocess
 import sys
+import tokenize
 
 import numpy as np
 import pytest
@@ -129,8 +132,6 @@ def parse_args_for(method, extra):
 
 def test_no_private_helper_is_imported_across_modules():
     """A helper two modules use is public where it lives (scores.py imported nine of pruning.py's private ones)."""
-    import ast
-
     offenders = []
     for path in [*REPO.glob("*.py"), *(REPO / "utils").rglob("*.py"), *(REPO / "tools").glob("*.py"),
                  *(REPO / "config").glob("*.py"), *(REPO / "backbones").glob("*.py"), *(REPO / "losses").glob("*.py")]:
@@ -140,3 +141,26 @@ def test_no_private_helper_is_imported_across_modules():
                 offenders += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
                               if a.name.startswith("_") and not a.name.startswith("__")]
     assert offenders == []
+
+
+def test_every_import_inside_a_function_under_utils_says_why():
+    """Imports sit at the top of a module, where a reader looks for what it depends on. One inside a function (a heavy
+    or optional dependency only that path needs, an import a forking parent makes for its children) says why in a
+    comment on its line or the line above; a run of such imports shares the comment above its first line."""
+    offenders = []
+    for path in sorted((REPO / "utils").rglob("*.py")):
+        source = path.read_text()
+        commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                     if tok.type == tokenize.COMMENT}
+        tree = ast.parse(source)
+        import_lines = {n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        inside = {n.lineno for scope in ast.walk(tree) if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(scope) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for line in sorted(inside):
+            first = line
+            while first - 1 in import_lines:
+                first -= 1
+            if not {line, first - 1} & commented:
+                offenders.append(f"{path.relative_to(REPO)}:{line}: {source.splitlines()[line - 1].strip()}")
+    assert offenders == [], "move these imports to the top of their module, or say why they are here:\n" + \
+        "\n".join(offenders)

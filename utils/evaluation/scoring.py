@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from utils.artifacts.files import ArtifactError
 from utils.runtime.context import Context, gather_by_index
@@ -27,8 +28,6 @@ log = logging.getLogger("diffprob")
 def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool = False) -> dict:
     """Per sample (sample index order): SCORE_KEYS of `head.score`, and with `embeddings` the backbone's
     embedding (float32, N x D; for the redundancy statistic). Every rank gets the full arrays."""
-    from tqdm import tqdm
-
     sampler = PaddedDistributedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False)
     loader = DataLoader(dataset, batch_size=cfg.score_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=ctx.device.type == "cuda")
