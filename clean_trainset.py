@@ -1,7 +1,7 @@
 """Cleaning: flag training samples whose label the scoring model contradicts, remove them, and write the
 cleaned kept list with its contiguous label map, the lists to share and a contact sheet to audit them.
 
-`--clean_rule` picks the rule (utils/cleaning/rules.py: `argmax`, the paper's and the default; `trajectory`;
+`--clean_rule` picks the rule (utils/cleaning/registry.py: `argmax`, the paper's and the default; `trajectory`;
 `confident_learning`), `--clean_agree A,B` keeps only what those rules flag too. With `--relabel true` the
 suggested labels of the mislabeled samples are written too, for retraining on every image with
 `--coreset_method relabel`. Writes `<output>/clean/<scorer>/`:
@@ -32,8 +32,9 @@ import numpy as np
 from utils.artifacts import paths
 from utils.artifacts.files import ArtifactError, load_array, save_array
 from utils.arrays import unscored_line
-from utils.cleaning.rules import (check_clean_config, cleaning_quality, flag_change, flag_lists, get_rule, rule_needs,
-                            run_rule, write_flag_lists)
+from utils.cleaning.lists import flag_lists, write_flag_lists
+from utils.cleaning.quality import cleaning_quality, flag_change
+from utils.cleaning.registry import check_clean_config, get_rule, rule_needs, run_rule
 from utils.cleaning.contact_sheet import contact_sheet, save_figure
 from utils.data.datasets import open_dataset
 from utils.artifacts.kept_sets import write_kept_set

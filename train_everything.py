@@ -21,8 +21,9 @@ from utils.artifacts.files import atomic_write_json
 from utils.runtime.context import init_logging
 from utils.errors import UserError
 from utils.runtime.stage import run_stage
-from utils.training.loop import (ProgressLog, Recorder, VerificationCallback, assemble_history, prepare_run, save_epoch,
-                            train_one_epoch)
+from utils.training.loop import ProgressLog, VerificationCallback, prepare_run, train_one_epoch
+from utils.training.recording import Recorder, assemble_history
+from utils.training.resume import save_epoch
 
 log = logging.getLogger("diffprob")
 

@@ -96,7 +96,7 @@ class Config:
     coreset_method: str = "diffprob"  # a selection method of utils/selection/registry.py's registry (the kept list
     #                                   retraining uses), or full / relabel (every image; cleaning's flagged
     #                                   ones with their suggested label); the paper's names are aliases
-    clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning/rules.py's registry (argmax: the paper's)
+    clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning/registry.py's registry (argmax: the paper's)
     clean_agree: Optional[List[str]] = None  # other rules that must flag a sample too (agreement; None: none)
     clean_epochs: str = ""  # rules on soft labels: the recorded epochs "A-B" (1-based, inclusive); "": all
     clean_probs: str = "trajectory"  # the probabilities a rule reads where it lets you choose (the rule table)
@@ -173,8 +173,8 @@ CHOICES = {
 # modules that import config, so config cannot import them (nor does importing a registry change config).
 REGISTRY_KEYS = {
     "coreset_method": ("utils.selection.registry", "coreset_method_choices", "coreset_method_aliases"),
-    "clean_rule": ("utils.cleaning.rules", "rule_choices", None),
-    "clean_probs": ("utils.cleaning.rules", "prob_source_choices", None),
+    "clean_rule": ("utils.cleaning.registry", "rule_choices", None),
+    "clean_probs": ("utils.cleaning.probabilities", "prob_source_choices", None),
     "dynamic_method": ("utils.training.dynamic", "dynamic_choices", None),
 }
 

@@ -1,8 +1,11 @@
-"""The shape of the code: layering, import-graph height, and what the registries derive."""
+"""The shape of the code: layering, import-graph height, imports at the top, and what the registries derive."""
+import ast
 import importlib
+import io
 import re
 import subprocess
 import sys
+import tokenize
 
 import numpy as np
 import pytest
@@ -27,11 +30,11 @@ def test_import_graph_tool_exits_zero_and_prints_the_height():
 
 def test_config_choices_and_aliases_come_from_the_registries():
     from config.config import choices, parse_config
-    from utils.cleaning import rules as cleaning
+    from utils.cleaning import registry
     from utils.selection import registry as selection
 
     assert choices("coreset_method") == ("full", "relabel", *selection.METHODS, "eval_simprobs", "eval_simprobs_clean")
-    assert choices("clean_rule") == tuple(cleaning.RULES)
+    assert choices("clean_rule") == tuple(registry.RULES)
     assert parse_config(["--coreset_method", "eval_simprobs"]).coreset_method == "diffprob"
     assert parse_config(["--coreset_method", "eval_simprobs_clean"]).coreset_method == "diffprob_clean"
     with pytest.raises(SystemExit) as e:
@@ -83,16 +86,16 @@ def test_stage_scripts_import_without_running(script):
 def test_importing_a_registry_changes_no_config_and_config_names_no_method_or_rule():
     """The registries are asked (config.choices, config.aliases); importing one writes into nothing."""
     code = ("import config.config as c, copy; before = copy.deepcopy(c.CHOICES); "
-            "import utils.selection.registry, utils.cleaning.rules; assert c.CHOICES == before; "
+            "import utils.selection.registry, utils.cleaning.registry; assert c.CHOICES == before; "
             "assert 'coreset_method' not in c.CHOICES and 'clean_rule' not in c.CHOICES; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
-    from utils.cleaning import rules
+    from utils.cleaning import registry as cleaning
     from utils.selection import registry
 
     source = (REPO / "config" / "config.py").read_text()
     logic = "\n".join(line.split("#")[0] for line in source.splitlines() if "str = " not in line)  # defaults aside
-    named = [n for n in (*registry.METHODS, *rules.RULES) if re.search(rf"[\"']{n}[\"']", logic)]
+    named = [n for n in (*registry.METHODS, *cleaning.RULES) if re.search(rf"[\"']{n}[\"']", logic)]
     assert named == [], f"config/config.py names {named}: a registry entry should declare it"
 
 
@@ -129,8 +132,6 @@ def parse_args_for(method, extra):
 
 def test_no_private_helper_is_imported_across_modules():
     """A helper two modules use is public where it lives (scores.py imported nine of pruning.py's private ones)."""
-    import ast
-
     offenders = []
     for path in [*REPO.glob("*.py"), *(REPO / "utils").rglob("*.py"), *(REPO / "tools").glob("*.py"),
                  *(REPO / "config").glob("*.py"), *(REPO / "backbones").glob("*.py"), *(REPO / "losses").glob("*.py")]:
@@ -140,3 +141,26 @@ def test_no_private_helper_is_imported_across_modules():
                 offenders += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
                               if a.name.startswith("_") and not a.name.startswith("__")]
     assert offenders == []
+
+
+def test_every_import_inside_a_function_under_utils_says_why():
+    """Imports sit at the top of a module, where a reader looks for what it depends on. One inside a function (a heavy
+    or optional dependency only that path needs, an import a forking parent makes for its children) says why in a
+    comment on its line or the line above; a run of such imports shares the comment above its first line."""
+    offenders = []
+    for path in sorted((REPO / "utils").rglob("*.py")):
+        source = path.read_text()
+        commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                     if tok.type == tokenize.COMMENT}
+        tree = ast.parse(source)
+        import_lines = {n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        inside = {n.lineno for scope in ast.walk(tree) if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(scope) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for line in sorted(inside):
+            first = line
+            while first - 1 in import_lines:
+                first -= 1
+            if not {line, first - 1} & commented:
+                offenders.append(f"{path.relative_to(REPO)}:{line}: {source.splitlines()[line - 1].strip()}")
+    assert offenders == [], "move these imports to the top of their module, or say why they are here:\n" + \
+        "\n".join(offenders)

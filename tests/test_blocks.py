@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from utils.dynamics import blocks
-from utils.cleaning import rules as cleaning
+from utils.cleaning import probabilities, rules
 from utils.dynamics import scores
 from utils.dynamics import soft_labels
 from utils.dynamics.blocks import file_region, iter_chunks
@@ -91,11 +91,11 @@ def test_a_records_file_cut_while_in_use_is_a_clear_error_not_a_crash(on_disk, s
 def test_soft_labels_streamed_from_the_file_equal_the_in_memory_ones(on_disk, small_chunks):
     rec, mm, labels, _ = on_disk
     args = [mm[k] for k in ("topk_logits", "topk_index", "rest_mean_logit")]
-    got = cleaning.trajectory_soft_labels(*args, labels, 40, keep=7)
+    got = probabilities.trajectory_soft_labels(*args, labels, 40, keep=7)
     soft_labels.BLOCK_ENTRIES = 1 << 17
     blocks.CHUNK_BYTES = 64 << 20
-    want = cleaning.trajectory_soft_labels(*[rec[k] for k in ("topk_logits", "topk_index", "rest_mean_logit")],
-                                           labels, 40, keep=7)
+    want = probabilities.trajectory_soft_labels(*[rec[k] for k in ("topk_logits", "topk_index", "rest_mean_logit")],
+                                                labels, 40, keep=7)
     for field in ("classes", "probs", "label_prob", "rest_prob", "entropy"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
     assert np.isfinite(want.entropy).all() and (want.classes[:, 0] >= 0).all()
@@ -126,7 +126,7 @@ def test_an_error_in_a_later_chunk_names_its_samples(on_disk, small_chunks):
     ix = rec["topk_index"].copy()
     ix[3, 90, 2] = 40  # a class the dataset does not have, in the last chunk
     with pytest.raises(InputError, match=r"found class 40 \(sample 90\).*another dataset"):
-        cleaning.trajectory_soft_labels(rec["topk_logits"], ix, rec["rest_mean_logit"], labels, 40)
+        probabilities.trajectory_soft_labels(rec["topk_logits"], ix, rec["rest_mean_logit"], labels, 40)
 
 
 def test_confident_learning_in_row_blocks_equals_one_block(monkeypatch):
@@ -135,11 +135,11 @@ def test_confident_learning_in_row_blocks_equals_one_block(monkeypatch):
     labels = rng.integers(0, K, n)
     p = rng.dirichlet(np.full(K, 0.5), n)
     order = np.argsort(-p, axis=1, kind="stable")[:, :3]
-    probs = cleaning.SparseProbs(order, np.take_along_axis(p, order, axis=1), p[np.arange(n), labels],
-                                 np.zeros(n))
-    whole = cleaning.confident_learning(probs, labels, K)
-    monkeypatch.setattr(cleaning, "_CL_ROWS", 37)
-    blocked = cleaning.confident_learning(probs, labels, K)
+    probs = soft_labels.SparseProbs(order, np.take_along_axis(p, order, axis=1), p[np.arange(n), labels],
+                                    np.zeros(n))
+    whole = rules.confident_learning(probs, labels, K)
+    monkeypatch.setattr(rules, "_CL_ROWS", 37)
+    blocked = rules.confident_learning(probs, labels, K)
     assert whole[0].sum() > 0
     for w, b in zip(whole, blocked):
         np.testing.assert_array_equal(w, b)
@@ -153,10 +153,10 @@ def test_tied_classes_are_ranked_lower_class_first_and_the_kept_ones_at_the_boun
     ix = np.array([[[5, 2, 4], [6, 3, 0]], [[4, 2, 5], [6, 0, 3]]], dtype=np.int32)
     lg = np.array([[[2.0, 2.0, 2.0], [5.0, 1.0, 1.0]], [[2.0, 2.0, 2.0], [5.0, 1.0, 1.0]]])
     rest = np.zeros((E, 2))
-    soft = cleaning.trajectory_soft_labels(lg, ix, rest, np.array([1, 3]), C, keep=2)
+    soft = probabilities.trajectory_soft_labels(lg, ix, rest, np.array([1, 3]), C, keep=2)
     assert soft.classes.tolist() == [[2, 4], [6, 0]]
     assert soft.probs[0, 0] == soft.probs[0, 1]
-    full = cleaning.trajectory_soft_labels(lg, ix, rest, np.array([1, 3]), C, keep=4)
+    full = probabilities.trajectory_soft_labels(lg, ix, rest, np.array([1, 3]), C, keep=4)
     assert full.classes.tolist() == [[2, 4, 5, -1], [6, 0, 3, -1]]
     assert full.probs[:, 3].tolist() == [0.0, 0.0]
     np.testing.assert_allclose(full.probs.sum(axis=1) + (C - 3) * full.rest_prob, 1.0)

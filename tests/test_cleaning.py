@@ -9,10 +9,10 @@ import pytest
 
 from config.config import parse_config
 from tests.helpers import REPO, TINY_TRAIN, make_tiny_dataset, run_script
-from utils.cleaning import rules as cleaning
+from utils.cleaning import lists, probabilities, quality, registry, rules
 from utils.artifacts import paths
 from utils.artifacts.files import Fingerprint, load_array, load_kept_index, read_array, save_array
-from utils.cleaning.rules import SparseProbs
+from utils.dynamics.soft_labels import SparseProbs
 from utils.data.datasets import open_dataset
 from utils.errors import InputError
 from utils.artifacts.records import Records, clean_round_dir, round_model_dir, round_scores_path, round_train_keys
@@ -57,8 +57,8 @@ def test_confident_learning_flags_what_cleanlab_flags(seed):
             probs = np.round(probs, 2)
             probs /= probs.sum(axis=1, keepdims=True)
         expect = find_label_issues(labels, probs, filter_by="confident_learning")
-        issue, guess, guess_prob, _ = cleaning.confident_learning(sparse_from_dense(probs, labels), labels,
-                                                                  probs.shape[1])
+        issue, guess, guess_prob, _ = rules.confident_learning(sparse_from_dense(probs, labels), labels,
+                                                               probs.shape[1])
         assert np.array_equal(issue, expect), np.flatnonzero(issue ^ expect)
         assert (guess[issue] != labels[issue]).all() and (guess[~issue] == -1).all()
         assert np.allclose(guess_prob[issue], probs[issue, guess[issue]])
@@ -70,12 +70,12 @@ def test_confident_learning_on_sparse_top_k_is_exact_where_no_unlisted_class_is_
     labels, probs = noisy_probs(rng, 400, 30)
     full = sparse_from_dense(probs, labels)
     top3 = SparseProbs(full.classes[:, :3], full.probs[:, :3], full.label_prob, full.rest_prob)
-    thresholds = cleaning.confident_learning(full, labels, 30)[3]
+    thresholds = rules.confident_learning(full, labels, 30)[3]
     unlisted = full.classes[:, 3:]
     exact = ((full.probs[:, 3:] < thresholds[unlisted] - 1e-6) | (unlisted == labels[:, None])).all(axis=1)
     assert exact.mean() > 0.9
-    assert np.array_equal(cleaning.confident_learning(top3, labels, 30)[0][exact],
-                          cleaning.confident_learning(full, labels, 30)[0][exact])
+    assert np.array_equal(rules.confident_learning(top3, labels, 30)[0][exact],
+                          rules.confident_learning(full, labels, 30)[0][exact])
 
 
 # -------------------------------------------------------------------------------- trajectory soft labels
@@ -86,7 +86,7 @@ def test_soft_labels_with_every_class_recorded_are_the_softmax_of_mean_logits():
     lg, ix, rest = dense_records(logits)
     ix[2, 3], lg[2, 3] = -1, np.nan  # sample 3 not seen in epoch 3
     labels = rng.integers(0, K, N)
-    soft = cleaning.trajectory_soft_labels(lg, ix, rest, labels, K)
+    soft = probabilities.trajectory_soft_labels(lg, ix, rest, labels, K)
     seen = np.ones((E, N), bool)
     seen[2, 3] = False
     mean = np.where(seen[:, :, None], logits, 0).sum(axis=0) / seen.sum(axis=0)[:, None]
@@ -106,7 +106,7 @@ def test_soft_labels_from_top_k_agree_with_the_entropy_method_and_price_unlisted
     lg = np.take_along_axis(logits, order, axis=2)
     rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (K - k)
     labels = rng.integers(0, K, N)
-    soft = cleaning.trajectory_soft_labels(lg, order, rest, labels, K, keep=E * k)  # every class ever in a top k
+    soft = probabilities.trajectory_soft_labels(lg, order, rest, labels, K, keep=E * k)  # every class ever in a top k
     assert np.allclose(soft.entropy, soft_label_entropy(lg, order, rest, K))
     listed = soft.classes == labels[:, None]
     assert np.allclose(soft.label_prob[~listed.any(axis=1)], soft.rest_prob[~listed.any(axis=1)])
@@ -128,8 +128,8 @@ def test_soft_label_rule_finds_a_flip_and_an_outlier_without_ground_truth():
     logits[:, 0, 0] -= 12  # sample 0 (label 0): identity 2, as confidently as identity 2's own images
     logits[:, 0, 2] += 9
     logits[:, per, 1] -= 20  # sample `per` (label 1): not identity 1, and no other identity stands out
-    soft = cleaning.trajectory_soft_labels(*dense_records(logits), labels, K)
-    flags = cleaning.soft_label_flags(soft, labels, K, 0.25)
+    soft = probabilities.trajectory_soft_labels(*dense_records(logits), labels, K)
+    flags = rules.soft_label_flags(soft, labels, K, 0.25)
     assert flags.index.tolist() == [0, per]
     assert flags.suggested_label.tolist() == [2, -1] and flags.outlier.tolist() == [False, True]
     assert flags.info["clean_majority"] == labels.size - 2
@@ -149,8 +149,8 @@ def test_soft_label_rule_reads_only_the_top_two_classes():
     index = np.argsort(-logits, axis=2)[:, :, :k]
     lg = np.take_along_axis(logits, index, axis=2)
     rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (K - k)
-    flags = [cleaning.soft_label_flags(cleaning.trajectory_soft_labels(lg, index, rest, labels, K, keep=keep),
-                                       labels, K, 0.1) for keep in (2, 5 * k)]
+    flags = [rules.soft_label_flags(probabilities.trajectory_soft_labels(lg, index, rest, labels, K, keep=keep),
+                                    labels, K, 0.1) for keep in (2, 5 * k)]
     two, all_listed = flags
     assert np.isin(flips, two.index[~two.outlier]).all() and two.outlier.any()
     for name in ("index", "suggested_label", "confidence", "outlier"):
@@ -180,12 +180,12 @@ def crafted_records(rng, n=120, k_classes=6, topk=3, epochs=4):
     return rec
 
 
-@pytest.mark.parametrize("name", list(cleaning.RULES))
+@pytest.mark.parametrize("name", list(registry.RULES))
 @pytest.mark.parametrize("probs", ["trajectory", "scores"])
 def test_every_registered_rule_returns_valid_flags(name, probs):
     rec = crafted_records(np.random.default_rng(3))
     cfg = parse_config(["--clean_rule", name, "--clean_probs", probs])
-    flags = cleaning.run_rule(cleaning.get_rule(name), rec, cfg)
+    flags = registry.run_rule(registry.get_rule(name), rec, cfg)
     n = len(rec.labels)
     assert flags.index.dtype == np.int64 and np.array_equal(flags.index, np.unique(flags.index))
     assert flags.index.size == 0 or 0 <= flags.index.min() <= flags.index.max() < n
@@ -195,24 +195,24 @@ def test_every_registered_rule_returns_valid_flags(name, probs):
     assert (s[~flags.outlier] != rec.labels[flags.index[~flags.outlier]]).all()
     assert (s[~flags.outlier] < rec.num_classes).all()
     assert flags.confidence.shape == flags.index.shape
-    mislabeled, outliers = cleaning.flag_lists(flags, rec.labels)
+    mislabeled, outliers = lists.flag_lists(flags, rec.labels)
     assert mislabeled.size + outliers.size == flags.index.size
     assert (np.diff(mislabeled["confidence"]) <= 0).all() and (np.diff(outliers["score"]) >= 0).all()
 
 
 def test_agreement_keeps_only_what_every_named_rule_flags():
     rec = crafted_records(np.random.default_rng(4))
-    alone = {r: cleaning.run_rule(cleaning.get_rule(r), rec, parse_config(["--clean_rule", r])).index
+    alone = {r: registry.run_rule(registry.get_rule(r), rec, parse_config(["--clean_rule", r])).index
              for r in ("argmax", "trajectory")}
-    both = cleaning.run_rule(cleaning.get_rule("trajectory"), rec,
+    both = registry.run_rule(registry.get_rule("trajectory"), rec,
                              parse_config(["--clean_rule", "trajectory", "--clean_agree", "argmax"]))
     assert np.array_equal(both.index, np.intersect1d(alone["argmax"], alone["trajectory"]))
     assert both.info["agree"]["flagged_by"] == {k: int(v.size) for k, v in alone.items()}
 
 
 def test_readme_cleaning_rule_line_is_the_registrys():
-    assert cleaning.rule_line() in (REPO / "README.md").read_text(), \
-        "README's cleaning rules line: paste utils.cleaning.rules.rule_line()"
+    assert registry.rule_line() in (REPO / "README.md").read_text(), \
+        "README's cleaning rules line: paste utils.cleaning.registry.rule_line()"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -231,15 +231,15 @@ def test_out_of_range_keys_are_named(keys, message):
     rec = crafted_records(np.random.default_rng(5))
     cfg = parse_config(["--clean_rule", "trajectory", *keys] if "--clean_rule" not in keys else keys)
     with pytest.raises(InputError, match=message):
-        cleaning.run_rule(cleaning.get_rule(cfg.clean_rule), rec, cfg)
+        registry.run_rule(registry.get_rule(cfg.clean_rule), rec, cfg)
 
 
 def test_top_k_of_zero_and_records_of_another_dataset_are_refused():
     labels = np.zeros(4, np.int64)
     with pytest.raises(InputError, match="--record_topk K"):
-        cleaning.trajectory_soft_labels(np.zeros((3, 4, 0)), np.zeros((3, 4, 0), int), np.zeros((3, 4)), labels, 5)
+        probabilities.trajectory_soft_labels(np.zeros((3, 4, 0)), np.zeros((3, 4, 0), int), np.zeros((3, 4)), labels, 5)
     with pytest.raises(InputError, match="another dataset"):
-        cleaning.trajectory_soft_labels(np.zeros((1, 4, 1)), np.full((1, 4, 1), 9), np.zeros((1, 4)), labels, 5)
+        probabilities.trajectory_soft_labels(np.zeros((1, 4, 1)), np.full((1, 4, 1), 9), np.zeros((1, 4)), labels, 5)
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -248,21 +248,21 @@ def test_quality_splits_flips_and_open_set_and_keeps_the_old_keys():
                          {"index": 3, "label": 1, "true_label": 0}],
              "open_set": [{"index": 7, "label": 1}, {"index": 8, "label": 1}]}
     flagged = np.array([1, 2, 5, 7, 9])  # 1, 2 flips (one suggested right), 5 clean, 7 open-set, 9 clean outlier
-    q = cleaning.cleaning_quality(flagged, noise, np.array([2, 0, 4, -1, -1]),
-                                  np.array([False, False, False, True, True]))
+    q = quality.cleaning_quality(flagged, noise, np.array([2, 0, 4, -1, -1]),
+                                 np.array([False, False, False, True, True]))
     assert q["removed"] == 5 and q["true_positives"] == 3 and q["precision"] == 0.6 and q["recall"] == 0.6
     assert q["recall_flipped"] == 2 / 3 and q["recall_open_set"] == 0.5
     assert q["mislabeled"] == {"flagged": 3, "flipped": 3, "true_positives": 2, "precision": 2 / 3,
                                "recall": 2 / 3, "relabel_correct": 1, "relabel_accuracy": 0.5}
     assert q["outliers"] == {"flagged": 2, "open_set": 2, "true_positives": 1, "precision": 0.5, "recall": 0.5}
-    assert set(cleaning.cleaning_quality(flagged, noise)) == {"removed", "noisy", "true_positives", "precision",
-                                                              "recall", "recall_flipped", "recall_open_set"}
+    assert set(quality.cleaning_quality(flagged, noise)) == {"removed", "noisy", "true_positives", "precision",
+                                                             "recall", "recall_flipped", "recall_open_set"}
 
 
 def test_flag_change():
-    assert cleaning.flag_change([1, 2, 3, 4], [1, 2, 3, 5]) == 0.5
-    assert cleaning.flag_change([1, 2], [1, 2]) == 0.0
-    assert cleaning.flag_change([], []) == 0.0 and cleaning.flag_change([], [3]) == 1.0
+    assert quality.flag_change([1, 2, 3, 4], [1, 2, 3, 5]) == 0.5
+    assert quality.flag_change([1, 2], [1, 2]) == 0.0
+    assert quality.flag_change([], []) == 0.0 and quality.flag_change([], [3]) == 1.0
 
 
 # ------------------------------------------------------------------------------------- the stage
@@ -436,7 +436,7 @@ def test_measure_tool_prints_a_row_per_rule_and_the_cleanlab_reference(tiny, tmp
     (paths.original_dir(cfg) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     r = run_script("tools/measure_cleaning.py", "--out", tmp_path)
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert {row.split(" | ")[0][2:] for row in rows} == set(cleaning.RULES) | {"cleanlab find_label_issues"}
+    assert {row.split(" | ")[0][2:] for row in rows} == set(registry.RULES) | {"cleanlab find_label_issues"}
     assert all(len(row.split(" | ")) == 8 for row in rows)
     r = run_script("tools/measure_cleaning.py", "--out", tmp_path / "nothing", check=False)
     assert r.returncode == 1 and "train the original model first" in r.stderr
@@ -446,7 +446,7 @@ def test_argmax_over_all_epochs_follows_the_papers_vote():
     """--use_all_epochs: per epoch p(label) or -1 where the arg-max is another identity, averaged; < 0 is removed."""
     import numpy as np
 
-    from utils.cleaning.rules import flag_argmax
+    from utils.cleaning.registry import flag_argmax
     from utils.artifacts.records import Records
 
     labels = np.array([0, 0, 1, 1])

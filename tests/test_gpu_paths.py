@@ -35,7 +35,7 @@ def _steps(optimizer, backbone, head, n=3):
 
 def test_fused_sgd_is_the_same_update_as_the_loop():
     """make_sgd fuses on CUDA; fused=True also runs on CPU, so the update is compared here, step by step."""
-    from utils.training.loop import make_sgd
+    from utils.training.optimizer import make_sgd
 
     runs = {}
     for device in ("cpu", "cuda"):  # parameters stay on the CPU: only the optimizer's choice differs
@@ -51,7 +51,7 @@ def test_fused_sgd_is_the_same_update_as_the_loop():
 
 def test_a_checkpoint_from_a_fused_optimizer_resumes_with_the_loop_on_cpu():
     """load_state_dict copies the saving run's `fused` into the groups; keep_fused puts this device's back."""
-    from utils.training.loop import keep_fused, make_sgd
+    from utils.training.optimizer import keep_fused, make_sgd
 
     backbone, head = _models()
     gpu_run = make_sgd(backbone, head, torch.device("cuda"), lr=0.1, momentum=0.9, weight_decay=5e-4)

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import run_script
 from tests.test_export import recordio_bytes
 from utils.artifacts.files import load_kept_index
-from utils.cleaning.rules import cleaning_quality
+from utils.cleaning.quality import cleaning_quality
 from utils.data.datasets import dataset_fingerprint, open_dataset
 from utils.evaluation.report import mean_accuracy
 

@@ -20,7 +20,8 @@ from config.config import parse_config
 from losses import class_split
 from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script
 from utils.artifacts import paths
-from utils.training.loop import HEAD_GROUP, resplit_resume_state
+from utils.training.optimizer import HEAD_GROUP
+from utils.training.resume import resplit_resume_state
 
 
 def _fake_states(world_size, num_classes=11, dim=4, seed=0):
@@ -81,7 +82,8 @@ def _weights(out, epoch):
 def test_two_one_two_processes(tiny, tmp_path):
     from train_everything import train
     from utils.runtime.context import Context
-    from utils.training.loop import prepare_run, save_epoch
+    from utils.training.loop import prepare_run
+    from utils.training.resume import save_epoch
 
     # Epoch 1 on 2 processes, 16 images each (global batch 32, as 1 process x 32 below: same lr and steps).
     run_script("train_everything.py", *_args(tiny, tmp_path / "run", 16, 1), torchrun=2)

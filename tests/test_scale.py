@@ -13,7 +13,7 @@ from tests.helpers import REPO, env
 from utils.artifacts import paths
 from utils.artifacts.files import ArtifactError, Fingerprint, manifest_path, save_array
 from utils.artifacts.records import load_prob_history, load_topk
-from utils.training.loop import assemble_history
+from utils.training.recording import assemble_history
 
 N, CLASSES, K, EPOCHS = 50, 7, 3, 3
 FP = Fingerprint(N, CLASSES, 1234)
@@ -96,14 +96,14 @@ def test_records_that_do_not_match_the_dataset_are_refused(tmp_path, case, match
 
 
 def test_a_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
-    import utils.training.loop as training
+    from utils.training import recording
 
     cfg = _cfg(tmp_path)
     _write_epochs(cfg)
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(training, "_stream_npy_member", disk_full)
+    monkeypatch.setattr(recording, "_stream_npy_member", disk_full)
     with pytest.raises(ArtifactError, match="no space left on device writing .*topk_logits.npz"):
         assemble_history(cfg, FP)
     out = paths.original_dir(cfg)

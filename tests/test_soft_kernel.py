@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from utils.cleaning import rules as cleaning
+from utils.cleaning import probabilities
 
 
 def test_float16_records_give_the_soft_labels_of_their_exact_values_for_every_bit_pattern():
@@ -15,8 +15,8 @@ def test_float16_records_give_the_soft_labels_of_their_exact_values_for_every_bi
     ix = np.zeros(lg.shape, np.int32)
     rest = np.full(lg.shape[:2], -1.5, np.float16)
     labels = np.zeros(lg.shape[1], np.int64)
-    half = cleaning.trajectory_soft_labels(lg, ix, rest, labels, 3)
-    wide = cleaning.trajectory_soft_labels(lg.astype(np.float64), ix, rest.astype(np.float64), labels, 3)
+    half = probabilities.trajectory_soft_labels(lg, ix, rest, labels, 3)
+    wide = probabilities.trajectory_soft_labels(lg.astype(np.float64), ix, rest.astype(np.float64), labels, 3)
     for name in ("entropy", "label_prob", "rest_prob", "probs", "classes"):
         np.testing.assert_array_equal(getattr(half, name), getattr(wide, name), err_msg=name)
     assert np.isnan(half.entropy).sum() == 2 * 1024  # exponent 31: the two infinities and 2,046 NaNs
@@ -60,7 +60,7 @@ def test_kernel_equals_the_dictionary_reference_with_probing_and_huge_class_ids(
     rest = rng.normal(size=(E, N)).astype(dtype)
     ix[1, 7], lg[4, 9, 2], lg[:, 11] = -1, np.nan, np.nan  # sample 7, 9 partly seen, 11 never
     labels = np.where(rng.random(N) < 0.5, ix[0, :, 0], rng.integers(0, C, N))
-    soft = cleaning.trajectory_soft_labels(lg, ix, rest, labels, C, keep=keep)
+    soft = probabilities.trajectory_soft_labels(lg, ix, rest, labels, C, keep=keep)
     for i, want in enumerate(reference(lg, ix, rest, labels, C, keep)):
         if want is None:
             assert i == 11 and np.isnan([soft.entropy[i], soft.label_prob[i], soft.rest_prob[i]]).all()
@@ -77,7 +77,7 @@ def test_kernel_equals_the_dictionary_reference_with_probing_and_huge_class_ids(
 def test_fewer_classes_than_kept_pad_with_minus_one_and_zero():
     ix = np.array([[[3, 1]], [[1, 3]]], dtype=np.int64)  # one sample: classes 1 and 3 of 5
     lg = np.array([[[2.0, 1.0]], [[2.0, 1.0]]])
-    soft = cleaning.trajectory_soft_labels(lg, ix, np.zeros((2, 1)), np.array([4]), 5, keep=4)
+    soft = probabilities.trajectory_soft_labels(lg, ix, np.zeros((2, 1)), np.array([4]), 5, keep=4)
     assert soft.classes.tolist() == [[1, 3, -1, -1]]  # tied at 1.5 above the rest: the lower class first
     assert soft.probs[0, 2:].tolist() == [0.0, 0.0]
     assert soft.label_prob[0] == soft.rest_prob[0]

@@ -12,7 +12,7 @@ leaves out are NaN / -1, as training gathers them) and the scoring stage's `scor
 are flipped labels: another identity on top of every epoch's top k (the label outside it) and of the scoring
 model's arg-max, so the cleaning rules have something to flag. Then it runs every later step in a fresh
 process, so each step's peak memory is its own: reading the dataset layout from the record headers,
-`assemble_history`, every cleaning rule of utils/cleaning/rules.py's registry and every selection method of
+`assemble_history`, every cleaning rule of utils/cleaning/registry.py's registry and every selection method of
 utils/selection/registry.py's registry (whatever they hold when it runs), the label map, writing a selection (kept
 list, label map, summary, plot) and the export's index plan. Peak RSS is the process's high-water mark (VmHWM,
 which also counts the pages of memory-mapped files it touched; the top-k records are read with file reads,
@@ -163,7 +163,7 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
     stage's scores file; the time is the writing alone (simulating the values is not timed)."""
     from utils.artifacts import paths
     from utils.artifacts.files import save_array
-    from utils.training.loop import record_kind
+    from utils.training.recording import record_kind
 
     labels, fp = _dataset(work)
     labels = np.asarray(labels)
@@ -192,7 +192,7 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
 
 def step_assemble_history(work: Path, scale: str, epochs: int, seed: int) -> dict:
     from utils.artifacts import paths
-    from utils.training.loop import assemble_history
+    from utils.training.recording import assemble_history
 
     _, fp = _dataset(work)
     cfg = _config(work, epochs)
@@ -221,7 +221,7 @@ def _records(work: Path, epochs: int):
 
 def step_clean(work: Path, scale: str, epochs: int, seed: int, rule_name: str) -> dict:
     from utils.artifacts import paths
-    from utils.cleaning.rules import get_rule, run_rule
+    from utils.cleaning.registry import get_rule, run_rule
     from utils.artifacts.kept_sets import write_kept_set
 
     cfg, rec = _records(work, epochs)
@@ -300,7 +300,7 @@ LATE_STEPS = {"label_map": step_label_map, "write_selection": step_write_selecti
 
 def step_names() -> list:
     """Every step in order; the registries' entries are read now, so new rules and methods are included."""
-    from utils.cleaning.rules import RULES
+    from utils.cleaning.registry import RULES
     from utils.selection.registry import METHODS
 
     return [*FIXED_STEPS, *(f"clean:{r}" for r in RULES), *(f"select:{m}" for m in METHODS), *LATE_STEPS]

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from backbones import get_model  # noqa: E402
 from config.config import CHOICES  # noqa: E402
 from losses import ShardedClassifier  # noqa: E402
-from utils.training.loop import make_sgd, train_step  # noqa: E402
+from utils.training.loop import train_step  # noqa: E402
+from utils.training.optimizer import make_sgd  # noqa: E402
 from utils.models.embedding import amp_dtype, forward_uint8  # noqa: E402
 from utils.runtime.cli import flag  # noqa: E402
 

@@ -211,7 +211,8 @@ def loss_curves(c: Check, rec: Path) -> bool:
     from backbones import get_model
     from losses import ShardedClassifier
     from utils.data.datasets import open_dataset
-    from utils.training.loop import make_sgd, train_step
+    from utils.training.loop import train_step
+    from utils.training.optimizer import make_sgd
 
     mode = c.mode
     device = torch.device(mode["device"])

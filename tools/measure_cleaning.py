@@ -3,7 +3,7 @@
     python tools/measure_cleaning.py --out output/demo          # run_pipeline.py's --out (or its runs/)
 
 Reads the original model's records and scores there (train and score first: `run_pipeline.py --stop_after 3`),
-runs every rule with its options through `utils/cleaning/rules.py` (no file is written) and measures the flagged
+runs every rule with its options through `utils/cleaning/registry.py` (no file is written) and measures the flagged
 sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged with a
 suggested label, against the flips: precision, recall, relabel accuracy (suggestion = true identity); for
 the outliers, against the open-set images. Reference rows: cleanlab's `find_label_issues` on the same
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config.config import parse_config  # noqa: E402
 from utils.artifacts import paths  # noqa: E402
-from utils.cleaning import rules as cleaning
+from utils.cleaning import probabilities, quality, registry
 from utils.artifacts.files import ArtifactError  # noqa: E402
 from utils.data.datasets import open_dataset  # noqa: E402
 from utils.artifacts.records import open_records  # noqa: E402
@@ -61,7 +61,7 @@ def cleanlab_rows(rec, cfg, noise) -> list:
         from cleanlab.filter import find_label_issues
     except ImportError:
         return ["| cleanlab | not installed (pip install -r requirements-dev.txt) | | | | | | |"]
-    probs = cleaning.trajectory_probs(rec, cfg)
+    probs = probabilities.trajectory_probs(rec, cfg)
     n, k = len(rec.labels), rec.num_classes
     if n * k > DENSE_LIMIT:
         return [f"| cleanlab | skipped: {n} x {k} dense probabilities | | | | | | |"]
@@ -76,7 +76,7 @@ def cleanlab_rows(rec, cfg, noise) -> list:
     for filter_by in ("prune_by_noise_rate", "confident_learning"):
         issue = find_label_issues(rec.labels, dense, filter_by=filter_by)
         index = np.flatnonzero(issue)
-        q = cleaning.cleaning_quality(index, noise, dense[index].argmax(axis=1), np.zeros(index.size, bool))
+        q = quality.cleaning_quality(index, noise, dense[index].argmax(axis=1), np.zeros(index.size, bool))
         out.append(table_row("cleanlab find_label_issues", f"filter_by={filter_by}, trajectory soft labels", q))
     return out
 
@@ -113,8 +113,8 @@ def measure(out: Path) -> str:
              "| open-set: precision / recall |", "|---|---|---|---|---|---|---|---|"]
     for name, options in rule_rows(num_epochs):
         rule_cfg = parse_config(base + ["--clean_rule", name, *options])
-        flags = cleaning.run_rule(cleaning.get_rule(name), rec, rule_cfg)
-        q = cleaning.cleaning_quality(flags.index, noise, flags.suggested_label, flags.outlier)
+        flags = registry.run_rule(registry.get_rule(name), rec, rule_cfg)
+        q = quality.cleaning_quality(flags.index, noise, flags.suggested_label, flags.outlier)
         lines.append(table_row(name, " ".join(options), q))
     lines += cleanlab_rows(rec, cfg, noise)
     lines += round_rows(cfg)

@@ -36,7 +36,7 @@ def identity_examples(labels, avoid, no_image=()) -> dict:
 
 def contact_sheet(dataset, mislabeled, outliers, rows: int = 10, title: str = "", no_image=()) -> Figure:
     """A Figure of up to `rows` mislabeled samples (most confident first; left) and `rows` outliers (least
-    claimed first; right), from `utils.cleaning.rules.flag_lists`' arrays. Per flagged sample three images: the
+    claimed first; right), from `utils.cleaning.lists.flag_lists`' arrays. Per flagged sample three images: the
     sample; an image of its labelled identity; one of the suggested identity (outliers: none). `dataset` gives
     `all_labels` and `load_image(sample_index)` (uint8 H x W x 3 RGB). No identity is shown by a sample of
     `no_image` (the scores' unscored ones); another image that cannot be decoded is an empty cell when the

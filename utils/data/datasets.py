@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from utils.artifacts.files import ArtifactError, Fingerprint, label_map_array
+from utils.data.recordio import MXIndexedRecordIO, RecordIOError, read_layout, unpack_img
 
 log = logging.getLogger("diffprob")
 
@@ -134,8 +135,6 @@ class RecordDataset(FaceDataset):
     cache_bytes = 256 << 20
 
     def __init__(self, rec_dir, kept_index=None, label_map=None, layout=None, skip_bad_images=False):
-        from utils.data.recordio import read_layout
-
         self.rec_dir = Path(rec_dir)
         if not self.rec_dir.is_dir():
             raise ArtifactError(f"dataset folder {self.rec_dir} not found: pass --rec DIR (an InsightFace RecordIO "
@@ -157,16 +156,12 @@ class RecordDataset(FaceDataset):
         self._size = None  # (height, width) every image must have: set by the first image checked
 
     def _open(self):
-        from utils.data.recordio import MXIndexedRecordIO
-
         if self._reader is None or self._pid != os.getpid():  # one file handle per worker process
             self._reader = MXIndexedRecordIO(str(self.rec_dir / "train.idx"), str(self.rec_dir / "train.rec"), "r")
             self._pid = os.getpid()
         return self._reader
 
     def load_image(self, sample_index):
-        from utils.data.recordio import RecordIOError, unpack_img
-
         if self._cache is not None and sample_index in self._cache:
             return self._cache[sample_index]
         key = int(self.image_keys[sample_index])
@@ -236,8 +231,6 @@ class ImageFolderDataset(FaceDataset):
 def dataset_fingerprint(rec_dir, layout=None) -> Fingerprint:
     """The fingerprint of a dataset folder: (images, classes, size of train.idx) of a RecordIO folder, or
     (images, identities, size of the file listing) of an image folder."""
-    from utils.data.recordio import read_layout
-
     if layout is None and not (Path(rec_dir) / "train.rec").exists() and Path(rec_dir).is_dir():
         return ImageFolderDataset(rec_dir).fingerprint
     layout = layout if layout is not None else read_layout(rec_dir)

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.arrays import label_map_for
 from utils.artifacts.files import (ArtifactError, Fingerprint, atomic_save_npy, atomic_write_json, label_map_array,
                              load_kept_index, load_label_map, manifest_path, validate_kept_index)
 from utils.artifacts.records import load_relabel
+from utils.data.datasets import FaceDataset, ImageFolderDataset, open_dataset
 from utils.data.recordio import read_property
 from utils.data.writer import (EXPORT_MANIFEST, ORIGIN_INDEX, carry_files, check_destination,
                                  file_sha256, link_or_copy, staged_folder, write_recordio)
@@ -60,8 +62,6 @@ def plan_export(dataset, kept_index=None, label_map=None, relabel=None) -> Expor
     contiguous map of the labels that survive). `relabel`: cleaning's `relabel.npz` (index, label,
     suggested_label) or None; its samples take the suggested label before renumbering.
     """
-    from utils.arrays import label_map_for
-
     fp = dataset.fingerprint
     assigned = dataset.all_labels.copy()  # each sample's label after --relabel, in the source's numbering
     inputs = {"relabel": None}
@@ -166,8 +166,6 @@ def export_dataset(src, kept_index, label_map, dst, relabel=None, overwrite: boo
     with a label map that keeps the label order (the derived one does), that is exactly the kept order.
     A RecordIO source exports as RecordIO (InsightFace layout), an image folder as an image folder.
     """
-    from utils.data.datasets import FaceDataset, open_dataset
-
     t0 = time.time()
     dataset = src if isinstance(src, FaceDataset) else open_dataset(src)
     src = Path(dataset.rec_dir if hasattr(dataset, "layout") else dataset.root)
@@ -205,8 +203,6 @@ def _written(tmp: Path, plan: ExportPlan, is_recordio: bool) -> tuple[Fingerprin
     if is_recordio:
         sizes = [(tmp / name).stat().st_size for name in ("train.rec", "train.idx")]
         return Fingerprint(int(plan.labels.size), plan.num_classes, sizes[1]), sum(sizes)
-    from utils.data.datasets import ImageFolderDataset
-
     out = ImageFolderDataset(tmp)
     return out.fingerprint, _dataset_bytes(out)
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from utils.artifacts.files import ArtifactError
 from utils.data.recordio import MAGIC, IRHeader, RecordIOError, frame_record, pack, read_record_at, unpack
@@ -253,8 +254,6 @@ def write_recordio(layout, out_dir, origin_index, labels, num_classes: int, repl
     image bytes `fetch(k)` for the k-th position instead (their header, label included, is kept).
     Returns the size of `train.rec` in bytes.
     """
-    from tqdm import tqdm
-
     origin_index = np.asarray(origin_index, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     n = origin_index.size

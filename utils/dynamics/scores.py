@@ -1,7 +1,7 @@
 """Per-sample importance scores from the training records (NumPy only); CCS, which selects by them, is in utils/selection/keep.py.
 
 The pruning methods a data-pruning researcher compares against, computed from what training records
-(``utils/training/loop.py``, ``Recorder``) for every epoch and sample:
+(``utils/training/recording.py``, ``Recorder``) for every epoch and sample:
 
 * ``topk_logits`` (E, N, k) float, ``topk_index`` (E, N, k) int: the k largest margin-free logits
   ``s * cos`` and their classes, descending. An epoch in which a sample was not seen (training drops the

@@ -1,11 +1,11 @@
 """Soft labels of a training trajectory, from its top-k records, in one streamed pass.
 
 "Data Pruning Can Do More" (Yang et al.) averages a sample's logits over the training epochs and takes the
-softmax: the soft label. Only the top k logits of each epoch are recorded (utils/training/loop.py), with the
+softmax: the soft label. Only the top k logits of each epoch are recorded (utils/training/recording.py), with the
 mean of the others: a class outside an epoch's top k takes that epoch's rest mean, and the classes never in
 any top k share one value, so the softmax over all classes is exact in closed form for that vector (and
 the vector is the true mean logit vector when k = num_classes). One kernel serves the entropy selection
-(`soft_label_entropy`, here) and the cleaning rules (`utils.cleaning.rules.trajectory_soft_labels`).
+(`soft_label_entropy`, here) and the cleaning rules (`utils.cleaning.probabilities.trajectory_soft_labels`).
 
 Per sample, a compiled kernel (`utils.dynamics.soft_kernel`, numba) groups the E x k records by class in a small hash
 table and sums each class's logits above the epoch's rest mean; the entropy, the labelled class's

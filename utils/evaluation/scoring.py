@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from utils.artifacts.files import ArtifactError
 from utils.errors import UserError
@@ -34,8 +35,6 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
     skips bad images (`--skip_bad_images true`): such a sample then has no score, NaN in every float array
     (its embedding row too) and -1 as `pred`, and `unscored` (sorted int64, the same on every rank) lists them.
     """
-    from tqdm import tqdm
-
     sampler = PaddedDistributedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False)
     loader = DataLoader(dataset, batch_size=cfg.score_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=ctx.device.type == "cuda",

@@ -31,6 +31,11 @@ import cv2
 import numpy as np
 import torch
 
+try:  # a .bin pickled under numpy 1 or 2 names either module (see _bin_globals)
+    from numpy._core import multiarray, numeric
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray, numeric
+
 from utils.artifacts.files import ArtifactError, atomic_path
 from utils.models.embedding import embed_views
 
@@ -71,10 +76,6 @@ def _latin1_encode(text, encoding="latin1", errors="strict"):
 
 def _bin_globals() -> dict:
     """The only globals a real .bin needs: byte strings and numpy arrays/scalars, as numpy 1 and 2 name them."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric
     table = {}
     for mod in ("numpy.core", "numpy._core"):
         table[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.artifacts.files import ArtifactError, Fingerprint
+from utils.artifacts.files import ArtifactError, Fingerprint, label_map_array
 from backbones import get_model
 from config.config import head_params
 from losses import HEAD_DEFAULTS, ShardedClassifier
+from utils.data.recordio import read_property
 from utils.models.checkpoint import strip_prefix, follow_marker, load_checkpoint, load_head_state
 
 
@@ -102,8 +103,6 @@ def _without_weight(state: dict) -> dict:
 
 def dataset_image_size(rec) -> int:
     """Image side of a dataset folder from its `property` file (112, the InsightFace size, without one)."""
-    from utils.data.recordio import read_property
-
     prop = read_property(Path(rec) / "property")
     return prop[1] if prop else 112
 
@@ -146,8 +145,6 @@ class TrainedModel:
 def class_tables(label_map: dict, num_classes: int, source) -> tuple:
     """(dataset label -> model class, -1 where the model has none; model class -> dataset label) of a
     model trained with `label_map`; an ArtifactError when its classes do not map onto the dataset."""
-    from utils.artifacts.files import label_map_array
-
     try:
         to_model = label_map_array({int(k): int(v) for k, v in label_map.items()}, num_classes)
     except (ArtifactError, TypeError, ValueError) as e:

@@ -68,7 +68,8 @@ def choose_runner(asked: str, gpus: int, nproc: int) -> str:
 def preload(scripts) -> None:
     """Import what `scripts` import (their `__main__` blocks do not run), and torch._dynamo, which
     torch.optim imports lazily: each forked stage then starts with them loaded."""
-    import torch._dynamo  # noqa: F401  (2.7 s of every training process otherwise)
+    # only a forking parent needs it, to hand it loaded to each child (2.7 s of every training process otherwise)
+    import torch._dynamo  # noqa: F401
 
     for script in scripts:
         runpy.run_path(str(script), run_name="__preload__")

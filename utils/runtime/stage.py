@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from config.config import parse_config, to_json
 from utils.runtime.context import Context, init_context, init_logging
@@ -58,8 +59,6 @@ def _lock_on_rank0(ctx: Context, folder, name: str):
 def _clear_progress_bars():
     """Close the progress bars a failed stage left open, cleared, so that its error line stands on a line of its
     own and is the last thing it prints (an open bar is otherwise redrawn at exit, after the error)."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.leave = False
         bar.close()

@@ -250,8 +250,6 @@ def _topk_args(rec: Records):
 def _label_logit(rec: Records, required: bool):
     logit = rec.topk.get("label_logit")
     if logit is None and required:
-        from utils.artifacts.files import ArtifactError
-
         raise ArtifactError(f"{paths.topk_history_path(rec.cfg)} holds no label_logit (recorded since 2026-12): "
                             f"train the original model again to use this method")
     return logit

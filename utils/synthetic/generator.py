@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from utils.data.alignment import ARCFACE_TEMPLATE_112
 from utils.data import recordio
@@ -1204,8 +1206,8 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
     cfg.validate()
     t0 = time.time()
     tmp = _prepare_out_dir(out_dir, overwrite)
-    # Imported here: they pull in torch, which a refused or invalid command line need not wait for.
-    from tqdm import tqdm
+    # imported here: it pulls in torch, which a refused command line and the spawned render workers (which import
+    # this module) need not wait for
     from utils.evaluation.verification import save_bin
     pool = None
     try:
@@ -1215,7 +1217,6 @@ def generate_dataset(out_dir, cfg: SyntheticConfig, workers: int = 1, overwrite:
         groups = _job_groups(cfg, plan, pair_plans, ijb_plans)
         jobs = [job for group in groups.values() for job in group]
         if workers > 1:
-            import multiprocessing
             # spawn, not fork: a forked child inherits OpenCV's (and torch's) thread pools in whatever
             # state the parent left them, and can hang on its first cv2 call.
             pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)

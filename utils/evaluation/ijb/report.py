@@ -32,6 +32,7 @@ def save_identification_table(results_by_model, path):
 
 def plot_roc(results_by_model, path, title="ROC on IJB"):
     """Log-x ROC PNG with one line per model. Values: (fpr, tpr) or a result dict of `evaluate_ijb`."""
+    # matplotlib (0.5 s to import) for this figure only: evaluating IJB does not load it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
