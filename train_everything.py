@@ -16,8 +16,10 @@ import logging
 import math
 import time
 
+import numpy as np
+
 from utils.artifacts import paths
-from utils.artifacts.files import atomic_write_json
+from utils.artifacts.files import atomic_write_json, save_array
 from utils.runtime.context import init_logging
 from utils.errors import UserError
 from utils.runtime.stage import run_stage
@@ -71,12 +73,20 @@ def train(cfg, ctx) -> dict:
 
     if cfg.is_original_train and ctx.is_main:
         assemble_history(cfg, run.dataset.fingerprint)  # prob_history.npy and topk_logits.npz
+    if run.dynamic is not None and ctx.is_main:  # which samples each epoch trained on (positions in the training set)
+        save_array(out / "dynamic_kept.npz", {**run.dynamic.record(),
+                                              "sample_index": run.dataset.sample_index.astype(np.int64)},
+                   "dynamic_kept", run.dataset.fingerprint, info={"method": cfg.dynamic_method})
     summary = {"train_dir": str(out), "num_images": len(run.dataset), "num_classes": run.dataset.num_classes,
                "epochs": cfg.num_epoch, "steps": run.global_step, "train_seconds": seconds,
                "world_size": ctx.world_size, "inputs": [str(p) for p in run.inputs],
                "verification": {k: v["accuracy_mean"] for k, v in results.items()},
                "verification_pairs": {vs.name: len(vs) for vs in verify.sets},
-               "best": run.best, "skipped_bad_images_last_epoch": run.skipped_images}
+               "best": run.best, "skipped_bad_images_last_epoch": run.skipped_images,
+               # the cost: images trained on per epoch and in all (dynamic pruning trains on fewer)
+               "samples_per_epoch": run.samples_per_epoch, "sample_passes": int(sum(run.samples_per_epoch)),
+               "dynamic": {"method": cfg.dynamic_method, **({"ratio": cfg.dynamic_ratio, "anneal": cfg.dynamic_anneal}
+                                                             if cfg.dynamic_method != "none" else {})}}
     if ctx.is_main:
         atomic_write_json(out / "train_summary.json", summary)
     return summary

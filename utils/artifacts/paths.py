@@ -138,6 +138,8 @@ def train_dir(cfg) -> Path:
     if cfg.is_original_train:
         return original_dir(cfg, cfg.network, cfg.loss)
     tag = given_list_tag(cfg) if cfg.kept_index else coreset_tag(cfg)
+    if cfg.dynamic_method != "none":  # pruned as it trains: not the static run on the same list
+        tag += f"_{cfg.dynamic_method}{cfg.dynamic_ratio:.2f}"
     # names both the model that scored the kept list and the network + loss trained on it
     return Path(cfg.output) / "retrain" / scorer_tag(cfg) / f"{tag}_{cfg.network}_{cfg.loss}"
 

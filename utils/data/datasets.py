@@ -298,21 +298,32 @@ class PaddedDistributedSampler(Sampler):
     def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0):
         self.n, self.rank, self.world_size, self.shuffle, self.seed = dataset_len, rank, world_size, shuffle, seed
         self.epoch = 0
+        self.subset = None
         self.per_rank = math.ceil(self.n / world_size)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def set_subset(self, subset):
+        """Iterate over these sample indices only (dynamic pruning's epoch; sorted int64), or every sample (None).
+        The same shuffle and padding, over the subset: the epoch's length follows it."""
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)
+        size = self.n if self.subset is None else self.subset.size
+        self.per_rank = math.ceil(size / self.world_size)
+
     def order(self) -> np.ndarray:
+        size = self.n if self.subset is None else self.subset.size
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).numpy()
+            order = torch.randperm(size, generator=g).numpy()
         else:
-            order = np.arange(self.n)
+            order = np.arange(size)
+        if self.subset is not None:
+            order = self.subset[order]
         total = self.per_rank * self.world_size
-        if total > self.n:
-            order = np.concatenate([order, order[: total - self.n] + self.n])
+        if total > size:
+            order = np.concatenate([order, order[: total - size] + self.n])
         return order
 
     def __iter__(self):

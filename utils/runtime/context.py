@@ -113,6 +113,15 @@ def barrier(ctx: Context):
         dist.barrier()
 
 
+def all_ranks_sum(ctx: Context, value: int) -> int:
+    """The sum of an integer over the ranks (itself in one process)."""
+    if not ctx.distributed:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=ctx.device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def gather_by_index(ctx: Context, sample_index: torch.Tensor, values: torch.Tensor, num_samples: int,
                     fill=float("nan")) -> np.ndarray:
     """Scatter per-sample values from all ranks into one array indexed by sample index.

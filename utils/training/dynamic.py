@@ -19,11 +19,16 @@ the kept sets an uninterrupted one would. Nothing here touches the global RNG. T
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils.runtime.context import Context, gather_by_index
 
 
 @dataclass
@@ -162,3 +167,85 @@ def dynamic_config_errors(cfg) -> list:
     if "dynamic_ucb_c" in reads and cfg.dynamic_ucb_c < 0:
         errors.append(f"dynamic_ucb_c={cfg.dynamic_ucb_c} must be >= 0")
     return errors
+
+
+class DynamicPruning:
+    """The training loop's side of dynamic pruning: `begin(epoch)` plans the epoch (the sampler's subset, the
+    weights on the device), `add` keeps each batch's per-sample losses, `end` gathers them exactly across ranks
+    into the store. `state_dict` / `load_state_dict`: what a resume file holds."""
+
+    def __init__(self, cfg, ctx: Context, sample_index: np.ndarray, num_images: int):
+        """`sample_index`: the dataset sample of each position of the training set (a kept list's samples); the
+        store, the plans and the sampler work in positions, batches carry dataset sample indices."""
+        self.cfg, self.ctx = cfg, ctx
+        self.store = LossStore(len(sample_index))
+        position = torch.full((num_images,), -1, dtype=torch.long)
+        position[torch.as_tensor(np.asarray(sample_index, dtype=np.int64))] = torch.arange(len(sample_index))
+        self.position = position.to(ctx.device)
+        self.weights = None
+        self.index, self.loss = [], []
+        self.kept_masks = []  # per epoch begun: np.packbits of the kept mask (n bits), for dynamic_kept.npz
+        self.epoch_losses = []  # per epoch ended: the losses gathered (float32, NaN: not trained on)
+
+    def begin(self, epoch: int) -> EpochPlan:
+        plan = plan_epoch(self.cfg, self.store, epoch)
+        mask = np.zeros(self.store.n, dtype=bool)
+        mask[plan.kept] = True
+        del self.kept_masks[epoch:]  # a resumed run plans its epoch again
+        self.kept_masks.append(np.packbits(mask))
+        if self.ctx.distributed:  # every rank must walk the same subset: a disagreement is a bug, not a run to finish
+            digest = int.from_bytes(hashlib.sha256(self.kept_masks[-1].tobytes()).digest()[:7], "little")
+            both = torch.tensor([digest, -digest], dtype=torch.long, device=self.ctx.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            if int(both[0]) != digest or int(both[1]) != -digest:
+                raise RuntimeError(f"dynamic pruning: the ranks planned different samples for epoch {epoch + 1}")
+        self.weights = None if plan.weights is None else torch.from_numpy(plan.weights).to(self.ctx.device)
+        self.index, self.loss = [], []
+        return plan
+
+    def positions(self, sample_index: torch.Tensor) -> torch.Tensor:
+        """Positions in the training set of a batch's dataset sample indices (-1, a padding duplicate: -1)."""
+        index = sample_index.to(self.ctx.device, non_blocking=True)
+        return torch.where(index >= 0, self.position[index.clamp_min(0)], index)
+
+    def batch_weights(self, sample_index: torch.Tensor):
+        """(b,) loss weights of a batch (padding duplicates: weight 1), or None for weight 1 throughout."""
+        if self.weights is None:
+            return None
+        where = self.positions(sample_index)
+        return torch.where(where >= 0, self.weights[where.clamp_min(0)], torch.ones_like(self.weights[:1]))
+
+    def add(self, sample_index: torch.Tensor, sample_loss: torch.Tensor):
+        self.index.append(self.positions(sample_index))
+        self.loss.append(sample_loss.detach())
+
+    def end(self):
+        n = self.store.n
+        if self.index:
+            losses = gather_by_index(self.ctx, torch.cat(self.index), torch.cat(self.loss).double(), n)
+        else:
+            losses = np.full(n, np.nan)
+        self.store.update(losses, self.cfg.dynamic_ema)
+        self.index, self.loss = [], []
+        del self.epoch_losses[len(self.kept_masks) - 1:]
+        self.epoch_losses.append(losses.astype(np.float32))
+
+    def record(self) -> dict:
+        """What dynamic_kept.npz holds: `kept` (epochs, n) bool, which samples each epoch planned to train on, and
+        `loss` (epochs, n) float32, the losses each epoch gathered (NaN: not trained on), in training-set
+        positions."""
+        return {"kept": np.unpackbits(np.stack(self.kept_masks), axis=1, count=self.store.n).astype(bool),
+                "loss": np.stack(self.epoch_losses)}
+
+    def state_dict(self) -> dict:
+        state = {k: torch.from_numpy(v) for k, v in self.store.state_dict().items()}
+        state["kept_masks"] = torch.from_numpy(np.stack(self.kept_masks)) if self.kept_masks else torch.zeros(0)
+        state["epoch_losses"] = torch.from_numpy(np.stack(self.epoch_losses)) if self.epoch_losses else torch.zeros(0)
+        return state
+
+    def load_state_dict(self, state: dict):
+        state = {k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()}
+        masks, losses = state.pop("kept_masks"), state.pop("epoch_losses")
+        self.store.load_state_dict(state)
+        self.kept_masks = [np.asarray(m, dtype=np.uint8) for m in masks] if masks.size else []
+        self.epoch_losses = [np.asarray(x, dtype=np.float32) for x in losses] if losses.size else []

@@ -32,9 +32,10 @@ from utils.errors import UserError
 from utils.evaluation.verification import VerificationSet, format_table
 from utils.models.build import build_head, head_kwargs, model_kwargs, new_backbone
 from utils.models.embedding import forward_uint8
-from utils.runtime.context import Context, seed_everything
+from utils.runtime.context import Context, all_ranks_sum, seed_everything
 from utils.selection.registry import RETRAIN_ONLY, get_method
-from utils.training.optimizer import lr_factor, make_sgd
+from utils.training.dynamic import DynamicPruning
+from utils.training.optimizer import epoch_lr_factor, lr_factor, make_sgd
 from utils.training.recording import Recorder
 from utils.training.resume import resume
 
@@ -97,6 +98,8 @@ class Run:
     head_info: dict = None  # the checkpoints' "head_info": the head's name, size and constructor arguments
     best: dict = field(default_factory=dict)
     skipped_images: int = 0  # undecodable images dropped in the last epoch (skip_bad_images)
+    dynamic: DynamicPruning = None  # --dynamic_method other than none: the loss store and each epoch's plan
+    samples_per_epoch: list = field(default_factory=list)  # images trained on in each epoch, all ranks
 
 
 def prepare_run(cfg, ctx: Context) -> Run:
@@ -145,6 +148,8 @@ def prepare_run(cfg, ctx: Context) -> Run:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     run = Run(cfg, ctx, out, dataset, loader, sampler, backbone, train_backbone, head, optimizer, scheduler,
               scaler, steps_per_epoch, inputs=inputs, label_map=label_map, selection=selection_digest(dataset),
+              dynamic=DynamicPruning(cfg, ctx, dataset.sample_index, dataset.num_images)
+              if cfg.dynamic_method != "none" else None,
               model_spec={"name": cfg.network, "args": model_kwargs(cfg, image_size)},
               head_info={"name": cfg.loss, "in_features": cfg.embedding_size, "num_classes": dataset.num_classes,
                          "kwargs": head_kwargs(cfg)})
@@ -170,15 +175,21 @@ def _image_size(dataset) -> int:
 
 # ------------------------------------------------------------------------------------------ the loop
 def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp_dtype=None,
-               channels_last=False, grad_clip=0.0, clip_params=None, flip_gen=None):
+               channels_last=False, grad_clip=0.0, clip_params=None, flip_gen=None, weights=None, per_sample=False):
     """One optimisation step on a uint8 batch: flip + scale on the device, autocast forward, margin
-    head in fp32, (scaled) backward, gradient-norm clip of the backbone, SGD step.
+    head in fp32, (scaled) backward, gradient-norm clip of the backbone, SGD step. `weights` (b,) multiply the
+    samples' losses before the mean (dynamic pruning).
 
-    Returns (loss, gt_prob, embeddings), all still on the device (no host sync here).
+    Returns (loss, gt_prob, embeddings), with `per_sample` also the samples' losses (b,), all still on the device
+    (no host sync here).
     """
     embeddings = forward_uint8(backbone, images, device, amp_dtype, channels_last,
                                transform=lambda x: random_hflip(x, flip_gen))
-    loss, gt_prob = head(embeddings, labels.to(device, non_blocking=True))
+    labels = labels.to(device, non_blocking=True)
+    if per_sample:
+        loss, gt_prob, sample_loss = head(embeddings, labels, weights, per_sample=True)
+    else:
+        loss, gt_prob = head(embeddings, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip > 0:
@@ -186,7 +197,7 @@ def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp
         torch.nn.utils.clip_grad_norm_(clip_params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return loss, gt_prob, embeddings
+    return (loss, gt_prob, embeddings, sample_loss) if per_sample else (loss, gt_prob, embeddings)
 
 
 def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None):
@@ -194,6 +205,12 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
     run.train_backbone.train()
     run.head.train()
     run.sampler.set_epoch(epoch)
+    dynamic, steps = run.dynamic, run.steps_per_epoch
+    if dynamic is not None:  # this epoch's samples: the sampler walks them only, and the epoch is as long as they are
+        plan = dynamic.begin(epoch)
+        run.sampler.set_subset(None if plan.full else plan.kept)
+        steps = len(run.loader) if cfg.max_steps_per_epoch <= 0 else min(len(run.loader), cfg.max_steps_per_epoch)
+    trained = 0
     flip_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 131 + ctx.rank)
     loss_sum = torch.zeros((), device=ctx.device)
     channels_last = cfg.channels_last
@@ -203,7 +220,7 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
     # CUDA graphs replay into the same output buffers: a new step frees the last one's outputs (read by then)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and ctx.device.type == "cuda"
     for step, (images, labels, sample_index) in enumerate(run.loader):
-        if step >= run.steps_per_epoch:
+        if step >= steps:
             break
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -214,10 +231,21 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
                     raise UserError(f"a batch of rank {ctx.rank} holds {images.shape[0]} decodable images; "
                                     f"replace the bad images of the .rec (the log names them)")
                 continue
-        loss, gt_prob, embeddings = train_step(
-            run.train_backbone, run.head, run.optimizer, run.scaler, images, labels, device=ctx.device,
-            amp_dtype=ctx.amp_dtype, channels_last=channels_last, grad_clip=cfg.grad_clip, clip_params=clip_params,
-            flip_gen=flip_gen)
+        trained += int((sample_index >= 0).sum())  # padding duplicates carry -1
+        if dynamic is None:
+            loss, gt_prob, embeddings = train_step(
+                run.train_backbone, run.head, run.optimizer, run.scaler, images, labels, device=ctx.device,
+                amp_dtype=ctx.amp_dtype, channels_last=channels_last, grad_clip=cfg.grad_clip, clip_params=clip_params,
+                flip_gen=flip_gen)
+        else:
+            factor = epoch_lr_factor(cfg, epoch, step, steps)  # the schedule follows epochs, whatever their length
+            for group in run.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            loss, gt_prob, embeddings, sample_loss = train_step(
+                run.train_backbone, run.head, run.optimizer, run.scaler, images, labels, device=ctx.device,
+                amp_dtype=ctx.amp_dtype, channels_last=channels_last, grad_clip=cfg.grad_clip, clip_params=clip_params,
+                flip_gen=flip_gen, weights=dynamic.batch_weights(sample_index), per_sample=True)
+            dynamic.add(sample_index, sample_loss)
         run.scheduler.step()
         run.global_step += 1
         if record is not None:
@@ -230,7 +258,10 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
         loss_sum += loss.detach()
         if on_step is not None:
             on_step(run, epoch, step, loss)
-    return float(loss_sum) / max(1, min(run.steps_per_epoch, step + 1))
+    if dynamic is not None:
+        dynamic.end()  # the epoch's losses, gathered exactly, into the store the next epoch plans from
+    run.samples_per_epoch.append(all_ranks_sum(ctx, trained))
+    return float(loss_sum) / max(1, min(steps, step + 1))
 
 
 # ----------------------------------------------------------------------------------------- callbacks

@@ -36,3 +36,14 @@ def keep_fused(optimizer):
     written on CPU resumed on a GPU, or the reverse): back to this optimizer's own choice."""
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+
+
+def epoch_lr_factor(cfg, epoch: int, step: int, steps: int) -> float:
+    """`lr_factor`'s schedule with the position counted in epochs, for epochs of varying length (dynamic pruning):
+    step `step` of `steps` in epoch `epoch` (from 0) is at epoch + step / steps. Warm-up rises linearly over the
+    first `warmup_epoch` epochs, and lr is multiplied by lr_decay at each epoch of lr_steps, as with equal epochs."""
+    steps = max(1, steps)
+    position = epoch + step / steps
+    if position < cfg.warmup_epoch:
+        return (epoch + (step + 1) / steps) / cfg.warmup_epoch
+    return cfg.lr_decay ** sum(position >= s for s in cfg.lr_steps)

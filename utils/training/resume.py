@@ -36,7 +36,8 @@ def save_epoch(run, epoch: int):
     save_checkpoint(_resume_file(out, ctx.rank, epoch), {
         "epoch": epoch, "step": run.global_step, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
-        "head_shard": run.head.state_dict(), "best": run.best})
+        "head_shard": run.head.state_dict(), "best": run.best, "samples_per_epoch": list(run.samples_per_epoch),
+        **({"dynamic": run.dynamic.state_dict()} if run.dynamic is not None else {})})
     barrier(ctx)
     if ctx.is_main:
         light = {
@@ -132,6 +133,15 @@ def resume(run):
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     run.start_epoch, run.global_step, run.best = epoch, state["step"], state.get("best", {})
+    # images trained on per epoch (recorded since 2026-12-05; before: every epoch's full steps)
+    run.samples_per_epoch = list(state.get("samples_per_epoch",
+                                           [run.steps_per_epoch * cfg.batch_size * saved_world] * epoch))
+    saved_method = light.get("config", {}).get("dynamic_method", "none")
+    if saved_method != cfg.dynamic_method or (run.dynamic is not None) != ("dynamic" in state):
+        raise ArtifactError(f"{marker}: the run was trained with dynamic_method={saved_method}, not "
+                            f"{cfg.dynamic_method}; resume it with the same method, or train with another --output")
+    if run.dynamic is not None:
+        run.dynamic.load_state_dict(state["dynamic"])
     if saved_world != ctx.world_size:
         _continue_schedule(run, epoch, fresh_lrs)
         log.info("resume: epoch %d of a run of %d processes continues on %d (the head's class shards and their "
