@@ -90,3 +90,27 @@ def zero_image_of(rec_dir: Path, sample: int) -> int:
         f.seek(offset + 8 + 24)  # past the record head and the 24-byte IRHeader of a scalar label
         f.write(bytes((lrec & (2 ** 29 - 1)) - 24))
     return key
+
+
+def train_until_killed(cfg, ctx, epoch: int = 2):
+    """train_everything.train(cfg) killed mid-epoch `epoch` (from 0; KeyboardInterrupt in its first step), as a
+    `kill -9` would leave it: the epochs before are saved, this one is not."""
+    import pytest
+
+    import train_everything as training
+
+    real = training.train_one_epoch
+
+    def dies(run, e, record=None, on_step=None):
+        if e == epoch:
+            def boom(*a):
+                raise KeyboardInterrupt("killed mid-epoch")
+            return real(run, e, record, boom)
+        return real(run, e, record, on_step)
+
+    training.train_one_epoch = dies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            training.train(cfg, ctx)
+    finally:
+        training.train_one_epoch = real

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script
+from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script, train_until_killed
 from tests.test_dynamic import literal_infobatch, literal_store, literal_ucb
 from utils.artifacts import paths
 from utils.artifacts.files import load_array
@@ -123,25 +123,13 @@ def test_epoch_lr_factor_is_lr_factor_in_epochs():
 
 
 @pytest.mark.slow
-def test_a_crash_and_resume_give_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
+def test_a_crash_and_resume_give_the_uninterrupted_run(tiny, tmp_path):
     import train_everything as training
 
     extra = ("--dynamic_method", "infobatch", "--dynamic_ratio", "0.5")
     straight = _cfg(tiny, tmp_path / "a", *extra)
     training.train(straight, _ctx())
-    real = training.train_one_epoch
-
-    def dies_in_epoch_3(run, epoch, record=None, on_step=None):
-        if epoch == 2:
-            def boom(*a):
-                raise KeyboardInterrupt("killed mid-epoch")
-            return real(run, epoch, record, boom)
-        return real(run, epoch, record, on_step)
-
-    monkeypatch.setattr(training, "train_one_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, tmp_path / "b", *extra), _ctx())
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    train_until_killed(_cfg(tiny, tmp_path / "b", *extra), _ctx(), epoch=2)
     resumed = _cfg(tiny, tmp_path / "b", *extra, "--resume", "true")
     summary = training.train(resumed, _ctx())
     a = torch.load(paths.original_dir(straight) / "backbone.pth")
@@ -190,7 +178,7 @@ def test_two_processes_plan_from_what_both_ranks_saw(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_crash_on_one_process_resumes_on_two(tiny, tmp_path, monkeypatch):
+def test_a_crash_on_one_process_resumes_on_two(tiny, tmp_path):
     """The loss store and the epochs' plans travel in the resume files: 1 process dies in epoch 3, 2 processes
     resume; the first two epochs' kept sets are the uninterrupted run's, and every epoch's is the literal rule on
     the losses gathered so far, whichever world size gathered them."""
@@ -199,18 +187,7 @@ def test_a_crash_on_one_process_resumes_on_two(tiny, tmp_path, monkeypatch):
     extra = ("--dynamic_method", "infobatch", "--dynamic_anneal", "0.8")
     straight = _cfg(tiny, tmp_path / "a", *extra)
     training.train(straight, _ctx())
-    real = training.train_one_epoch
-
-    def dies_in_epoch_3(run, epoch, record=None, on_step=None):
-        if epoch == 2:
-            def boom(*a):
-                raise KeyboardInterrupt("killed mid-epoch")
-            return real(run, epoch, record, boom)
-        return real(run, epoch, record, on_step)
-
-    monkeypatch.setattr(training, "train_one_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, tmp_path / "b", *extra), _ctx())
+    train_until_killed(_cfg(tiny, tmp_path / "b", *extra), _ctx(), epoch=2)
     run_script("train_everything.py", "--rec", tiny, "--output", tmp_path / "b", *TINY_TRAIN, "--num_epoch", "5",
                "--lr_steps", "4", "--record_topk", "0", *extra, "--batch_size", "16", "--resume", "true", torchrun=2)
     fp = open_dataset_fp(tiny)

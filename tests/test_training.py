@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config.config import parse_config
-from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script
+from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script, train_until_killed
 from utils.artifacts import paths
 from utils.artifacts.files import Fingerprint, load_array
 
@@ -57,25 +57,12 @@ def test_original_training_records_every_epoch(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+def test_resume_after_a_crash_equals_uninterrupted(tiny, tmp_path):
     import train_everything as training
 
     straight = _cfg(tiny, tmp_path / "a", "--record_topk", "0")
     training.train(straight, _ctx())
-    crashed = _cfg(tiny, tmp_path / "b", "--record_topk", "0")
-    real = training.train_one_epoch
-
-    def dies_in_epoch_3(run, epoch, record=None, on_step=None):
-        if epoch == 2:
-            def boom(*a):
-                raise KeyboardInterrupt("killed mid-epoch")
-            return real(run, epoch, record, boom)
-        return real(run, epoch, record, on_step)
-
-    monkeypatch.setattr(training, "train_one_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(crashed, _ctx())
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    train_until_killed(_cfg(tiny, tmp_path / "b", "--record_topk", "0"), _ctx(), epoch=2)
     resumed = _cfg(tiny, tmp_path / "b", "--record_topk", "0", "--resume", "true")
     training.train(resumed, _ctx())
     a = torch.load(paths.original_dir(straight) / "backbone.pth")
