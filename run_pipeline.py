@@ -28,6 +28,7 @@ from utils.pipeline.runner import RUNNERS, choose_jobs, choose_runner
 from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, flag_value, require_bins  # noqa: F401
 from utils.runtime.cli import add_bool, flag, parse_bool
 from utils.selection.registry import METHODS, canonical_name, list_methods
+from utils.training.dynamic import DYNAMIC_METHODS, ratio_for_cost
 
 
 def parse_set(items) -> dict:
@@ -127,7 +128,9 @@ def main(argv=None):
     p.add_argument("--ijb_target", default=None, choices=["ijbc", "ijbb"], help="which IJB set (default: ijbc)")
     p.add_argument("--fractions", default=None, help="kept fractions, comma-separated (default: the profile's)")
     p.add_argument("--methods", default=None, help=f"pruning methods, comma-separated, from {', '.join(list_methods())} "
-                   f"(the paper's names {', '.join(n for n in list_methods(aliases=True) if n not in METHODS)} too)")
+                   f"(the paper's names {', '.join(n for n in list_methods(aliases=True) if n not in METHODS)} too), "
+                   f"and the dynamic ones ({', '.join(DYNAMIC_METHODS)}: the full data pruned as it trains, at the "
+                   f"ratio whose cost is the fraction)")
     p.add_argument("--nproc", type=int, default=None, help="processes per node for torchrun (default: visible GPUs)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config keys for every stage, e.g. --set seed=1")
     p.add_argument("--export", default="best", metavar="KEPT_SET",
@@ -173,9 +176,10 @@ def main(argv=None):
         profile = Profile(**{**profile.__dict__, "fractions": fr})
     if args.methods:
         ms = tuple(canonical_name(m) for m in args.methods.split(","))
-        bad = [m for m in ms if m not in METHODS]
+        bad = [m for m in ms if m not in METHODS and m not in DYNAMIC_METHODS]
         if bad:
-            p.error(f"--methods: unknown {bad}; valid: {', '.join(list_methods(aliases=True))}")
+            p.error(f"--methods: unknown {bad}; valid: {', '.join(list_methods(aliases=True))}, and the dynamic "
+                    f"{', '.join(DYNAMIC_METHODS)}")
         profile = Profile(**{**profile.__dict__, "methods": ms})
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
@@ -205,6 +209,7 @@ def main(argv=None):
         p.error(f"--ijb_root {args.ijb_root}: not an IJB release folder (expected loose_crop/ and meta/ in it)")
     data_args, data_config = synthetic_args(profile, args.data) if args.rec is None else (None, None)
     trainees = _trainees(p, args, {**profile.train, **overrides})
+
     nproc = args.nproc or max(1, gpus)
     try:
         runner = choose_runner(args.runner, gpus, nproc)
@@ -215,6 +220,12 @@ def main(argv=None):
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
                     clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner,
                     jobs=jobs)
+    if any(m in DYNAMIC_METHODS for m in profile.methods):  # every fraction must be a cost the schedule can reach
+        for fraction in profile.fractions:
+            try:
+                ratio_for_cost(pipe.cfg(), fraction)
+            except ValueError as e:
+                p.error(f"--fractions {fraction:g} for the dynamic methods: {e}")
     if args.show_config:
         return show_config(pipe)
     try:

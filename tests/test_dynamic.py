@@ -139,3 +139,24 @@ def test_keys_are_checked_by_the_method_that_reads_them():
     assert D.dynamic_config_errors(cfg(dynamic_method="ucb", dynamic_ema=1.0, dynamic_ucb_c=-1)) == [
         "dynamic_ema=1.0 must be in [0, 1)", "dynamic_ucb_c=-1 must be >= 0"]
     assert D.dynamic_choices() == ("none", "infobatch", "ucb")
+
+
+def test_the_ratio_of_a_cost_and_each_runs_cost():
+    from utils.pipeline.steps import add_costs
+
+    c = cfg(num_epoch=12, dynamic_anneal=0.875)  # epochs 1..10 prune: 10 of 12
+    assert D.pruning_epochs(c) == 10
+    assert [D.ratio_for_cost(c, f) for f in (0.75, 0.5, 0.25)] == pytest.approx([0.3, 0.6, 0.9])
+    with pytest.raises(ValueError, match="a cost of 10% is out of reach with 10 pruning epochs of 12"):
+        D.ratio_for_cost(c, 0.1)
+    runs = [dict(method="full", trainee="a", seed_offset=0, sample_passes=1000),
+            dict(method="full", trainee="a", seed_offset=1, sample_passes=800),
+            dict(method="diffprob", trainee="a", seed_offset=0, sample_passes=500),
+            dict(method="rand", trainee="a", seed_offset=1, sample_passes=400),
+            dict(method="ucb", trainee="a", seed_offset=0, sample_passes=250),
+            dict(method="diffprob", trainee="b", seed_offset=0, sample_passes=300)]
+    add_costs(runs, {"diffprob"})
+    # seed +1's full run is 800: Rand's cost is over it; the scoring run (the original: trainee a, seed 0) is
+    # 1000 passes, in units of each run's own full-data run; trainee b has no full run of its own: the original's
+    assert [r["cost"] for r in runs] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.3]
+    assert [r["cost_with_scoring"] for r in runs] == [1.0, 1.0, 1.5, 0.5, 0.25, 1.3]

@@ -2,6 +2,7 @@
 (method, kept fraction, accuracies, TAR, cleaning quality), and each figure is the one its stage wrote."""
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from utils.evaluation.report import mean_accuracy
 
 pytestmark = pytest.mark.slow
 
-METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy"}
+METHODS = {"full", "rand", "dynunc", "diffprob", "diffprob_clean", "entropy", "ucb"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_results_follow_the_contract(pipeline):
     assert {r["method"] for r in res["runs"]} == METHODS
     ijb = json.loads((out / "ijb" / "ijb_results.json").read_text())["models"]
     fp = dataset_fingerprint(out / "data")
+    full = next(r for r in res["runs"] if r["method"] == "full")
     for r in res["runs"]:
         assert {"method", "kept_fraction", "num_images", "num_classes", "verification", "ijb", "train_seconds"} <= set(r)
         summary = json.loads((Path(r["model_dir"]) / "train_summary.json").read_text())
@@ -55,7 +57,17 @@ def test_results_follow_the_contract(pipeline):
         assert r["verification"] == summary["verification"] and set(r["verification"]) == {"syn_frontal", "syn_pose"}
         name = r["method"] + f"_{r['requested_fraction']:.2f}"
         assert r["ijb"]["TAR@FAR=1e-4"] == ijb[name]["1:1"]["TAR@FAR=1e-4"]
-        if r["method"] == "full":
+        # the cost: images trained on over the full-data run's; the static methods that read the original model's
+        # scores or records pay for that run too (it is the full-data run here), Rand and UCB do not
+        assert r["sample_passes"] == sum(summary["samples_per_epoch"])
+        assert r["cost"] == r["sample_passes"] / full["sample_passes"]
+        scored = r["method"] in ("dynunc", "diffprob", "diffprob_clean", "entropy")
+        assert r["cost_with_scoring"] == r["cost"] + (1.0 if scored else 0.0)
+        if r["method"] == "ucb":  # 3 epochs, anneal 0.875: epochs 2 and 3 prune at the ratio of cost 0.5, 3 * 0.5 / 2
+            n, batch = fp.num_images, 64
+            assert r["dynamic"] == {"method": "ucb", "ratio": 0.75, "anneal": 0.875}
+            assert r["sample_passes"] == n // batch * batch + 2 * (math.ceil(0.25 * n) // batch * batch)
+        if r["method"] in ("full", "ucb"):  # UCB: the full data, pruned as it trains
             assert r["kept_fraction"] == 1.0 and r["num_images"] == res["dataset"]["num_images"]
         else:
             kept = load_kept_index(next((out / "runs" / "coresets").glob(f"*/{name}/kept_index.npy")), fp)
@@ -155,8 +167,11 @@ def test_seeds_and_other_losses_on_the_same_kept_lists(pipeline):
                      .read_text())
     assert arc["loss"] == "ArcFace" and arc["original_net_loss"] == "CosFace"
     md = (out / "results.md").read_text()
-    assert re.search(r"^\| Rand \| smallnet_CosFace \| [0-9.]+% \| 2 \| [0-9.]+ ± [0-9.]+ \|", md, re.M), md
-    assert "vs Rand" in md and re.search(r"^\| DiffProb \| smallnet_ArcFace \| [0-9.]+% \| 1 \|", md, re.M), md
+    # kept, cost, + scoring (DiffProb pays the scoring run: 1 more), seeds, mean ± std
+    assert re.search(r"^\| Rand \| smallnet_CosFace \| [0-9.]+% \| 0\.50 \| 0\.50 \| 2 \| [0-9.]+ ± [0-9.]+ \|", md,
+                     re.M), md
+    assert "vs Rand" in md and re.search(r"^\| DiffProb \| smallnet_ArcFace \| [0-9.]+% \| 0\.50 \| 1\.50 \| 1 \|", md,
+                                         re.M), md
     assert md in r.stdout
     # with seeds, the exported kept set is the best by its mean over the seeds
     mean = {}

@@ -35,6 +35,9 @@ def mean_accuracy(run) -> float:
 
 
 TAR_KEY = "TAR@FAR=1e-4"
+COST_NOTE = ("cost: the images a run trained on over the full-data run's; + scoring: with the run that scored the "
+             "data (the original model: paid once, shared by every static method, fraction and seed; Rand and the "
+             "dynamic methods need none).")
 
 
 def results_table(results: dict, labels: dict) -> tuple:
@@ -44,7 +47,8 @@ def results_table(results: dict, labels: dict) -> tuple:
                                                    -r["requested_fraction"], list(labels).index(r["method"]),
                                                    r["seed_offset"]))
     targets = sorted({t for r in runs for t in r["verification"]})
-    header = ["method", "kept", *targets, "mean", "± SE", TAR_KEY, "images", "classes", "train s"]
+    header = ["method", "kept", *targets, "mean", "± SE", TAR_KEY, "images", "classes", "cost", "+ scoring",
+              "train s"]
     rows = []
     for r in runs:
         name = labels[r["method"]] + (f" (seed +{r['seed_offset']})" if r["seed_offset"] else "") \
@@ -54,8 +58,14 @@ def results_table(results: dict, labels: dict) -> tuple:
                                                            for t in targets],
                      f"{100 * mean_accuracy(r):.2f}", f"{100 * accuracy_standard_error(r):.2f}",
                      "-" if tar is None else f"{100 * tar:.2f}", str(r["num_images"]),
-                     str(r["num_classes"]), f"{r['train_seconds']:.0f}"])
+                     str(r["num_classes"]), _cost(r.get("cost")), _cost(r.get("cost_with_scoring")),
+                     f"{r['train_seconds']:.0f}"])
     return header, rows
+
+
+def _cost(value) -> str:
+    """A cost in full-data runs (sample passes over the full-data run's): '0.75', or '-' where unknown."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 # Two-sided 5% critical values of Student's t by degrees of freedom (the paired test over seeds).
@@ -89,8 +99,10 @@ def cells(results: dict) -> list:
     for (method, fraction, trainee), rs in groups.items():
         acc = {r.get("seed", r["seed_offset"]): mean_accuracy(r) for r in rs}
         tar = {r.get("seed", r["seed_offset"]): r["ijb"][TAR_KEY] for r in rs if TAR_KEY in r["ijb"]}
+        costs = {k: [r[k] for r in rs if r.get(k) is not None] for k in ("cost", "cost_with_scoring")}
         out.append({"method": method, "requested_fraction": fraction, "trainee": trainee, "runs": rs,
-                    "accuracy": acc, "tar": tar, "kept_fraction": float(np.mean([r["kept_fraction"] for r in rs]))})
+                    "accuracy": acc, "tar": tar, "kept_fraction": float(np.mean([r["kept_fraction"] for r in rs])),
+                    **{k: float(np.mean(v)) if v else None for k, v in costs.items()}})
     return out
 
 
@@ -116,7 +128,8 @@ def seeds_table(results: dict, labels: dict) -> tuple:
     rand = {(c["requested_fraction"], c["trainee"]): c for c in cs if c["method"] == "rand"}
     cs.sort(key=lambda c: (c["trainee"] != original, c["trainee"], -c["requested_fraction"],
                            list(labels).index(c["method"])))
-    header = ["method", "trained", "kept", "seeds", "mean acc", "vs full", "vs Rand", TAR_KEY, "TAR vs full"]
+    header = ["method", "trained", "kept", "cost", "+ scoring", "seeds", "mean acc", "vs full", "vs Rand", TAR_KEY,
+              "TAR vs full"]
     rows = []
     for c in cs:
         f = full.get(c["trainee"])
@@ -125,7 +138,8 @@ def seeds_table(results: dict, labels: dict) -> tuple:
         vs_rand = paired_difference(c["accuracy"], rd["accuracy"]) if rd and c is not rd else None
         tar_full = paired_difference(c["tar"], f["tar"]) if f and c is not f and c["tar"] else None
         c["vs_full"], c["vs_rand"], c["tar_vs_full"] = vs_full, vs_rand, tar_full
-        rows.append([labels[c["method"]], c["trainee"], f"{c['kept_fraction']:.1%}", str(len(c["runs"])),
+        rows.append([labels[c["method"]], c["trainee"], f"{c['kept_fraction']:.1%}", _cost(c["cost"]),
+                     _cost(c["cost_with_scoring"]), str(len(c["runs"])),
                      _pm(c["accuracy"]), _diff(vs_full) if vs_full else "", _diff(vs_rand) if vs_rand else "",
                      _pm(c["tar"]), _diff(tar_full) if tar_full else ""])
     return header, rows
@@ -148,7 +162,7 @@ def markdown(results: dict, labels: dict) -> str:
     ds = results["dataset"]
     text = (f"Dataset: {ds['rec']} ({ds['num_images']} images, {ds['num_classes']} identities; "
             f"{ds['profile']}). Accuracy in %, verification 10-fold; ± SE: the sampling standard error of the mean "
-            f"accuracy from the number of pairs per set; IJB-C TAR at FAR 1e-4 in %.\n\n") + text
+            f"accuracy from the number of pairs per set; IJB-C TAR at FAR 1e-4 in %. {COST_NOTE}\n\n") + text
     text += _dataset_notes(results)
     if "seed_spread" in results:
         s = results["seed_spread"]
@@ -163,7 +177,7 @@ def _markdown_seeds(results: dict, labels: dict) -> str:
             f"Mean verification accuracy over the targets and IJB-C TAR at FAR 1e-4, in %, mean ± std over "
             f"{results.get('seeds', 1)} seed(s). 'vs full' and 'vs Rand': the mean paired difference over seeds "
             f"(same seed, same fraction); * marks a difference a two-sided paired t-test over seeds finds at 5% "
-            f"(|mean| > t(n-1) x std / sqrt(n)); without * the difference is within the seed spread.\n\n")
+            f"(|mean| > t(n-1) x std / sqrt(n)); without * the difference is within the seed spread. {COST_NOTE}\n\n")
     text += _md_table(*seeds_table(results, labels))
     return text + _dataset_notes(results)
 

@@ -23,7 +23,7 @@ PROFILES = {
         data=["--num_ids", "24", "--image_size", "32", "--seed", "0", "--val_pairs", "200"],
         train=dict(network="smallnet", embedding_size=64, batch_size=64, num_epoch=3, lr_steps=[2], lr=0.4,
                    num_workers=0, threads=1, record_topk=4, window=2, frequent=20, verify_every_epoch=False),
-        fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy")),
+        fractions=(0.5,), extra_seeds=0, methods=("rand", "dynunc", "diffprob", "diffprob_clean", "entropy", "ucb")),
     # The default first run, CPU: within 10 minutes where tools/bench_train.py's paper-style loop makes 460
     # images/s (docs/results.md); 3,000 verification pairs per set.
     "demo": Profile(

@@ -25,12 +25,14 @@ from utils.evaluation.report import mean_accuracy, write_results
 from utils.pipeline.profiles import REAL_DATA_PROFILE_KEYS, Profile
 from utils.pipeline.runner import Started, preload, start_forked, start_subprocess, usable_cores
 from utils.selection.registry import METHODS, method_labels
+from utils.training.dynamic import DYNAMIC_METHODS, dynamic_labels, ratio_for_cost
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_SCRIPTS = ("make_synthetic_dataset.py", "train_everything.py", "eval_trainset.py", "clean_trainset.py",
                  "generate_label_dict.py", *sorted({m.script[0] for m in METHODS.values()}), "eval_ijbc.py",
                  "export_trainset.py")
-METHOD_LABELS = method_labels()
+# the selection methods (static: a kept list), then the dynamic ones (pruned as the model trains)
+METHOD_LABELS = {**method_labels(), **dynamic_labels()}
 
 
 class Key(NamedTuple):
@@ -87,6 +89,8 @@ class Pipeline:
         self.runs = self.out / "runs"
         self.log_file = self.out / "pipeline.log"
         self.queued, self.batching = [], False
+        # static methods select a kept list in a pruning step; dynamic ones prune inside their training
+        self.static_methods = tuple(m for m in self.profile.methods if m not in DYNAMIC_METHODS)
 
     # ------------------------------------------------------------------------------------ plumbing
     def keys(self, **extra) -> list:
@@ -104,9 +108,9 @@ class Pipeline:
         one_set = 1.0 + sum(self.profile.fractions) * len(self.profile.methods)  # full data + every kept list
         seeds = (self.seeds - 1) * one_set if self.seeds > 1 else float(self.profile.extra_seeds)
         training = one_set + len(self.trainees) * one_set + seeds + (self.clean_rounds - 1)
-        seeded = sum(METHODS[m].seeded for m in self.profile.methods)
+        seeded = sum(METHODS[m].seeded for m in self.static_methods)
         other = (int(self.synthetic) + 3 + 2 * (self.clean_rounds - 1) + len(self.profile.fractions)
-                 * (len(self.profile.methods) + max(0, self.seeds - 1) * seeded)
+                 * (len(self.static_methods) + max(0, self.seeds - 1) * seeded)
                  + int(self.profile.ijb) + int(self.export != "none"))
         return training, other
 
@@ -277,7 +281,7 @@ class Pipeline:
                   lambda: is_complete(paths.label_dict_path(base), fp), *self.keys())
         models = {Key("full", 1.0): original}
         for fraction in self.profile.fractions:
-            for method in self.profile.methods:
+            for method in self.static_methods:
                 cfg = self.cfg(coreset_method=method, fraction=fraction)
                 self.step(f"prune: {METHOD_LABELS[method]} {fraction:.0%}", list(METHODS[method].script),
                           lambda: is_complete(paths.kept_index_path(cfg, method), fp),
@@ -342,6 +346,9 @@ class Pipeline:
         base = self.cfg()
         seed = int(base.seed) + key.seed
         extra = dict(is_original_train=False, coreset_method=key.method, fraction=key.fraction, resume=True, seed=seed)
+        if key.method in DYNAMIC_METHODS:  # the full data, pruned as it trains, at the ratio of the cost asked
+            extra.update(coreset_method="full", dynamic_method=key.method,
+                         dynamic_ratio=ratio_for_cost(base, key.fraction))
         if key.trainee:  # another network / loss on the original model's kept list
             network, loss = key.trainee.rsplit("_", 1)
             extra.update(network=network, loss=loss, original_network=base.network, original_net_loss=base.loss)
@@ -349,7 +356,7 @@ class Pipeline:
         if key.seed:  # another seed trains (and, for a seeded method, selects) in a folder of its own
             extra["output"] = self.runs / f"seed{seed}"
             label += f" (seed {seed})"
-            if key.method != "full":
+            if key.method in METHODS:
                 chosen = self.cfg(coreset_method=key.method, fraction=key.fraction)
                 if METHODS[key.method].seeded:
                     mine = self.cfg(coreset_method=key.method, fraction=key.fraction, output=extra["output"], seed=seed)
@@ -373,7 +380,7 @@ class Pipeline:
         `best`: of the pruned models of the original network, the kept set with the highest mean verification
         accuracy, averaged over the seeds when there are several (the smaller kept fraction on a tie); or the
         one `--export <method>_<fraction>` names."""
-        runs = [r for r in results["runs"] if r["method"] != "full" and r["trainee"] == results["runs"][0]["trainee"]]
+        runs = [r for r in results["runs"] if r["method"] in METHODS and r["trainee"] == results["runs"][0]["trainee"]]
         named = {}
         for r in runs:  # every seed of one kept set
             named.setdefault(f"{r['method']}_{r['requested_fraction']:.2f}", []).append(r)
@@ -430,8 +437,9 @@ class Pipeline:
                 "verification": summary["verification"], "verification_pairs": summary.get("verification_pairs", {}),
                 "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
                 "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
-                "train_seconds": summary["train_seconds"],
-                "model_dir": str(model_dir)})
+                "train_seconds": summary["train_seconds"], "sample_passes": _sample_passes(summary),
+                "dynamic": summary.get("dynamic", {"method": "none"}), "model_dir": str(model_dir)})
+        add_costs(runs, {m for m in METHODS if METHODS[m].needs})
         dataset = {"name": "synthetic faces" if self.synthetic else self.rec.name, "rec": str(self.rec),
                    "synthetic": self.synthetic, "num_images": fp.num_images,
                    "num_classes": fp.num_classes, "profile": self.profile.description}
@@ -457,6 +465,27 @@ class Pipeline:
             means = [mean_accuracy(r) for r in seeds]
             results["seed_spread"] = {"full_mean_accuracy": means, "spread": max(means) - min(means)}
         return results
+
+
+def _sample_passes(summary: dict) -> int:
+    """The images a run trained on (train_summary.json; before 2026-12-05: every epoch's images)."""
+    if "sample_passes" in summary:
+        return int(summary["sample_passes"])
+    return int(summary["num_images"]) * int(summary["epochs"])
+
+
+def add_costs(runs: list, scored: set):
+    """Each run's `cost`: its sample passes over those of the full-data run of the same network, loss and seed (or
+    seed 0); `cost_with_scoring`: plus, for a method in `scored` (one that reads the original model's scores or
+    records), the original model's passes, the run that scored the data. That run is paid once and shared by
+    every fraction and seed of every static method; a dynamic method and Rand need none."""
+    full = {(r["trainee"], r["seed_offset"]): r["sample_passes"] for r in runs if r["method"] == "full"}
+    original = full.get((runs[0]["trainee"], 0)) if runs else None
+    for r in runs:
+        reference = full.get((r["trainee"], r["seed_offset"]), full.get((r["trainee"], 0), original))
+        r["cost"] = r["sample_passes"] / reference if reference else None
+        extra = original / reference if r["method"] in scored and reference and original else 0.0
+        r["cost_with_scoring"] = None if r["cost"] is None else r["cost"] + extra
 
 
 def _model_name(key: Key) -> str:

@@ -47,6 +47,7 @@ class EpochPlan:
 @dataclass(frozen=True)
 class DynamicMethod:
     name: str
+    title: str  # for tables and plots
     plan: Callable  # (state, epoch, cfg) -> EpochPlan, called on pruning epochs only
     reads: tuple = ()  # config keys it reads besides dynamic_method
     summary: str = ""
@@ -55,9 +56,9 @@ class DynamicMethod:
 DYNAMIC_METHODS: dict = {}
 
 
-def register_dynamic(name, *, reads=(), summary=""):
+def register_dynamic(name, *, title, reads=(), summary=""):
     def wrap(fn):
-        DYNAMIC_METHODS[name] = DynamicMethod(name, fn, tuple(reads), summary)
+        DYNAMIC_METHODS[name] = DynamicMethod(name, title, fn, tuple(reads), summary)
         return fn
     return wrap
 
@@ -65,6 +66,30 @@ def register_dynamic(name, *, reads=(), summary=""):
 def dynamic_choices() -> tuple:
     """The values `--dynamic_method` accepts (config asks this)."""
     return ("none", *DYNAMIC_METHODS)
+
+
+def dynamic_labels() -> dict:
+    """{method: title} for the pipeline's tables, in the registry's order."""
+    return {name: m.title for name, m in DYNAMIC_METHODS.items()}
+
+
+def pruning_epochs(cfg) -> int:
+    """How many epochs of `cfg` prune (as if a dynamic method were set)."""
+    return sum(1 <= e < cfg.dynamic_anneal * cfg.num_epoch for e in range(cfg.num_epoch))
+
+
+def ratio_for_cost(cfg, cost: float) -> float:
+    """The dynamic_ratio at which a method that prunes that share of the samples in every pruning epoch (ucb)
+    trains on `cost` of the full run's sample passes: num_epoch * (1 - cost) / pruning epochs. InfoBatch prunes
+    only the samples below the mean loss, so at the same ratio it trains on more (its cost is measured, not
+    assumed). ValueError when no ratio below 1 reaches `cost`."""
+    epochs, pruning = cfg.num_epoch, pruning_epochs(cfg)
+    ratio = epochs * (1.0 - cost) / pruning if pruning else float("inf")
+    if not 0 <= ratio < 1:
+        floor = 1 - pruning / epochs
+        raise ValueError(f"a cost of {cost:.0%} is out of reach with {pruning} pruning epochs of {epochs} "
+                         f"(dynamic_anneal={cfg.dynamic_anneal}): the lowest is {floor:.0%}")
+    return ratio
 
 
 class LossStore:
@@ -127,7 +152,7 @@ def plan_epoch(cfg, store: LossStore, epoch: int) -> EpochPlan:
     return plan
 
 
-@register_dynamic("infobatch", reads=("dynamic_ratio", "dynamic_anneal"),
+@register_dynamic("infobatch", title="InfoBatch", reads=("dynamic_ratio", "dynamic_anneal"),
                   summary="drop a below-mean-loss sample with probability r, weight the kept ones 1/(1-r)")
 def infobatch(store: LossStore, epoch: int, cfg) -> EpochPlan:
     r = cfg.dynamic_ratio
@@ -142,7 +167,7 @@ def infobatch(store: LossStore, epoch: int, cfg) -> EpochPlan:
     return EpochPlan(np.flatnonzero(~dropped).astype(np.int64), weights)
 
 
-@register_dynamic("ucb", reads=("dynamic_ratio", "dynamic_anneal", "dynamic_ema", "dynamic_ucb_c"),
+@register_dynamic("ucb", title="UCB", reads=("dynamic_ratio", "dynamic_anneal", "dynamic_ema", "dynamic_ucb_c"),
                   summary="train on the (1-r) share with the highest loss mean + c * std (moving averages)")
 def ucb(store: LossStore, epoch: int, cfg) -> EpochPlan:
     keep = math.ceil((1.0 - cfg.dynamic_ratio) * store.n)
