@@ -27,7 +27,7 @@ from utils.pipeline.profiles import PROFILES, Profile
 from utils.pipeline.runner import RUNNERS, choose_jobs, choose_runner
 from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, flag_value, require_bins  # noqa: F401
 from utils.runtime.cli import add_bool, flag, parse_bool
-from utils.selection.registry import METHODS, canonical_name, list_methods
+from utils.selection.registry import METHODS, canonical_name, list_methods, method_config_errors
 from utils.training.dynamic import DYNAMIC_METHODS, ratio_for_cost
 
 
@@ -160,6 +160,10 @@ def main(argv=None):
                    help="CPU: how many trainings run at once where they do not depend on each other (the retrainings; "
                         "the original model beside the full data's other seeds), each on --set threads=T threads "
                         "(default: the profile's, else the cores shared out); auto: one per core, at most 8 (1 on GPUs)")
+    p.add_argument(*flag("score_epochs"), type=int, default=0, metavar="K",
+                   help="early scoring: also select with every static method that reads the original model's scores or "
+                        "records from its first K epochs (records of epochs 1..K, checkpoint K), and retrain on those "
+                        "lists; their cost with scoring counts K epochs of the original run (default 0: none)")
     add_bool(p, "fresh", "delete --out first instead of resuming")
     p.add_argument(*flag("stop-after"), type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
@@ -219,13 +223,21 @@ def main(argv=None):
     pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
                     clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner,
-                    jobs=jobs)
+                    jobs=jobs, score_epochs=args.score_epochs, export=args.export)
     if any(m in DYNAMIC_METHODS for m in profile.methods):  # every fraction must be a cost the schedule can reach
         for fraction in profile.fractions:
             try:
                 ratio_for_cost(pipe.cfg(), fraction)
             except ValueError as e:
                 p.error(f"--fractions {fraction:g} for the dynamic methods: {e}")
+    named = [f"{m}_{f:.2f}" for f in profile.fractions for m in pipe.static_methods]
+    if args.export not in ("best", "none", *named):  # before the training, not after it
+        p.error(f"--export {args.export}: not a kept set of this run; one of {', '.join(named)} (or best, none)")
+    if args.score_epochs:  # one line and exit 2 when K is not an epoch of the run
+        early = parse_config(pipe.keys(score_epochs=args.score_epochs))
+        for method in pipe.early_methods:
+            for error in method_config_errors(dataclasses.replace(early, coreset_method=method)):
+                p.error(f"--score_epochs {args.score_epochs}: {error}")
     if args.show_config:
         return show_config(pipe)
     try:

@@ -87,7 +87,9 @@ class Config:
     original_net_loss: str = "CosFace"  # loss of the original model whose scores the pruning reads
     original_network: Optional[str] = None  # its network (None: --network); retraining other networks on its lists
     record_topk: int = 10  # margin-free top-k logits recorded per sample and epoch (what methods and rules that read top-k records use)
-    eval_epoch: int = -1  # checkpoint epoch to score (1-based; -1: the last)
+    eval_epoch: int = -1  # checkpoint epoch to score (1-based; -1: the last; score_epochs K: K)
+    score_epochs: int = 0  # early scoring: the static methods read the original run's first K epochs (records of
+    #                        epochs 1..K, checkpoint K) and write under a scorer tag of their own (0: every epoch)
     use_all_epochs: bool = False  # score every saved epoch and average
     checkpoint: str = ""  # explicit checkpoint / backbone.pth to score or evaluate
     head_checkpoint: str = ""  # head state dict to pair with a plain backbone.pth
@@ -393,6 +395,14 @@ def resolve(cfg: Config, preset_needed: bool = True) -> Config:
         raise ConfigError(f"dropout={values['dropout']} must be in [0, 1)")
     if values["dropout"] and not values["network"].startswith("iresnet"):
         raise ConfigError(f"dropout={values['dropout']}: only the iresnets have a dropout layer, not {values['network']}")
+    if values["score_epochs"]:
+        if not 0 < values["score_epochs"] <= values["num_epoch"]:
+            raise ConfigError(f"score_epochs={values['score_epochs']} must be an epoch in 1..{values['num_epoch']} "
+                              f"(0: every epoch)")
+        if values["eval_epoch"] not in (-1, values["score_epochs"]):
+            raise ConfigError(f"eval_epoch={values['eval_epoch']} and score_epochs={values['score_epochs']} disagree: "
+                              f"early scoring reads the checkpoint of epoch score_epochs")
+        values["eval_epoch"] = values["score_epochs"]
     beyond = [s for s in values["lr_steps"] if s > values["num_epoch"]]
     if beyond:
         # A user who only lowered num_epoch keeps the schedule's earlier steps, as the paper's schedule does.

@@ -112,7 +112,7 @@ def test_every_method_is_checked_by_the_keys_it_declares(method):
         check_against_dataset(cfg, 200, 16, class_counts=[20, 5] * 8)
     cfg = parse_args_for(method, ["--window", "12", "--num_epoch", "8", "--lr_steps", "4"])
     if "window" in reads:
-        with pytest.raises(ConfigError, match=r"window=12 exceeds num_epoch=8"):
+        with pytest.raises(ConfigError, match=r"window=12 needs num_epoch >= window \+ 1 = 13 \(found 8\)"):
             check_against_dataset(cfg, 200, 16)
     else:
         check_against_dataset(cfg, 200, 16)

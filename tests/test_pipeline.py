@@ -138,6 +138,7 @@ def test_a_forked_step_is_what_a_subprocess_step_is(pipeline, tmp_path):
     r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--runner", "subprocess", "--export", "none",
                    "--jobs", "1")
     assert "prune: Rand 50% ..." in r.stdout and "retrain: Rand 50% ..." in r.stdout
+    assert "as a dataset" not in r.stdout and "export" not in json.loads((out / "results.json").read_text())
     assert (kept / "kept_index.npy").read_bytes() == before["kept"]
     summary = json.loads((model / "train_summary.json").read_text())
     assert summary["verification"] == before["summary"]["verification"] and summary["steps"] == before["summary"]["steps"]
@@ -230,3 +231,35 @@ def test_bad_generator_options_are_refused_before_anything_is_made(tmp_path, dat
 def test_generator_options_do_not_apply_to_a_real_dataset(tmp_path):
     r = run_script("run_pipeline.py", "--rec", tmp_path, "--data", "redundancy=0.5", check=False)
     assert r.returncode == 2 and "--data sets the synthetic generator's options" in r.stderr, r.stderr
+
+
+def test_export_names_a_kept_set_of_the_run_before_any_work(tmp_path):
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", tmp_path / "x", "--export", "diffprob_0.30",
+                   check=False)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "run_pipeline.py: error: --export diffprob_0.30: not a kept set of this run; one of rand_0.50, dynunc_0.50, "
+        "diffprob_0.50, diffprob_clean_0.50, entropy_0.50 (or best, none)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_early_scoring_selects_from_the_first_epochs_and_counts_them(pipeline):
+    """--score_epochs 2: DiffProb also selects from the original model's checkpoint 2 (scores under the scorer tag
+    smallnet_CosFace_e2), retrains on that list, and its cost with scoring counts the original's first 2 epochs."""
+    out, _, _ = pipeline
+    r = run_script("run_pipeline.py", "--profile", "tiny", "--out", out, "--methods", "diffprob", "--score_epochs", "2",
+                   "--export", "none")
+    assert "score the training set with epoch 2's model ..." in r.stdout
+    assert "retrain: DiffProb 50% (epochs 1-2) ..." in r.stdout
+    fp = dataset_fingerprint(out / "data")
+    early_scores = out / "runs" / "scores" / "smallnet_CosFace_e2_epoch002.npz"
+    manifest = json.loads(early_scores.with_suffix(".manifest.json").read_text())
+    assert manifest["config"]["eval_epoch"] == 2 and manifest["config"]["score_epochs"] == 2
+    kept = load_kept_index(out / "runs" / "coresets" / "smallnet_CosFace_e2" / "diffprob_0.50" / "kept_index.npy", fp)
+    res = json.loads((out / "results.json").read_text())
+    early = next(x for x in res["runs"] if x["score_epochs"] == 2)
+    full = next(x for x in res["runs"] if x["method"] == "full")
+    assert early["method"] == "diffprob" and early["num_images"] == kept.size
+    assert Path(early["model_dir"]).parent.name == "smallnet_CosFace_e2"
+    original = json.loads((out / "runs" / "original_smallnet_CosFace" / "train_summary.json").read_text())
+    assert early["cost_with_scoring"] == early["cost"] + sum(original["samples_per_epoch"][:2]) / full["sample_passes"]
+    assert "| DiffProb (epochs 1-2) |" in (out / "results.md").read_text()

@@ -26,8 +26,10 @@ from types import SimpleNamespace
 
 
 def scorer_tag(cfg) -> str:
-    """`<network>_<loss>` of the original model whose scores the pruning and cleaning read."""
-    return f"{cfg.original_network or cfg.network}_{cfg.original_net_loss}"
+    """`<network>_<loss>` of the original model whose scores the pruning and cleaning read (`_e<K>`: from its first K
+    epochs, `score_epochs`)."""
+    early = f"_e{cfg.score_epochs}" if cfg.score_epochs else ""
+    return f"{cfg.original_network or cfg.network}_{cfg.original_net_loss}{early}"
 
 
 def original_dir(cfg, network: str = None, loss: str = None) -> Path:

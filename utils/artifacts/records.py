@@ -100,7 +100,7 @@ def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:
     if history.ndim != 2 or history.shape[1] != fingerprint.num_images:
         raise ArtifactError(f"{path}: expected shape (epochs, {fingerprint.num_images}), found {history.shape}")
     _check_manifest_shape(path, manifest, history.shape)
-    return history
+    return history[:cfg.score_epochs] if cfg.score_epochs else history  # early scoring: the first K epochs
 
 
 TOPK_KEYS = ("topk_logits", "topk_index", "rest_mean_logit")
@@ -131,6 +131,8 @@ def load_topk(cfg, fingerprint: Fingerprint) -> dict:
     if logits.shape[2] > fingerprint.num_classes:
         raise ArtifactError(f"{path}: top-{logits.shape[2]} logits recorded, but the dataset has "
                             f"{fingerprint.num_classes} classes")
+    if cfg.score_epochs:  # early scoring: the first K epochs
+        return {k: rec[k][:cfg.score_epochs] for k in rec}
     return rec
 
 

@@ -45,13 +45,13 @@ def results_table(results: dict, labels: dict) -> tuple:
     original = next((r.get("trainee", "") for r in results["runs"] if r["method"] == "full"), "")
     runs = sorted(results["runs"], key=lambda r: (r.get("trainee", "") != original, r.get("trainee", ""),
                                                    -r["requested_fraction"], list(labels).index(r["method"]),
-                                                   r["seed_offset"]))
+                                                   r.get("score_epochs", 0), r["seed_offset"]))
     targets = sorted({t for r in runs for t in r["verification"]})
     header = ["method", "kept", *targets, "mean", "± SE", TAR_KEY, "images", "classes", "cost", "+ scoring",
               "train s"]
     rows = []
     for r in runs:
-        name = labels[r["method"]] + (f" (seed +{r['seed_offset']})" if r["seed_offset"] else "") \
+        name = labels[r["method"]] + _early(r) + (f" (seed +{r['seed_offset']})" if r["seed_offset"] else "") \
             + (f" [{r['trainee']}]" if r.get("trainee", "") != original else "")
         tar = r["ijb"].get(TAR_KEY)
         rows.append([name, f"{r['kept_fraction']:.1%}", *[f"{100 * r['verification'].get(t, float('nan')):.2f}"
@@ -61,6 +61,12 @@ def results_table(results: dict, labels: dict) -> tuple:
                      str(r["num_classes"]), _cost(r.get("cost")), _cost(r.get("cost_with_scoring")),
                      f"{r['train_seconds']:.0f}"])
     return header, rows
+
+
+def _early(run_or_cell) -> str:
+    """' (epochs 1-K)' for a method selected from the original run's first K epochs (early scoring)."""
+    k = run_or_cell.get("score_epochs")
+    return f" (epochs 1-{k})" if k else ""
 
 
 def _cost(value) -> str:
@@ -93,14 +99,15 @@ def cells(results: dict) -> list:
     """The runs grouped by configuration (method, requested fraction, trainee): per cell the seeds' values."""
     groups = {}
     for r in results["runs"]:
-        key = (r["method"], r["requested_fraction"], r.get("trainee", ""))
+        key = (r["method"], r["requested_fraction"], r.get("trainee", ""), r.get("score_epochs", 0))
         groups.setdefault(key, []).append(r)
     out = []
-    for (method, fraction, trainee), rs in groups.items():
+    for (method, fraction, trainee, early), rs in groups.items():
         acc = {r.get("seed", r["seed_offset"]): mean_accuracy(r) for r in rs}
         tar = {r.get("seed", r["seed_offset"]): r["ijb"][TAR_KEY] for r in rs if TAR_KEY in r["ijb"]}
         costs = {k: [r[k] for r in rs if r.get(k) is not None] for k in ("cost", "cost_with_scoring")}
-        out.append({"method": method, "requested_fraction": fraction, "trainee": trainee, "runs": rs,
+        out.append({"method": method, "requested_fraction": fraction, "trainee": trainee, "score_epochs": early,
+                    "runs": rs,
                     "accuracy": acc, "tar": tar, "kept_fraction": float(np.mean([r["kept_fraction"] for r in rs])),
                     **{k: float(np.mean(v)) if v else None for k, v in costs.items()}})
     return out
@@ -127,7 +134,7 @@ def seeds_table(results: dict, labels: dict) -> tuple:
     full = {c["trainee"]: c for c in cs if c["method"] == "full"}
     rand = {(c["requested_fraction"], c["trainee"]): c for c in cs if c["method"] == "rand"}
     cs.sort(key=lambda c: (c["trainee"] != original, c["trainee"], -c["requested_fraction"],
-                           list(labels).index(c["method"])))
+                           list(labels).index(c["method"]), c["score_epochs"]))
     header = ["method", "trained", "kept", "cost", "+ scoring", "seeds", "mean acc", "vs full", "vs Rand", TAR_KEY,
               "TAR vs full"]
     rows = []
@@ -138,7 +145,7 @@ def seeds_table(results: dict, labels: dict) -> tuple:
         vs_rand = paired_difference(c["accuracy"], rd["accuracy"]) if rd and c is not rd else None
         tar_full = paired_difference(c["tar"], f["tar"]) if f and c is not f and c["tar"] else None
         c["vs_full"], c["vs_rand"], c["tar_vs_full"] = vs_full, vs_rand, tar_full
-        rows.append([labels[c["method"]], c["trainee"], f"{c['kept_fraction']:.1%}", _cost(c["cost"]),
+        rows.append([labels[c["method"]] + _early(c), c["trainee"], f"{c['kept_fraction']:.1%}", _cost(c["cost"]),
                      _cost(c["cost_with_scoring"]), str(len(c["runs"])),
                      _pm(c["accuracy"]), _diff(vs_full) if vs_full else "", _diff(vs_rand) if vs_rand else "",
                      _pm(c["tar"]), _diff(tar_full) if tar_full else ""])

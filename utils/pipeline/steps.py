@@ -41,6 +41,7 @@ class Key(NamedTuple):
     fraction: float  # requested kept fraction (1.0 for full)
     seed: int = 0  # offset from the base seed
     trainee: str = ""  # "<network>_<loss>" when it differs from the original model's (tables 2 and 3)
+    score_epochs: int = 0  # early scoring: selected from the original run's first K epochs (0: every epoch)
 
 
 class StopPipeline(Exception):
@@ -77,6 +78,7 @@ class Pipeline:
     clean_rounds: int = 1  # iterative cleaning: at most this many rounds (1: clean once, the paper's)
     runner: str = "subprocess"  # how a stage runs: subprocess or fork (utils/pipeline/runner.py)
     jobs: int = 1  # trainings run at once where they do not depend on each other (CPU; 1: one after another)
+    score_epochs: int = 0  # also select with every scored static method from the original run's first K epochs
     data_args: list = None  # the synthetic generator's arguments (default: the profile's)
     data_config: dict = None  # the SyntheticConfig they give: an existing data folder must match it
     steps_run: list = field(default_factory=list)
@@ -91,6 +93,8 @@ class Pipeline:
         self.queued, self.batching = [], False
         # static methods select a kept list in a pruning step; dynamic ones prune inside their training
         self.static_methods = tuple(m for m in self.profile.methods if m not in DYNAMIC_METHODS)
+        # early scoring: the static methods that read the original model's scores or records, again from K epochs
+        self.early_methods = tuple(m for m in self.static_methods if METHODS[m].needs) if self.score_epochs else ()
 
     # ------------------------------------------------------------------------------------ plumbing
     def keys(self, **extra) -> list:
@@ -105,12 +109,13 @@ class Pipeline:
     def planned_work(self) -> tuple:
         """(training, other steps) the run will do: training in full-data trainings (a kept set of 50%: 0.5),
         the other steps counted. What the ETA is measured against."""
-        one_set = 1.0 + sum(self.profile.fractions) * len(self.profile.methods)  # full data + every kept list
+        one_set = 1.0 + sum(self.profile.fractions) * (len(self.profile.methods) + len(self.early_methods))
         seeds = (self.seeds - 1) * one_set if self.seeds > 1 else float(self.profile.extra_seeds)
         training = one_set + len(self.trainees) * one_set + seeds + (self.clean_rounds - 1)
         seeded = sum(METHODS[m].seeded for m in self.static_methods)
         other = (int(self.synthetic) + 3 + 2 * (self.clean_rounds - 1) + len(self.profile.fractions)
-                 * (len(self.static_methods) + max(0, self.seeds - 1) * seeded)
+                 * (len(self.static_methods) + len(self.early_methods) + max(0, self.seeds - 1) * seeded)
+                 + 2 * bool(self.early_methods)
                  + int(self.profile.ijb) + int(self.export != "none"))
         return training, other
 
@@ -286,10 +291,15 @@ class Pipeline:
                 self.step(f"prune: {METHOD_LABELS[method]} {fraction:.0%}", list(METHODS[method].script),
                           lambda: is_complete(paths.kept_index_path(cfg, method), fp),
                           *self.keys(fraction=fraction))
+        if self.early_methods:
+            self.early_selections(fp)
         with self.concurrently():  # every retraining reads only its kept list
             for fraction in self.profile.fractions:
                 for method in self.profile.methods:
                     models[Key(method, fraction)] = self.retrain(Key(method, fraction))
+                for method in self.early_methods:
+                    key = Key(method, fraction, score_epochs=self.score_epochs)
+                    models[key] = self.retrain(key)
             for network, loss in self.trainees:  # the same kept lists, other networks and losses
                 for fraction in self.profile.fractions:
                     for method in ("full", *self.profile.methods):
@@ -301,6 +311,9 @@ class Pipeline:
                     for fraction in self.profile.fractions:
                         for method in self.profile.methods:
                             models[Key(method, fraction, seed)] = self.retrain(Key(method, fraction, seed))
+                        for method in self.early_methods:
+                            key = Key(method, fraction, seed, score_epochs=self.score_epochs)
+                            models[key] = self.retrain(key)
         ijb = {}
         if self.profile.ijb and paths.ijb_root(base).is_dir():
             ijb = self.evaluate_ijb(models)
@@ -313,6 +326,23 @@ class Pipeline:
         print(f"pipeline finished in {time.time() - t0:.0f} s ({len(self.steps_run)} steps run, "
               f"{len(self.steps_skipped)} skipped); results in {self.out}")
         return results
+
+    def early_selections(self, fp):
+        """Early scoring: score with the original model's checkpoint K, clean from it, and select with every scored
+        static method from the first K epochs' records, under the scorer tag `<net>_<loss>_e<K>`."""
+        early = {"score_epochs": self.score_epochs}
+        cfg, k = self.cfg(**early), self.score_epochs
+        self.step(f"score the training set with epoch {k}'s model", ["eval_trainset.py"],
+                  lambda: is_complete(paths.scores_path(cfg), fp), *self.keys(**early))
+        if any("clean" in METHODS[m].needs for m in self.early_methods):
+            self.step(f"clean the training set (scored at epoch {k})", ["clean_trainset.py"],
+                      lambda: is_complete(paths.clean_dir(cfg) / "kept_index.npy", fp), *self.keys(**early))
+        for fraction in self.profile.fractions:
+            for method in self.early_methods:
+                chosen = self.cfg(coreset_method=method, fraction=fraction, **early)
+                self.step(f"prune: {METHOD_LABELS[method]} {fraction:.0%} (epochs 1-{k})", list(METHODS[method].script),
+                          lambda: is_complete(paths.kept_index_path(chosen, method), fp),
+                          *self.keys(fraction=fraction, **early))
 
     def check_existing_data(self):
         """A resumed run must not reuse synthetic data made with other generator options (--data, profile)."""
@@ -346,24 +376,28 @@ class Pipeline:
         base = self.cfg()
         seed = int(base.seed) + key.seed
         extra = dict(is_original_train=False, coreset_method=key.method, fraction=key.fraction, resume=True, seed=seed)
+        early = {"score_epochs": key.score_epochs} if key.score_epochs else {}
+        extra.update(early)
         if key.method in DYNAMIC_METHODS:  # the full data, pruned as it trains, at the ratio of the cost asked
             extra.update(coreset_method="full", dynamic_method=key.method,
                          dynamic_ratio=ratio_for_cost(base, key.fraction))
         if key.trainee:  # another network / loss on the original model's kept list
             network, loss = key.trainee.rsplit("_", 1)
             extra.update(network=network, loss=loss, original_network=base.network, original_net_loss=base.loss)
-        label = f"retrain: {METHOD_LABELS[key.method]} {key.fraction:.0%}"
+        label = f"retrain: {METHOD_LABELS[key.method]} {key.fraction:.0%}" + \
+            (f" (epochs 1-{key.score_epochs})" if key.score_epochs else "")
         if key.seed:  # another seed trains (and, for a seeded method, selects) in a folder of its own
             extra["output"] = self.runs / f"seed{seed}"
             label += f" (seed {seed})"
             if key.method in METHODS:
-                chosen = self.cfg(coreset_method=key.method, fraction=key.fraction)
+                chosen = self.cfg(coreset_method=key.method, fraction=key.fraction, **early)
                 if METHODS[key.method].seeded:
-                    mine = self.cfg(coreset_method=key.method, fraction=key.fraction, output=extra["output"], seed=seed)
+                    mine = self.cfg(coreset_method=key.method, fraction=key.fraction, output=extra["output"], seed=seed,
+                                    **early)
                     self.step(f"prune: {METHOD_LABELS[key.method]} {key.fraction:.0%} (seed {seed})",
                               list(METHODS[key.method].script),
                               lambda: is_complete(paths.kept_index_path(mine, key.method), self.fp),
-                              *self.keys(fraction=key.fraction, output=extra["output"], seed=seed))
+                              *self.keys(fraction=key.fraction, output=extra["output"], seed=seed, **early))
                 else:
                     extra.update(kept_index=paths.kept_index_path(chosen, key.method),
                                  label_map=paths.label_map_path(chosen, key.method))
@@ -380,7 +414,8 @@ class Pipeline:
         `best`: of the pruned models of the original network, the kept set with the highest mean verification
         accuracy, averaged over the seeds when there are several (the smaller kept fraction on a tie); or the
         one `--export <method>_<fraction>` names."""
-        runs = [r for r in results["runs"] if r["method"] in METHODS and r["trainee"] == results["runs"][0]["trainee"]]
+        runs = [r for r in results["runs"] if r["method"] in METHODS and r["trainee"] == results["runs"][0]["trainee"]
+                and not r.get("score_epochs")]
         named = {}
         for r in runs:  # every seed of one kept set
             named.setdefault(f"{r['method']}_{r['requested_fraction']:.2f}", []).append(r)
@@ -438,8 +473,10 @@ class Pipeline:
                 "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
                 "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
                 "train_seconds": summary["train_seconds"], "sample_passes": _sample_passes(summary),
-                "dynamic": summary.get("dynamic", {"method": "none"}), "model_dir": str(model_dir)})
-        add_costs(runs, {m for m in METHODS if METHODS[m].needs})
+                "dynamic": summary.get("dynamic", {"method": "none"}), "score_epochs": key.score_epochs,
+                "model_dir": str(model_dir)})
+        original = json.loads((models[Key("full", 1.0)] / "train_summary.json").read_text())
+        add_costs(runs, {m for m in METHODS if METHODS[m].needs}, original.get("samples_per_epoch"))
         dataset = {"name": "synthetic faces" if self.synthetic else self.rec.name, "rec": str(self.rec),
                    "synthetic": self.synthetic, "num_images": fp.num_images,
                    "num_classes": fp.num_classes, "profile": self.profile.description}
@@ -474,23 +511,28 @@ def _sample_passes(summary: dict) -> int:
     return int(summary["num_images"]) * int(summary["epochs"])
 
 
-def add_costs(runs: list, scored: set):
+def add_costs(runs: list, scored: set, original_per_epoch: list = None):
     """Each run's `cost`: its sample passes over those of the full-data run of the same network, loss and seed (or
     seed 0); `cost_with_scoring`: plus, for a method in `scored` (one that reads the original model's scores or
-    records), the original model's passes, the run that scored the data. That run is paid once and shared by
-    every fraction and seed of every static method; a dynamic method and Rand need none."""
+    records), the passes of the run that scored the data: the original model's (the first run of the table), or
+    its first `score_epochs` epochs (`original_per_epoch`: its images per epoch) for an early-scored run. That run
+    is paid once and shared by every fraction and seed of every static method; a dynamic method and Rand need
+    none."""
     full = {(r["trainee"], r["seed_offset"]): r["sample_passes"] for r in runs if r["method"] == "full"}
     original = full.get((runs[0]["trainee"], 0)) if runs else None
     for r in runs:
         reference = full.get((r["trainee"], r["seed_offset"]), full.get((r["trainee"], 0), original))
         r["cost"] = r["sample_passes"] / reference if reference else None
-        extra = original / reference if r["method"] in scored and reference and original else 0.0
+        scoring = original
+        if r.get("score_epochs") and original_per_epoch:
+            scoring = sum(original_per_epoch[:r["score_epochs"]])
+        extra = scoring / reference if r["method"] in scored and reference and scoring else 0.0
         r["cost_with_scoring"] = None if r["cost"] is None else r["cost"] + extra
 
 
 def _model_name(key: Key) -> str:
-    return (f"{key.method}_{key.fraction:.2f}" + (f"_seed{key.seed}" if key.seed else "")
-            + (f"_{key.trainee}" if key.trainee else ""))
+    return (f"{key.method}_{key.fraction:.2f}" + (f"_e{key.score_epochs}" if key.score_epochs else "")
+            + (f"_seed{key.seed}" if key.seed else "") + (f"_{key.trainee}" if key.trainee else ""))
 
 
 def require_bins(cfg):

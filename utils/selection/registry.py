@@ -105,9 +105,10 @@ def method_config_errors(cfg, num_images: int = None, class_counts=None) -> list
     if "topk" in method.needs and cfg.record_topk == 0:
         errors.append(f"coreset_method={method.name} reads the top-k logits the original training records; "
                       f"record_topk=0 records none")
-    if "window" in method.reads and cfg.window > cfg.num_epoch:
-        errors.append(f"window={cfg.window} exceeds num_epoch={cfg.num_epoch}: {method.title} needs at least "
-                      f"`window` epochs of recorded probabilities")
+    epochs, which = (cfg.score_epochs, "score_epochs") if cfg.score_epochs else (cfg.num_epoch, "num_epoch")
+    if "window" in method.reads and cfg.window + 1 > epochs:  # the last epoch's window is left out (the paper's)
+        errors.append(f"window={cfg.window} needs {which} >= window + 1 = {cfg.window + 1} (found {epochs}): "
+                      f"{method.title} reads `window`-epoch windows of recorded probabilities ending before the last")
     by_fraction = not (method.takes_threshold and cfg.threshold is not None)
     if class_counts is not None and num_images and by_fraction:
         counts = np.asarray(class_counts, dtype=np.int64)
