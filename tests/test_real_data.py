@@ -120,17 +120,18 @@ def test_the_pipeline_eta_counts_the_training_and_the_other_steps_left(tmp_path,
     import run_pipeline
     from run_pipeline import PROFILES, Pipeline
 
-    pipe = Pipeline(tmp_path, PROFILES["tiny"])  # synthetic: 1 full + 0.5 x 5 kept sets; 11 other steps
-    assert pipe.planned_work() == (3.5, 11)
+    # synthetic: 1 full + 0.5 x (5 kept sets + UCB at cost 0.5); 11 other steps (UCB has no pruning step)
+    pipe = Pipeline(tmp_path, PROFILES["tiny"])
+    assert pipe.planned_work() == (4.0, 11)
     monkeypatch.setattr(run_pipeline.time, "time", lambda: 1000.0)
     pipe.t_start, pipe.work_total = 1000.0 - 30, pipe.planned_work()
     pipe.spent, pipe.skipped = {"train": [0.0, 0.0], "other": [0.0, 0.0]}, {"train": 0.0, "other": 0.0}
     assert pipe.progress(0.0, 10.0) == ""  # the data: no training yet, no rate
-    # the original model: 2.5 trainings left at 20 s each, 10 other steps at 10 s each
-    assert pipe.progress(1.0, 20.0) == "   (0:30 elapsed; about 2:30 left)"
+    # the original model: 3 trainings left at 20 s each, 10 other steps at 10 s each
+    assert pipe.progress(1.0, 20.0) == "   (0:30 elapsed; about 2:40 left)"
     pipe.skipped["other"] += 1  # a step found complete is not waited for
-    # a kept set of 50% trained in 10 s: 2 trainings left at 20 s, 9 other steps at 10 s
-    assert pipe.progress(0.5, 10.0) == "   (0:30 elapsed; about 2:10 left)"
+    # a kept set of 50% trained in 10 s: 2.5 trainings left at 20 s, 9 other steps at 10 s
+    assert pipe.progress(0.5, 10.0) == "   (0:30 elapsed; about 2:20 left)"
 
 
 def test_head_args_travel_from_the_pipeline_to_the_stages(tiny, tmp_path):
