@@ -17,7 +17,8 @@ With --dynamic METHOD it also times dynamic pruning's bookkeeping (utils/trainin
 as train_one_epoch pays it at a training set of --num_samples (CASIA-WebFace: 490,623 images): per step the lr set
 by epochs, `batch_weights`, the weighted head that returns per-sample losses and `add`; per epoch `begin` (plan the
 epoch) and `end` (gather and fold its losses into the store), amortised over the planned epoch's steps. The two
-steps, ours without and with it, alternate in --rounds rounds on one model, so noise reaches both alike:
+steps, ours without and with it, alternate one by one on one model, so noise reaches both alike; each of --rounds
+rounds (a pruning epoch) gives a ratio of the median steps, and the median ratio is reported:
 
     python tools/bench_train.py --network smallnet --image_size 32 --batch_size 64 --num_classes 500 \
         --embedding_size 128 --device cpu --dynamic infobatch
@@ -242,11 +243,27 @@ def per_call(fn, count: int, sync) -> float:
     return (time.perf_counter() - t0) / count
 
 
+def alternating(fns: dict, count: int, sync) -> dict:
+    """Median seconds of a call of each fn(i), i in range(count), the calls interleaved one by one and the order
+    turned each time: a change of the machine's speed (other processes, clocks) reaches every fn alike. Each call
+    is synced, so on a GPU a fn's host work is not hidden behind the device's: an overhead is if anything overstated."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(count):
+        for name in names if i % 2 == 0 else names[::-1]:
+            sync()
+            t0 = time.perf_counter()
+            fns[name](i)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_dynamic(args) -> dict:
-    """Ours without and with dynamic pruning's bookkeeping (the module docstring), alternating in `args.rounds`
-    rounds on one model. Each round times `args.steps` plain steps and one epoch of the dynamic loop as
-    train_one_epoch walks it: `begin`, `args.steps` full steps, the epoch's other batches with the bookkeeping alone
-    (lr, batch_weights, add: each timed apart, so the full steps need not be run 7,000 times), `end`.
+    """Ours without and with dynamic pruning's bookkeeping (the module docstring) on one model, in `args.rounds`
+    rounds. A round is one pruning epoch of the dynamic loop as train_one_epoch walks it: `begin`, `args.steps` steps
+    with the bookkeeping alternating one by one with plain steps, the epoch's other batches with the bookkeeping
+    alone (lr, batch_weights, add: each timed apart, so that 7,000 full steps need not run), `end`.
     Returns the rounds' figures (seconds) and their medians."""
     device = pick_device(args)
     s = build(args, "ours", device)
@@ -279,7 +296,7 @@ def bench_dynamic(args) -> dict:
     embeddings = torch.randn(batch, args.embedding_size, device=device, requires_grad=True)
     head_labels = torch.randint(0, args.num_classes, (batch,), generator=gen).to(device)
 
-    def epoch_of_bookkeeping(epoch: int, warmup: int) -> dict:
+    def pruning_epoch(epoch: int, warmup: int) -> dict:
         t = {}
         sync()
         t0 = time.perf_counter()
@@ -297,12 +314,13 @@ def bench_dynamic(args) -> dict:
             dynamic.add(index[i % steps], out[3])
 
         for i in range(warmup):
+            plain(i)
             step(i)
-        t["step"] = per_call(lambda i: step(warmup + i), args.steps, sync)
+        t.update(alternating({"plain_step": plain, "step": lambda i: step(warmup + i)}, args.steps, sync))
         weights = dynamic.batch_weights(index[0])
-        t["head_plain"] = per_call(lambda i: s.head(embeddings, head_labels)[0].backward(), args.steps, sync)
-        t["head_dynamic"] = per_call(
-            lambda i: s.head(embeddings, head_labels, weights, per_sample=True)[0].backward(), args.steps, sync)
+        t.update(alternating({"head_plain": lambda i: s.head(embeddings, head_labels)[0].backward(),
+                              "head_dynamic": lambda i: s.head(embeddings, head_labels, weights,
+                                                               per_sample=True)[0].backward()}, args.steps, sync))
         done = warmup + args.steps
         rest = max(0, steps - done)
         t["lr"] = per_call(lambda i: set_lr(epoch, done + i, steps), rest, sync)
@@ -322,15 +340,12 @@ def bench_dynamic(args) -> dict:
         dynamic.add(rows, epoch_loss[i])
     dynamic.end()
     rounds = []
-    for r in range(args.rounds):  # the order alternates too: a drift of the machine's speed favours neither
-        first_plain = r % 2 == 0
-        plain_s = per_call(plain, args.steps, sync) if first_plain else None
-        t = epoch_of_bookkeeping(1 + r, args.warmup if r == 0 else 0)
-        t["plain_step"] = plain_s if first_plain else per_call(plain, args.steps, sync)
+    for r in range(args.rounds):
+        t = pruning_epoch(1 + r, args.warmup if r == 0 else 0)
         t["epoch_per_step"] = (t["begin"] + t["end"]) / t["steps"]
         t["dynamic_step"] = t["step"] + t["epoch_per_step"]
         t["ratio"] = t["dynamic_step"] / t["plain_step"]
-        # the parts alone: far less noisy than the difference of two step timings on a shared machine
+        # the parts alone: less noisy than the difference of two step timings on a shared machine
         t["parts"] = t["lr"] + t["batch_weights"] + t["add"] + t["head_dynamic"] - t["head_plain"] + t["epoch_per_step"]
         rounds.append(t)
     median = {k: statistics.median(t[k] for t in rounds) for k in rounds[0]}
@@ -342,7 +357,7 @@ def print_dynamic(r: dict):
     m, b = r["median"], r["batch_size"]
     us, ms = 1e6, 1e3
     print(f"dynamic {r['method']}: ours {b / m['plain_step']:.1f} images/s, with dynamic {b / m['dynamic_step']:.1f} "
-          f"images/s: ratio {m['ratio']:.4f} ({100 * (m['ratio'] - 1):+.2f}% time per step; median of "
+          f"images/s (median steps): ratio {m['ratio']:.4f} ({100 * (m['ratio'] - 1):+.2f}% time per step; median of "
           f"{len(r['ratios'])} rounds: {' '.join(f'{x:.4f}' for x in r['ratios'])}); per epoch plan "
           f"{ms * m['begin']:.1f} ms, fold {ms * m['end']:.1f} ms, over {m['steps']:.0f} steps of {b} "
           f"({m['kept']:.0f} of {r['num_samples']} samples kept)")
@@ -378,7 +393,7 @@ def main(argv=None):
                    help="also time ours without and with this dynamic pruning method's bookkeeping (docstring)")
     p.add_argument(*flag("num_samples"), type=int, default=490623,
                    help="--dynamic: training-set size (CASIA-WebFace: 490623 images)")
-    p.add_argument("--rounds", type=int, default=3, help="--dynamic: alternating rounds; the median is reported")
+    p.add_argument("--rounds", type=int, default=3, help="--dynamic: pruning epochs timed; the median is reported")
     p.add_argument("--device", default="auto")
     p.add_argument(*flag("peak_tflops"), type=float, default=None, help="peak for MFU (default: known GPUs' bf16 peak)")
     args = p.parse_args(argv)
