@@ -28,9 +28,9 @@ def test_dynamic_prints_both_throughputs_the_ratio_and_the_breakdown(capsys, one
           "--dynamic", method, "--num_samples", "400", "--rounds", "2"])
     lines = capsys.readouterr().out.splitlines()
     summary = next(line for line in lines if line.startswith(f"dynamic {method}: "))
-    m = re.search(rf"ours {NUMBER} images/s, with dynamic {NUMBER} images/s \(median steps\): ratio {NUMBER} \({NUMBER}% time per "
-                  rf"step; median of 2 rounds: {NUMBER} {NUMBER}\); per epoch plan {NUMBER} ms, fold {NUMBER} ms, "
-                  rf"over {NUMBER} steps of 8 \({NUMBER} of 400 samples kept\)", summary)
+    m = re.search(rf"ours {NUMBER} images/s, with dynamic {NUMBER} images/s \(median steps\): ratio {NUMBER} "
+                  rf"\({NUMBER}% time per step; median of 2 rounds: {NUMBER} {NUMBER}\); per epoch plan {NUMBER} ms, "
+                  rf"fold {NUMBER} ms, over {NUMBER} steps of 8 \({NUMBER} of 400 samples kept\)", summary)
     assert m, summary
     ours, with_dynamic, ratio, _, *rounds = map(float, m.groups()[:6])
     plan_ms, fold_ms, steps, kept = map(float, m.groups()[6:])
