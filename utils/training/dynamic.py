@@ -207,6 +207,7 @@ class DynamicPruning:
         position = torch.full((num_images,), -1, dtype=torch.long)
         position[torch.as_tensor(np.asarray(sample_index, dtype=np.int64))] = torch.arange(len(sample_index))
         self.position = position.to(ctx.device)
+        self._last = None  # (sample_index, its positions) of the last batch
         self.weights = None
         self.index, self.loss = [], []
         self.kept_masks = []  # per epoch begun: np.packbits of the kept mask (n bits), for dynamic_kept.npz
@@ -229,9 +230,14 @@ class DynamicPruning:
         return plan
 
     def positions(self, sample_index: torch.Tensor) -> torch.Tensor:
-        """Positions in the training set of a batch's dataset sample indices (-1, a padding duplicate: -1)."""
+        """Positions in the training set of a batch's dataset sample indices (-1, a padding duplicate: -1); the
+        last batch's are kept, as `batch_weights` and `add` both ask for the same batch."""
+        if self._last is not None and self._last[0] is sample_index:
+            return self._last[1]
         index = sample_index.to(self.ctx.device, non_blocking=True)
-        return torch.where(index >= 0, self.position[index.clamp_min(0)], index)
+        where = torch.where(index >= 0, self.position[index.clamp_min(0)], index)
+        self._last = (sample_index, where)
+        return where
 
     def batch_weights(self, sample_index: torch.Tensor):
         """(b,) loss weights of a batch (padding duplicates: weight 1), or None for weight 1 throughout."""
