@@ -10,6 +10,10 @@ kept list (its last epoch, or `--checkpoint`), its classes mapped back to the da
 its label map; writes `<output>/clean/<scorer>/round_<R>/scores.npz`. A sample whose identity the model no
 longer has gets p(label) = 0 and is counted in the manifest (`label_in_model` is False for it).
 
+Beside the probabilities, where each sample lies among the class centres (margin-free cosines to its identity's centre and
+to the nearest other one, and which; with `--loss SubCenterArcFace` to its identity's sub-centers): the scoring
+model's (the last one's with `--use_all_epochs`), what the `center_angle` and `subcenter` cleaning rules read.
+
 An image that cannot be decoded stops the stage with one line naming its record, unless `--skip_bad_images
 true`: then it has no score (NaN in every probability, -1 as `pred`), the manifest lists it (`unscored`: sample
 indices, with their `unscored_record_key` or `unscored_file`), and one printed line says how many and which;
@@ -31,7 +35,8 @@ from utils.artifacts.files import ArtifactError, save_array
 from utils.artifacts.paths import manifest_path
 from utils.data.datasets import open_dataset
 from utils.models.build import class_tables, load_scoring_model, resolve_checkpoint
-from utils.artifacts.records import round_model_dir, round_scores_path, round_train_keys, sample_names
+from utils.artifacts.records import (GEOMETRY_KEYS, SUBCENTER_KEY, round_model_dir, round_scores_path, round_train_keys,
+                                     sample_names)
 from utils.data.redundancy import redundancy_stats
 from utils.runtime.stage import run_stage
 from utils.evaluation.scoring import score_dataset
@@ -76,9 +81,13 @@ def score_with_label_map(cfg, ctx, model, dataset, embeddings: bool) -> dict:
     view = dataset.with_labels(np.arange(dataset.num_images), np.where(in_model, mapped, 0))
     result = score_dataset(cfg, ctx, model.backbone, model.head, view, embeddings=embeddings)
     scored = result["pred"] >= 0
-    result["pred"] = np.where(scored, to_dataset[np.maximum(result["pred"], 0)], -1)
+    for key in ("pred", "other_class"):
+        result[key] = np.where(result[key] >= 0, to_dataset[np.maximum(result[key], 0)], -1)
     for key in ("gt_prob_with_margin", "gt_prob"):
         result[key][~in_model & scored] = 0.0
+    for key in ("label_cos", SUBCENTER_KEY):  # no centre of its identity to measure against
+        if key in result:
+            result[key][~in_model] = np.nan
     result["label_in_model"] = in_model
     return result
 
@@ -112,16 +121,21 @@ def score_trainset(cfg, ctx) -> Path:
               for k in ("gt_prob_with_margin", "gt_prob")}
     result["pred"] = per_epoch[-1]["pred"]
     result["pred_prob"] = per_epoch[-1]["pred_prob"]
+    for key in GEOMETRY_KEYS + (SUBCENTER_KEY,):  # where the samples lie: the last (the scored) model's
+        if key in per_epoch[-1]:
+            result[key] = per_epoch[-1][key]
     result["label"] = dataset.all_labels
     if len(per_epoch) > 1:
         # The paper's cleaning over all epochs: per epoch p(label), or -1 where the margin-free arg-max is another
         # identity, averaged; clean_trainset's argmax rule removes a sample whose average is below 0.
         votes = [np.where(r["pred"] == result["label"], r["gt_prob_with_margin"], -1.0) for r in per_epoch]
         result["argmax_vote"] = np.mean(votes, axis=0, dtype=np.float64)
-    for key in ("gt_prob_with_margin", "gt_prob", "pred_prob", "argmax_vote"):
+    for key in ("gt_prob_with_margin", "gt_prob", "pred_prob", "argmax_vote", "label_cos", "other_cos",
+                SUBCENTER_KEY):
         if key in result:  # no score, and no vote: pred -1 is no class, not another identity
             result[key][unscored] = np.nan
     result["pred"][unscored] = -1
+    result["other_class"][unscored] = -1
     mislabeled = int((result["pred"] != result["label"])[scored].sum())
     info = {}
     if "label_in_model" in per_epoch[-1]:

@@ -104,6 +104,7 @@ class Config:
     clean_probs: str = "trajectory"  # the probabilities a rule reads where it lets you choose (the rule table)
     clean_margin_quantile: float = 0.25  # soft-label margin rule: flag when another identity beats the label by the
     #                                      clean majority's margin at this quantile (0 < q < 1)
+    clean_angle: float = 75.0  # subcenter rule: the largest angle (degrees) to the identity's dominant sub-center
     clean_round: int = 0  # iterative cleaning: round R >= 1 (R >= 2 scores with round R-1's retrained model)
     clean_tolerance: float = 0.01  # rounds stop when the flagged set changes by less (share of the last)
     fraction: float = 0.5  # kept fraction (per identity, or overall for a threshold method: the method table)

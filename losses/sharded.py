@@ -325,7 +325,8 @@ class ShardedClassifier(nn.Module):
     def score(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
               topk: int = 0) -> Dict[str, torch.Tensor]:
         """Per local sample (detached): 'gt_prob_with_margin', 'gt_prob' (margin-free), 'pred' (int64
-        global arg-max class, margin-free; ties -> lowest class id), 'pred_prob'; with topk > 0 also
+        global arg-max class, margin-free; ties -> lowest class id), 'pred_prob', the geometry `_geometry` gives
+        ('label_cos', 'other_cos', 'other_class'); with topk > 0 also
         'topk_logits' (n, k) float32 and 'topk_index' (n, k) int64 (margin-free, descending),
         'rest_mean_logit' (n,), the mean margin-free logit of the other classes (NaN if none), and
         'label_logit' (n,), the margin-free logit s * cos_y of the labelled class (the scale of topk_logits).
@@ -348,6 +349,7 @@ class ShardedClassifier(nn.Module):
             # The arg-max class has logit == the global max: pred_prob = exp(0) / sumexp.
             out["pred_prob"] = 1.0 / stats["sumexp"]
             out["pred"] = self._global_argmax(plain, stats["max"])
+            out.update(self._geometry(cos, rows, cols))
             if topk > 0:
                 values, index = self._global_topk(plain, topk)
                 out["topk_logits"], out["topk_index"] = values, index
@@ -359,6 +361,22 @@ class ShardedClassifier(nn.Module):
                                           else torch.full_like(total, float("nan")))
                 out["label_logit"] = stats["target"]  # of `plain`, summed from the rank holding the class
         return {k: v[lo:hi].detach() for k, v in out.items()}
+
+    def _geometry(self, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Where each sample lies among the class centres (margin-free cosines, what the angle-based cleaning rules
+        read): 'label_cos', the cosine to its labelled class's centre; 'other_cos', the largest cosine to
+        another class's centre, and 'other_class', that class (ties: the lowest id; NaN and -1 with one class)."""
+        label_cos = torch.zeros(cos.shape[0], device=cos.device, dtype=torch.float32)
+        label_cos[rows] = cos[rows, cols]
+        others = cos.index_put((rows, cols), torch.tensor(float("-inf"), device=cos.device))
+        other_max = others.max(dim=1).values if others.shape[1] else torch.full_like(label_cos, float("-inf"))
+        if self.comm is not None:
+            label_cos = self.comm.all_reduce_sum(label_cos)
+            other_max = self.comm.all_reduce_max(other_max)
+        other_class = self._global_argmax(others, other_max)
+        none = torch.isinf(other_max)  # one class: no other centre
+        return {"label_cos": label_cos, "other_cos": other_max.masked_fill(none, float("nan")),
+                "other_class": other_class.masked_fill(none, -1)}
 
     def _global_argmax(self, plain: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
         local_max, local_arg = plain.max(dim=1)

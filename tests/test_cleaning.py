@@ -175,6 +175,12 @@ def crafted_records(rng, n=120, k_classes=6, topk=3, epochs=4):
     rec = Records(parse_config([]), labels, fp, k_classes, inputs=[])  # the files: in memory, below
     rec._cache["scores"] = {"pred": p.argmax(axis=1), "pred_prob": p.max(axis=1), "gt_prob": p[np.arange(n), labels],
                             "gt_prob_with_margin": p[np.arange(n), labels], "label": labels}
+    cos = np.clip(logits[-1] / 8, -1, 1)  # where the samples lie among the centres, as eval_trainset.py records it
+    others = np.where(np.arange(k_classes) == labels[:, None], -np.inf, cos)
+    rec._cache["scores"].update(label_cos=cos[np.arange(n), labels], other_cos=others.max(axis=1),
+                                other_class=others.argmax(axis=1),
+                                label_subcenter_cos=np.clip(cos[np.arange(n), labels][:, None]
+                                                            + rng.normal(0, 0.2, (n, 3)), -1, 1))
     rec._cache["topk"] = {"topk_logits": lg.astype(np.float16), "topk_index": index.astype(np.int32),
                           "rest_mean_logit": rest.astype(np.float16)}
     return rec

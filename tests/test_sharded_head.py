@@ -136,7 +136,14 @@ def test_score_definitions():
     assert torch.equal(out["topk_index"], index) and out["topk_index"].dtype == torch.int64
     rest = (plain.sum(1) - values.sum(1)) / (C - 4)
     torch.testing.assert_close(out["rest_mean_logit"], rest)
-    assert set(clf.score(emb, labels)) == {"gt_prob_with_margin", "gt_prob", "pred", "pred_prob"}
+    assert set(clf.score(emb, labels)) == {"gt_prob_with_margin", "gt_prob", "pred", "pred_prob", "label_cos",
+                                           "other_cos", "other_class"}
+    cos = plain / clf.s
+    others = cos.clone()
+    others[rows, labels] = float("-inf")
+    torch.testing.assert_close(out["label_cos"], cos[rows, labels])
+    torch.testing.assert_close(out["other_cos"], others.max(1).values)
+    assert torch.equal(out["other_class"], others.argmax(1))
 
 
 def test_state_dict_round_trip_and_errors():

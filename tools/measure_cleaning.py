@@ -28,6 +28,7 @@ from config.config import parse_config  # noqa: E402
 from utils.artifacts import paths  # noqa: E402
 from utils.cleaning import probabilities, quality, registry
 from utils.artifacts.files import ArtifactError  # noqa: E402
+from utils.errors import InputError  # noqa: E402
 from utils.data.datasets import open_dataset  # noqa: E402
 from utils.artifacts.records import open_records  # noqa: E402
 from utils.data.noise_file import load_noise  # noqa: E402
@@ -42,7 +43,8 @@ def rule_rows(num_epochs: int) -> list:
             ("trajectory", ["--clean_epochs", f"1-{max(1, num_epochs // 3)}"]),
             ("trajectory", ["--clean_margin_quantile", "0.1"]), ("trajectory", ["--clean_margin_quantile", "0.5"]),
             ("trajectory", ["--clean_agree", "argmax"]), ("confident_learning", []),
-            ("confident_learning", ["--clean_probs", "scores"]), ("confident_learning", ["--clean_agree", "argmax"])]
+            ("confident_learning", ["--clean_probs", "scores"]), ("confident_learning", ["--clean_agree", "argmax"]),
+            ("center_angle", []), ("center_angle", ["--clean_agree", "trajectory"]), ("subcenter", [])]
 
 
 def table_row(name: str, options: str, q: dict) -> str:
@@ -111,9 +113,18 @@ def measure(out: Path) -> str:
     num_epochs = rec.topk["topk_logits"].shape[0]
     lines = ["| rule | options | flagged | precision | recall | F1 | flips: precision / recall / relabel acc. "
              "| open-set: precision / recall |", "|---|---|---|---|---|---|---|---|"]
+    subcenter = next((o for o in originals if json.loads(o.read_text())["loss"] == "SubCenterArcFace"), None)
     for name, options in rule_rows(num_epochs):
         rule_cfg = parse_config(base + ["--clean_rule", name, *options])
-        flags = registry.run_rule(registry.get_rule(name), rec, rule_cfg)
+        rule_rec = rec
+        if name == "subcenter" and subcenter is not None:  # read the sub-center model's scores
+            rule_cfg = parse_config(base + ["--clean_rule", name, "--original_net_loss", "SubCenterArcFace", *options])
+            rule_rec = open_records(rule_cfg, open_dataset(cfg.rec))
+        try:
+            flags = registry.run_rule(registry.get_rule(name), rule_rec, rule_cfg)
+        except (InputError, ArtifactError) as e:  # a rule this run has no input for
+            lines.append(f"| {name} | not measured: {str(e).split(':')[0]} | - | - | - | - | - | - |")
+            continue
         q = quality.cleaning_quality(flags.index, noise, flags.suggested_label, flags.outlier)
         lines.append(table_row(name, " ".join(options), q))
     lines += cleanlab_rows(rec, cfg, noise)

@@ -30,6 +30,12 @@ from utils.artifacts.files import (ArtifactError, Fingerprint, check_fingerprint
 from utils.artifacts.paths import manifest_path
 
 SCORE_KEYS = ("gt_prob_with_margin", "gt_prob", "pred", "pred_prob")
+# Where each sample lies among the class centres, from the scored (last) checkpoint: the margin-free cosine to its
+# labelled class's centre and to the nearest other one, and that class; with a sub-center head also the cosines to
+# the labelled class's sub-centers (N, k). Scores written before these existed lack them: the rules that read them
+# ask for a new eval_trainset.py run.
+GEOMETRY_KEYS = ("label_cos", "other_cos", "other_class")
+SUBCENTER_KEY = "label_subcenter_cos"
 
 
 def load_scores(cfg, fingerprint: Fingerprint) -> dict:
@@ -85,6 +91,27 @@ def _check_scores(path, data: dict, fingerprint: Fingerprint, unscored: np.ndarr
         elif not np.isnan(a[unscored]).all():
             raise ArtifactError(f"{path}: '{key}' holds a value for a sample its manifest lists as unscored (sample "
                                 f"{np.flatnonzero(unscored & ~np.isnan(a))[0]}); re-run eval_trainset.py")
+
+
+    _check_geometry(path, data, fingerprint, unscored)
+
+
+def _check_geometry(path, data: dict, fingerprint: Fingerprint, unscored: np.ndarray):
+    """GEOMETRY_KEYS and SUBCENTER_KEY where present: cosines in [-1, 1] (NaN for the unscored samples, and for
+    `label_cos` where a retrained model lacks the identity), `other_class` a class of the dataset or -1."""
+    n = fingerprint.num_images
+    for key in GEOMETRY_KEYS + (SUBCENTER_KEY,):
+        if key not in data:
+            continue
+        a = data[key]
+        if a.shape[:1] != (n,) or a.ndim != (2 if key == SUBCENTER_KEY else 1):
+            expected = f"({n}, k)" if key == SUBCENTER_KEY else f"({n},)"
+            raise ArtifactError(f"{path}: '{key}' has shape {a.shape}, expected {expected}")
+        if key == "other_class":
+            if a.dtype.kind not in "iu" or (a.size and (a.min() < -1 or a.max() >= fingerprint.num_classes)):
+                raise ArtifactError(f"{path}: 'other_class' must hold classes in [-1, {fingerprint.num_classes})")
+        elif a.dtype.kind != "f" or (np.abs(a[np.isfinite(a)]) > 1 + 1e-5).any():
+            raise ArtifactError(f"{path}: '{key}' must hold cosines in [-1, 1] (floats)")
 
 
 def load_prob_history(cfg, fingerprint: Fingerprint) -> np.ndarray:

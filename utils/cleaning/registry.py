@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 
 from utils.artifacts.records import NEEDS, Records
+from utils.artifacts.records import GEOMETRY_KEYS, SUBCENTER_KEY
+from utils.cleaning.geometry import center_angle_flags, require_geometry, subcenter_flags
 from utils.cleaning.probabilities import PROB_SOURCES, epoch_window, trajectory_probs
 from utils.cleaning.rules import Flags, confident_learning, soft_label_flags
 from utils.errors import InputError
@@ -103,6 +105,9 @@ def check_clean_config(cfg):
         raise InputError(f"clean_round={cfg.clean_round} must be >= 0 (0: no rounds)")
     if cfg.clean_probs not in PROB_SOURCES:
         raise InputError(f"clean_probs={cfg.clean_probs!r}: valid: {', '.join(PROB_SOURCES)}")
+    if not 0 < cfg.clean_angle <= 180:
+        raise InputError(f"clean_angle={cfg.clean_angle} must be in (0, 180] (degrees: the subcenter rule's largest "
+                         f"angle to an identity's dominant sub-center)")
     if cfg.clean_epochs.strip():
         epoch_window(cfg.clean_epochs, 10 ** 9)  # the format; the range is checked against the records
     for name in cfg.clean_agree or ():
@@ -155,3 +160,29 @@ def flag_confident_learning(rec: Records, cfg) -> Flags:
     if cfg.clean_probs == "trajectory":
         info["epochs"] = cfg.clean_epochs or "all"
     return Flags(index, guess[index], guess_prob[index], info)
+
+
+@register_rule("center_angle", needs=("scores",),
+               summary="RobustFace's angles: another identity's centre is nearer than its own (mislabeled), or it is "
+                       "farther from its own than its identity's majority allows by Tukey's fence (an outlier); "
+                       "thresholds from the data")
+def flag_center_angle(rec: Records, cfg) -> Flags:
+    """The angle to the labelled identity's centre against the nearest other one (utils/cleaning/geometry.py)."""
+    scores = rec.scores
+    require_geometry(scores, GEOMETRY_KEYS)
+    return center_angle_flags(scores["label_cos"], scores["other_cos"], scores["other_class"], rec.labels,
+                              rec.num_classes)
+
+
+@register_rule("subcenter", needs=("scores",),
+               summary="Sub-center ArcFace (`--loss SubCenterArcFace`): its nearest sub-center is not its identity's "
+                       "dominant one, or it lies more than `--clean_angle` degrees (75) from the dominant one")
+def flag_subcenter(rec: Records, cfg) -> Flags:
+    """Sub-center ArcFace's cleaning (Deng et al., ECCV 2020) on the scoring model's sub-centers."""
+    scores = rec.scores
+    if SUBCENTER_KEY not in scores:
+        raise InputError("the subcenter rule needs a model trained with sub-centers: train the original model with "
+                         "--loss SubCenterArcFace (--head_args k=3) and score it with eval_trainset.py")
+    require_geometry(scores, GEOMETRY_KEYS)
+    return subcenter_flags(scores[SUBCENTER_KEY], rec.labels, rec.num_classes, cfg.clean_angle,
+                           scores["other_cos"], scores["other_class"])

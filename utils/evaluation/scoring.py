@@ -21,14 +21,15 @@ from utils.errors import UserError
 from utils.runtime.context import Context, gather_by_index
 from utils.data.datasets import PaddedDistributedSampler, collate_bad_apart
 from utils.models.embedding import forward_uint8
-from utils.artifacts.records import SCORE_KEYS
+from utils.artifacts.records import GEOMETRY_KEYS, SCORE_KEYS, SUBCENTER_KEY
 
 log = logging.getLogger("diffprob")
 
 
 @torch.no_grad()
 def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool = False) -> dict:
-    """Per sample (sample index order): SCORE_KEYS of `head.score`, and with `embeddings` the backbone's
+    """Per sample (sample index order): SCORE_KEYS and GEOMETRY_KEYS (and a sub-center head's SUBCENTER_KEY) of
+    `head.score`, and with `embeddings` the backbone's
     embedding (float32, N x D; for the redundancy statistic). Every rank gets the full arrays.
 
     An image that cannot be decoded stops the scoring with a `BadImageError` naming it, unless the dataset
@@ -41,7 +42,7 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
                         collate_fn=collate_bad_apart if dataset.skip_bad_images else None)
     if cfg.compile:  # default mode: the embeddings of every batch are kept, so no CUDA graphs' reused buffers
         backbone = torch.compile(backbone)
-    keys = SCORE_KEYS + (("embedding",) if embeddings else ())
+    keys = SCORE_KEYS + GEOMETRY_KEYS + (("embedding",) if embeddings else ())
     parts = {k: [] for k in keys}
     index, bad = [], []
     t0, n = time.time(), 0
@@ -55,6 +56,9 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
         emb = forward_uint8(backbone, images, ctx.device, ctx.amp_dtype, cfg.channels_last)
         out = head.score(emb, labels.to(ctx.device, non_blocking=True))
         out["embedding"] = emb
+        if SUBCENTER_KEY in out and SUBCENTER_KEY not in parts:  # a sub-center head
+            keys += (SUBCENTER_KEY,)
+            parts[SUBCENTER_KEY] = []
         for k in keys:
             parts[k].append(out[k])  # stays on the device: a .cpu() per batch would sync every batch
         index.append(sample_index)
@@ -69,7 +73,8 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
     result = {}
     for k in keys:
         values = torch.cat(parts[k])
-        result[k] = gather_by_index(ctx, idx, values.double() if k == "pred" else values.float(), dataset.num_images)
+        result[k] = gather_by_index(ctx, idx, values.double() if k in ("pred", "other_class") else values.float(),
+                                    dataset.num_images)
     # per sample: 0 scored, 1 no image (skip_bad_images), NaN no rank had it
     bad = torch.cat(bad) if bad else torch.empty(0, dtype=torch.int64)
     status = gather_by_index(ctx, torch.cat([idx, bad]),
@@ -78,9 +83,11 @@ def score_dataset(cfg, ctx: Context, backbone, head, dataset, embeddings: bool =
     missing = int((np.isnan(result["gt_prob"]) & ~no_image).sum())
     if missing:
         raise ArtifactError(f"{missing} samples were not scored (internal error in the sharding)")
-    result["pred"][no_image] = -1  # no class; the float arrays hold NaN there
-    result["pred"] = result["pred"].astype(np.int64)
-    for k in ("gt_prob_with_margin", "gt_prob", "pred_prob", *(("embedding",) if embeddings else ())):
-        result[k] = result[k].astype(np.float32)
+    for k in ("pred", "other_class"):
+        result[k][no_image] = -1  # no class; the float arrays hold NaN there
+        result[k] = result[k].astype(np.int64)
+    for k in keys:
+        if k not in ("pred", "other_class"):
+            result[k] = result[k].astype(np.float32)
     result["unscored"] = np.flatnonzero(no_image).astype(np.int64)
     return result
