@@ -10,9 +10,9 @@ kept list (its last epoch, or `--checkpoint`), its classes mapped back to the da
 its label map; writes `<output>/clean/<scorer>/round_<R>/scores.npz`. A sample whose identity the model no
 longer has gets p(label) = 0 and is counted in the manifest (`label_in_model` is False for it).
 
-Beside the probabilities, where each sample lies among the class centres (margin-free cosines to its identity's centre and
-to the nearest other one, and which; with `--loss SubCenterArcFace` to its identity's sub-centers): the scoring
-model's (the last one's with `--use_all_epochs`), what the `center_angle` and `subcenter` cleaning rules read.
+Beside the probabilities, where each sample lies among the class centres (margin-free cosines to its identity's
+centre and to the nearest other one, and which; with `--loss SubCenterArcFace` to its identity's sub-centers): the
+scoring model's (the last one's with `--use_all_epochs`), what the `center_angle` and `subcenter` rules read.
 
 An image that cannot be decoded stops the stage with one line naming its record, unless `--skip_bad_images
 true`: then it has no score (NaN in every probability, -1 as `pred`), the manifest lists it (`unscored`: sample
