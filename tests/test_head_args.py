@@ -17,8 +17,10 @@ HEADS = list(HEAD_DEFAULTS)
 
 
 def _other_values(name) -> dict:
-    """A value other than the default for every parameter of head `name` (RobustFace's mu stays in [0, 1))."""
-    values = {k: v * 0.5 + 0.01 * (i + 1) for i, (k, v) in enumerate(HEAD_DEFAULTS[name].items())}
+    """A value other than the default for every parameter of head `name` (RobustFace's mu stays in [0, 1);
+    SubCenterArcFace's k, a count, one more)."""
+    values = {k: v + 1.0 if k == "k" else v * 0.5 + 0.01 * (i + 1)
+              for i, (k, v) in enumerate(HEAD_DEFAULTS[name].items())}
     assert all(values[k] != v for k, v in HEAD_DEFAULTS[name].items())
     return values
 
