@@ -27,7 +27,7 @@ def _pair(name, rate, **kw):
     return full, sampled
 
 
-def _reference(single, emb, labels, columns):
+def sampled_reference(single, emb, labels, columns):
     """(embeddings with grad, logits, targets, loss) of the full head's margin logits restricted to `columns`
     (sorted global class ids), cross-entropy over them; the loss is backpropagated."""
     ref_emb = emb.clone().requires_grad_()
@@ -70,7 +70,7 @@ def test_sampled_step_is_cross_entropy_over_the_kept_classes(name, monkeypatch):
     columns = kept[0]
     assert columns.numel() == int(0.3 * C) and torch.isin(labels, columns).all()
     assert torch.equal(columns, columns.sort().values)
-    ref_emb, logits, target, ref = _reference(full, emb, labels, columns)
+    ref_emb, logits, target, ref = sampled_reference(full, emb, labels, columns)
     torch.testing.assert_close(loss, ref, **TOL)
     torch.testing.assert_close(prob, logits.softmax(1)[range(len(labels)), target].detach(), **TOL)
     torch.testing.assert_close(emb_grad, ref_emb.grad, **GRAD_TOL)
@@ -142,7 +142,7 @@ def _worker(rank, world_size, init_file):
         local_emb, loss, prob, union = step_on_shard(sharded, emb, labels, lo, hi)
         start = class_split(C, world_size)[rank][0]
         assert torch.isin(labels, union).all()
-        ref_emb, logits, target, ref = _reference(single, emb, labels, union)
+        ref_emb, logits, target, ref = sampled_reference(single, emb, labels, union)
         torch.testing.assert_close(loss, ref, **TOL)
         torch.testing.assert_close(prob, logits.softmax(1)[range(lo, hi), target[lo:hi]].detach(), **TOL)
         torch.testing.assert_close(local_emb.grad, world_size * ref_emb.grad[lo:hi], **GRAD_TOL)

@@ -24,7 +24,7 @@ from utils.training.optimizer import HEAD_GROUP
 from utils.training.resume import resplit_resume_state
 
 
-def _fake_states(world_size, num_classes=11, dim=4, seed=0, subcenters=1):
+def fake_resume_states(world_size, num_classes=11, dim=4, seed=0, subcenters=1):
     """Per-rank resume states as save_epoch writes them (SGD state of [backbone param 0, head weight 1]); the head
     has `subcenters` weight rows per class."""
     gen = torch.Generator().manual_seed(seed)
@@ -45,7 +45,7 @@ def _fake_states(world_size, num_classes=11, dim=4, seed=0, subcenters=1):
 
 @pytest.mark.parametrize("old,new", [(2, 1), (1, 3), (3, 2), (4, 4)])
 def test_resplit_gives_each_rank_its_rows_bitwise(old, new):
-    states, weight, momentum, backbone_momentum = _fake_states(old)
+    states, weight, momentum, backbone_momentum = fake_resume_states(old)
     out = [resplit_resume_state(states, 11, new, rank) for rank in range(new)]
     assert torch.equal(torch.cat([o["head_shard"]["head.weight"] for o in out]), weight)
     assert torch.equal(torch.cat([o["optimizer"]["state"][1]["momentum_buffer"] for o in out]), momentum)

@@ -13,8 +13,8 @@ from losses import ShardedClassifier, class_split, get_head
 from losses.sharded import resplit_rows
 from tests import test_config
 from tests.helpers import TINY_TRAIN, make_tiny_dataset, train_until_killed
-from tests.test_partial_fc import _reference, step_on_shard
-from tests.test_resume_world_size import _fake_states
+from tests.test_partial_fc import sampled_reference, step_on_shard
+from tests.test_resume_world_size import fake_resume_states
 from tests.test_sharded_head import spawn_gloo
 from utils.artifacts import paths
 from utils.runtime.context import Context
@@ -104,7 +104,7 @@ def _worker(rank, world_size, init_file):
             assert full.keys() == state.keys() and all(torch.equal(full[key], state[key]) for key in state)
             local_emb, loss, prob, union = step_on_shard(sharded, emb, labels, lo, hi)
             assert (union.numel() < classes) == (rate < 1)
-            ref_emb, logits, target, ref = _reference(single, emb, labels, union)
+            ref_emb, logits, target, ref = sampled_reference(single, emb, labels, union)
             where = f"rate {rate} rank {rank}"
             torch.testing.assert_close(loss, ref, **TOL, msg=f"loss, {where}")
             torch.testing.assert_close(prob, logits.softmax(1)[range(lo, hi), target[lo:hi]].detach(), **TOL)
@@ -144,14 +144,14 @@ def test_full_state_dict_round_trip_and_wrong_shape():
 
 
 def test_scoring_model_weight_shape_names_the_subcentres(tmp_path):
-    from tests.test_head_args import SMALL, _save_model
+    from tests.test_head_args import SMALL, save_model
     from utils.artifacts.files import ArtifactError
     from utils.models.build import load_scoring_model
     from utils.models.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "epoch_001.pt"
     cfg = parse_config(["--loss", NAME, "--head_args", "k=2"] + SMALL)
-    head, fingerprint = _save_model(path, cfg, 5)
+    head, fingerprint = save_model(path, cfg, 5)
     model = load_scoring_model(parse_config(SMALL), Context(), path, fingerprint, 5)
     assert model.head.head.k == 2 and torch.equal(model.head.head.weight, head.head.weight)
     ckpt = load_checkpoint(path)
@@ -166,7 +166,7 @@ def test_scoring_model_weight_shape_names_the_subcentres(tmp_path):
 def test_resume_resplit_keeps_each_class_subcentres_together(old, new):
     from utils.training.resume import resplit_resume_state
 
-    states, weight, momentum, _ = _fake_states(old, subcenters=K)
+    states, weight, momentum, _ = fake_resume_states(old, subcenters=K)
     out = [resplit_resume_state(states, 11, new, rank, subcenters=K) for rank in range(new)]
     for rank, o in enumerate(out):
         start, end = class_split(11, new)[rank]
