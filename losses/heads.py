@@ -1,7 +1,9 @@
 """Margin heads: class centres + the margin each loss puts on the labelled class.
 
 Every head:
-- holds `weight`, (out_features, in_features) class centres, initialised N(0, 0.01);
+- holds `weight`, (out_features * subcenters, in_features) class centres, initialised N(0, 0.01):
+  `subcenters` rows per class, class-major (rows c*k .. c*k+k-1 are class c's); 1 but for
+  SubCenterArcFace, so generic code multiplies class counts by `head.subcenters` to count rows;
 - `forward(embeddings, labels, target_cos=None) -> (N, out_features)` float32 logits for softmax
   cross-entropy. It L2-normalises embeddings and centres itself and computes the cosines in float32
   with autocast switched off. `labels[i] == -1` means "row i's labelled class is not among these
@@ -9,8 +11,9 @@ Every head:
   labelled-class cosine of every row from outside (the target may live on another shard); heads
   whose hard-negative mining or statistics depend on it use it for every row;
 - `logits_without_margin(embeddings) = s * cos`;
-- `cosine(embeddings)` and `margin_logits(cos, labels, target_cos, embeddings)`, the two halves of
-  `forward`, for callers that need the cosines too.
+- `cosine(embeddings, classes=None)` (N, classes) and `margin_logits(cos, labels, target_cos, embeddings)`,
+  the two halves of `forward`, for callers that need the cosines too; a head with sub-centres gives per
+  class the largest cosine over its sub-centres, `subcenter_cosine` all of them.
 
 Statistics (EMA buffers) are updated only in training mode and only from quantities that are the same
 for the whole global batch on every shard (target cosines, embedding norms, counts summed across
@@ -20,6 +23,7 @@ mode the buffers are frozen and Elastic heads use their mean margin, so scoring 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,12 +57,13 @@ def arc_margin(cos_y: torch.Tensor, m: float) -> torch.Tensor:
 class MarginHead(nn.Module):
     """Base class: weight, cosines, label bookkeeping. Subclasses implement `_margin`."""
 
-    def __init__(self, in_features: int, out_features: int, s: float):
+    def __init__(self, in_features: int, out_features: int, s: float, subcenters: int = 1):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.s = float(s)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).normal_(0.0, 0.01))
+        self.subcenters = subcenters  # weight rows per class
+        self.weight = nn.Parameter(torch.empty(out_features * subcenters, in_features).normal_(0.0, 0.01))
         # Set by ShardedClassifier: sums statistics and shares random draws across shards.
         self.shard_comm = None
 
@@ -66,12 +71,18 @@ class MarginHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}"
 
     # -------------------------------------------------------------------------------- public API
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(N, out_features) float32 cosines between the embeddings and the class centres."""
-        with _no_autocast(embeddings.device):
-            e = F.normalize(embeddings.float(), dim=1)
-            w = F.normalize(self.weight.float(), dim=1)
-            return F.linear(e, w).clamp(-1.0, 1.0)
+    def cosine(self, embeddings: torch.Tensor, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, out_features) float32 cosines between the embeddings and the class centres; with `classes`
+        (local class ids) only those columns, the same cosines (the centres are normalised one by one; the
+        matrix product may round differently in the last bit).
+        With sub-centres: per class the largest cosine over its sub-centres."""
+        if self.subcenters == 1:
+            return self._row_cosines(embeddings, classes)
+        return self.subcenter_cosine(embeddings, classes).max(dim=2).values
+
+    def subcenter_cosine(self, embeddings: torch.Tensor, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, out_features or len(classes), subcenters) float32 cosines to every sub-centre of each class."""
+        return self._row_cosines(embeddings, classes).unflatten(1, (-1, self.subcenters))
 
     def logits_without_margin(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.cosine(embeddings) * self.s
@@ -87,6 +98,18 @@ class MarginHead(nn.Module):
             return self._margin(cos.float(), self._targets(cos, labels, target_cos), embeddings)
 
     # ------------------------------------------------------------------------------- internals
+    def _row_cosines(self, embeddings: torch.Tensor, classes: Optional[torch.Tensor]) -> torch.Tensor:
+        """(N, rows) cosines to the weight rows of `classes` (every class when None), class-major."""
+        weight = self.weight
+        if classes is not None:
+            k = self.subcenters
+            rows = classes if k == 1 else (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+            weight = weight[rows]
+        with _no_autocast(embeddings.device):
+            e = F.normalize(embeddings.float(), dim=1)
+            w = F.normalize(weight.float(), dim=1)
+            return F.linear(e, w).clamp(-1.0, 1.0)
+
     def _margin(self, cos: torch.Tensor, tg: _Targets, embeddings) -> torch.Tensor:
         raise NotImplementedError
 
@@ -123,8 +146,8 @@ class MarginHead(nn.Module):
 
 
 class _FixedMarginHead(MarginHead):
-    def __init__(self, in_features, out_features, s, m):
-        super().__init__(in_features, out_features, s)
+    def __init__(self, in_features, out_features, s, m, subcenters=1):
+        super().__init__(in_features, out_features, s, subcenters)
         self.m = float(m)
 
 
@@ -142,6 +165,23 @@ class ArcFace(_FixedMarginHead):
 
     def _margin(self, cos, tg, embeddings):
         return self._set_target(cos, tg, arc_margin(cos[tg.rows, tg.cols], self.m)) * self.s
+
+
+@register_head
+class SubCenterArcFace(ArcFace):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): k sub-centres per class; a class's cosine is the largest
+    over its sub-centres (max pooling), so a noisy sample can sit near a non-dominant sub-centre instead of
+    pulling the dominant one; the ArcFace margin goes on that pooled cosine. k = 1 is ArcFace. (The paper's
+    later step, dropping the non-dominant sub-centres and the samples far from the dominant one, is not here.)"""
+
+    def __init__(self, in_features, out_features, s, m, k):
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not float(k).is_integer() or k < 1:
+            raise ValueError(f"SubCenterArcFace: k (sub-centres per class) must be a whole number >= 1, got {k!r}")
+        super().__init__(in_features, out_features, s, m, subcenters=int(k))
+        self.k = int(k)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}"
 
 
 @register_head

@@ -13,6 +13,8 @@ from torch import nn
 HEAD_DEFAULTS: Dict[str, Dict[str, float]] = {
     "CosFace": {"s": 64.0, "m": 0.35},
     "ArcFace": {"s": 64.0, "m": 0.5},
+    # k: sub-centres per class (a whole number; max pooling over them).
+    "SubCenterArcFace": {"s": 64.0, "m": 0.5, "k": 3},
     "CurricularFace": {"s": 64.0, "m": 0.5, "t_alpha": 0.01},
     "AdaFace": {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01},
     # Elastic std values as the DiffProb / ElasticFace configs set them (the "+" variants use a narrower one).

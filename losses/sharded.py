@@ -1,9 +1,10 @@
 """Model-parallel margin softmax (Partial FC).
 
-Each rank holds a contiguous slice of the class centres (split as `np.array_split`). A step
-all-gathers the embeddings and labels of the global batch, computes the logits of the local classes,
-and evaluates softmax cross-entropy across ranks from an all-reduced max and sum of exponentials,
-so no rank ever materialises (global batch x all classes).
+Each rank holds a contiguous slice of the class centres (split as `np.array_split`; a head with k
+sub-centres per class holds the k weight rows of each of its classes). A step all-gathers the
+embeddings and labels of the global batch, computes the logits of the local classes, and evaluates
+softmax cross-entropy across ranks from an all-reduced max and sum of exponentials, so no rank ever
+materialises (global batch x all classes).
 
 Partial FC sampling (`sample_rate` < 1, arcface_torch's): in a training step each rank keeps the
 centres of the classes of the global batch that live on it (the positives) plus random negatives, in
@@ -29,7 +30,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from losses.registry import get_head
@@ -46,14 +46,18 @@ def class_split(num_classes: int, world_size: int) -> List[Tuple[int, int]]:
     return bounds
 
 
-def resplit_rows(parts: List[torch.Tensor], num_classes: int, world_size: int, rank: int) -> torch.Tensor:
+def resplit_rows(parts: List[torch.Tensor], num_classes: int, world_size: int, rank: int,
+                 subcenters: int = 1) -> torch.Tensor:
     """Rank `rank`'s rows (of `world_size`) of a class-sharded tensor saved as `parts`, the shards of another
-    number of ranks in rank order: the rows [start, end) of their concatenation, bitwise."""
+    number of ranks in rank order, `subcenters` rows per class: the rows of classes [start, end) of their
+    concatenation, bitwise."""
     rows = sum(int(p.shape[0]) for p in parts)
-    if rows != num_classes:
-        raise ValueError(f"resplit_rows: the {len(parts)} shards hold {rows} classes, expected {num_classes}")
+    if rows != num_classes * subcenters:
+        per_class = f" x {subcenters} sub-centres" if subcenters > 1 else ""
+        raise ValueError(f"resplit_rows: the {len(parts)} shards hold {rows / subcenters:g} classes{per_class}, "
+                         f"expected {num_classes}")
     start, end = class_split(num_classes, world_size)[rank]
-    return torch.cat(list(parts))[start:end].clone()
+    return torch.cat(list(parts))[start * subcenters:end * subcenters].clone()
 
 
 class ShardComm:
@@ -260,12 +264,15 @@ class ShardedClassifier(nn.Module):
 
     def _target_cos(self, cos: torch.Tensor, local_labels: torch.Tensor) -> Optional[torch.Tensor]:
         """(N,) labelled-class cosine of every row, summed from the one rank that holds each class."""
-        if self.comm is None:
-            return None
+        return None if self.comm is None else self._labelled(cos, local_labels)
+
+    def _labelled(self, values: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """(N, ...) float32 `values` (N, local classes, ...) of every row's labelled class, summed from the one
+        rank that holds each class (zero on the others)."""
         rows = (local_labels >= 0).nonzero().squeeze(1)
-        target = torch.zeros(cos.shape[0], device=cos.device, dtype=torch.float32)
-        target[rows] = cos.detach()[rows, local_labels[rows]]
-        return self.comm.all_reduce_sum(target)
+        target = torch.zeros((values.shape[0],) + tuple(values.shape[2:]), device=values.device, dtype=torch.float32)
+        target[rows] = values.detach()[rows, local_labels[rows]]
+        return target if self.comm is None else self.comm.all_reduce_sum(target)
 
     # --------------------------------------------------------------------------------- training
     def sample_columns(self, local: torch.Tensor) -> torch.Tensor:
@@ -281,13 +288,6 @@ class ShardedClassifier(nn.Module):
         score = torch.rand(self.class_end - self.class_start, generator=gen, device=local.device)
         score[positive] = 2.0  # positives first
         return score.topk(self.num_sample).indices.sort().values
-
-    def _sampled_cosine(self, embeddings: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """(N, len(columns)) cosines to the kept centres: `head.cosine` restricted to `columns` (the rows are
-        normalised one by one, so these are the same values as the full cosines' columns)."""
-        e = F.normalize(embeddings.float(), dim=1)
-        w = F.normalize(self.head.weight[columns].float(), dim=1)
-        return F.linear(e, w).clamp(-1.0, 1.0)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 local_weights: Optional[torch.Tensor] = None, per_sample: bool = False):
@@ -311,7 +311,7 @@ class ShardedClassifier(nn.Module):
                 position = torch.full((self.class_end - self.class_start,), -1, dtype=torch.long, device=local.device)
                 position[columns] = torch.arange(columns.numel(), device=local.device)
                 local = torch.where(local >= 0, position[local.clamp_min(0)], local)
-                cos = self._sampled_cosine(embeddings, columns)
+                cos = self.head.cosine(embeddings, columns)  # a head with sub-centres: all k rows of each column
             else:
                 cos = self.head.cosine(embeddings)
             logits = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
@@ -329,8 +329,10 @@ class ShardedClassifier(nn.Module):
         ('label_cos', 'other_cos', 'other_class'); with topk > 0 also
         'topk_logits' (n, k) float32 and 'topk_index' (n, k) int64 (margin-free, descending),
         'rest_mean_logit' (n,), the mean margin-free logit of the other classes (NaN if none), and
-        'label_logit' (n,), the margin-free logit s * cos_y of the labelled class (the scale of topk_logits).
-        The head's statistics are not updated and Elastic heads use their mean margin."""
+        'label_logit' (n,), the margin-free logit s * cos_y of the labelled class (the scale of topk_logits);
+        for a head with k > 1 sub-centres also 'label_subcenter_cos' (n, k) float32, the cosines to the labelled
+        class's sub-centres (cos_y is their largest). The head's statistics are not updated and Elastic heads
+        use their mean margin."""
         if not 0 <= topk <= self.num_classes:
             raise ValueError(f"score: topk={topk} must be in [0, {self.num_classes}]")
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False), _eval_mode(self.head):
@@ -338,7 +340,11 @@ class ShardedClassifier(nn.Module):
             local = self._local_labels(labels)
             rows = (local >= 0).nonzero().squeeze(1)
             cols = local[rows]
-            cos = self.head.cosine(embeddings)
+            if self.head.subcenters > 1:
+                per_subcenter = self.head.subcenter_cosine(embeddings)
+                cos = per_subcenter.max(dim=2).values  # = head.cosine(embeddings)
+            else:
+                cos = self.head.cosine(embeddings)
             with_margin = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
             plain = cos * self.head.s
 
@@ -350,6 +356,8 @@ class ShardedClassifier(nn.Module):
             out["pred_prob"] = 1.0 / stats["sumexp"]
             out["pred"] = self._global_argmax(plain, stats["max"])
             out.update(self._geometry(cos, rows, cols))
+            if self.head.subcenters > 1:
+                out["label_subcenter_cos"] = self._labelled(per_subcenter, local)
             if topk > 0:
                 values, index = self._global_topk(plain, topk)
                 out["topk_logits"], out["topk_index"] = values, index
@@ -407,22 +415,34 @@ class ShardedClassifier(nn.Module):
         return best_values, all_index.gather(1, pos)
 
     # ----------------------------------------------------------------------------- checkpoints
+    @property
+    def full_weight_shape(self) -> Tuple[int, int]:
+        """(num_classes * subcenters, in_features): the shape of the whole head's weight."""
+        return self.num_classes * self.head.subcenters, self.in_features
+
+    def describe_weight_shape(self, classes: str = "classes", features: str = "in_features") -> str:
+        """The full weight's shape with what its sides count, e.g. '(11, 16): (classes, in_features)', or
+        '(33, 16): (classes x 3 sub-centres, in_features)' for a head with sub-centres."""
+        k = self.head.subcenters
+        return f"{self.full_weight_shape}: ({classes}{f' x {k} sub-centres' if k > 1 else ''}, {features})"
+
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The single-head state dict (same keys as get_head's module) with the full weight
-        (num_classes, in_features), gathered from all ranks. Buffers are the same on every rank."""
+        (num_classes * subcenters, in_features), gathered from all ranks. Buffers are the same on every rank."""
         state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
         if self.comm is not None:
-            sizes = [end - start for start, end in self.bounds]
+            sizes = [(end - start) * self.head.subcenters for start, end in self.bounds]
             state["weight"] = self.comm.all_gather_cat(state["weight"], sizes)
         return state
 
     def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Load a single-head state dict (full weight), keeping this rank's slice."""
         weight = state.get("weight")
-        if weight is None or tuple(weight.shape) != (self.num_classes, self.in_features):
+        if weight is None or tuple(weight.shape) != self.full_weight_shape:
             found = None if weight is None else tuple(weight.shape)
-            raise ValueError(f"head state dict: expected 'weight' of shape ({self.num_classes}, "
-                             f"{self.in_features}), found {found}")
+            raise ValueError(f"head state dict: expected 'weight' of shape {self.describe_weight_shape()}, "
+                             f"found {found}")
+        k = self.head.subcenters
         sliced = dict(state)
-        sliced["weight"] = weight[self.class_start:self.class_end]
+        sliced["weight"] = weight[self.class_start * k:self.class_end * k]
         self.head.load_state_dict(sliced, strict=True)

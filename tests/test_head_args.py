@@ -17,8 +17,10 @@ HEADS = list(HEAD_DEFAULTS)
 
 
 def _other_values(name) -> dict:
-    """A value other than the default for every parameter of head `name` (RobustFace's mu stays in [0, 1))."""
-    values = {k: v * 0.5 + 0.01 * (i + 1) for i, (k, v) in enumerate(HEAD_DEFAULTS[name].items())}
+    """A value other than the default for every parameter of head `name` (RobustFace's mu stays in [0, 1);
+    SubCenterArcFace's k, a count, one more)."""
+    values = {k: v + 1.0 if k == "k" else v * 0.5 + 0.01 * (i + 1)
+              for i, (k, v) in enumerate(HEAD_DEFAULTS[name].items())}
     assert all(values[k] != v for k, v in HEAD_DEFAULTS[name].items())
     return values
 
@@ -79,7 +81,7 @@ def test_config_without_head_args_still_loads():
     assert resolve(given).head_args == {"h": 0.5}
 
 
-def _save_model(path, cfg, classes, with_head=True):
+def save_model(path, cfg, classes, with_head=True):
     """An epoch checkpoint as training writes it (tiny, untrained); returns (head, fingerprint)."""
     head = build_head(cfg.loss, cfg.embedding_size, classes, Context(), head_kwargs(cfg))
     fingerprint = Fingerprint(num_images=20, num_classes=classes, idx_size=1)
@@ -100,7 +102,7 @@ def test_checkpoint_keeps_the_head_args(tmp_path):
     """A checkpoint written as training writes it rebuilds its head with the parameters it was trained with,
     whatever the scoring config says."""
     values = _other_values("RobustFace")
-    head, fingerprint = _save_model(tmp_path / "epoch_001.pt", parse_config(_argv("RobustFace", values) + SMALL), 5)
+    head, fingerprint = save_model(tmp_path / "epoch_001.pt", parse_config(_argv("RobustFace", values) + SMALL), 5)
     scoring = parse_config(SMALL)  # CosFace, no head_args
     model = load_scoring_model(scoring, Context(), tmp_path / "epoch_001.pt", fingerprint, 5)
     assert model.head_name == "RobustFace" and model.head.head.head_args == values
@@ -111,7 +113,7 @@ def test_checkpoint_keeps_the_head_args(tmp_path):
 def test_plain_head_file_takes_only_its_own_parameters(tmp_path):
     """A head .pth without a record is built as --original_net_loss with the config's values of its parameters;
     head_args of another --loss do not reach it."""
-    _, fingerprint = _save_model(tmp_path / "epoch_001.pt", parse_config(SMALL), 5, with_head=False)
+    _, fingerprint = save_model(tmp_path / "epoch_001.pt", parse_config(SMALL), 5, with_head=False)
     save_checkpoint(tmp_path / "header.pth", {"weight": torch.randn(5, 8)})
     cfg = parse_config(SMALL + ["--loss", "AdaFace", "--head_args", "h=0.5", "--original_net_loss", "CosFace",
                                 "--m", "0.3", "--head_checkpoint", str(tmp_path / "header.pth")])

@@ -27,7 +27,7 @@ def _pair(name, rate, **kw):
     return full, sampled
 
 
-def _reference(single, emb, labels, columns):
+def sampled_reference(single, emb, labels, columns):
     """(embeddings with grad, logits, targets, loss) of the full head's margin logits restricted to `columns`
     (sorted global class ids), cross-entropy over them; the loss is backpropagated."""
     ref_emb = emb.clone().requires_grad_()
@@ -70,7 +70,7 @@ def test_sampled_step_is_cross_entropy_over_the_kept_classes(name, monkeypatch):
     columns = kept[0]
     assert columns.numel() == int(0.3 * C) and torch.isin(labels, columns).all()
     assert torch.equal(columns, columns.sort().values)
-    ref_emb, logits, target, ref = _reference(full, emb, labels, columns)
+    ref_emb, logits, target, ref = sampled_reference(full, emb, labels, columns)
     torch.testing.assert_close(loss, ref, **TOL)
     torch.testing.assert_close(prob, logits.softmax(1)[range(len(labels)), target].detach(), **TOL)
     torch.testing.assert_close(emb_grad, ref_emb.grad, **GRAD_TOL)
@@ -112,6 +112,22 @@ def test_sample_rate_outside_0_1_is_refused():
     assert e.value.code == 2
 
 
+def step_on_shard(sharded, emb, labels, lo, hi):
+    """A training step of this rank's `sharded` on its rows [lo, hi) of the global batch: (its embeddings, with their
+    gradient, loss, gt_prob, the classes the ranks kept: sorted global ids, every one of the rank without sampling)."""
+    kept = []
+    real = sharded.sample_columns
+    sharded.sample_columns = lambda local: kept.append(real(local)) or kept[-1]
+    local_emb = emb[lo:hi].clone().requires_grad_()
+    loss, prob = sharded(local_emb, labels[lo:hi])
+    loss.backward()
+    mine = kept[0] + sharded.class_start if kept else torch.arange(sharded.class_start, sharded.class_end)
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(sharded.world_size)]
+    dist.all_gather(counts, torch.tensor([mine.numel()]))
+    union = sharded.comm.all_gather_cat(mine, [int(c) for c in counts])  # sorted: shards are in class order
+    return local_emb, loss, prob, union
+
+
 def _worker(rank, world_size, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -123,19 +139,10 @@ def _worker(rank, world_size, init_file):
         single = ShardedClassifier("ArcFace", D, C)
         sharded = ShardedClassifier("ArcFace", D, C, rank=rank, world_size=world_size, sample_rate=0.3)
         sharded.load_full_state_dict(single.full_state_dict())
-        kept = []
-        real = sharded.sample_columns
-        sharded.sample_columns = lambda local: kept.append(real(local)) or kept[-1]
-        local_emb = emb[lo:hi].clone().requires_grad_()
-        loss, prob = sharded(local_emb, labels[lo:hi])
-        loss.backward()
+        local_emb, loss, prob, union = step_on_shard(sharded, emb, labels, lo, hi)
         start = class_split(C, world_size)[rank][0]
-        mine = kept[0] + start
-        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
-        dist.all_gather(counts, torch.tensor([mine.numel()]))
-        union = sharded.comm.all_gather_cat(mine, [int(c) for c in counts])  # sorted: shards are in class order
         assert torch.isin(labels, union).all()
-        ref_emb, logits, target, ref = _reference(single, emb, labels, union)
+        ref_emb, logits, target, ref = sampled_reference(single, emb, labels, union)
         torch.testing.assert_close(loss, ref, **TOL)
         torch.testing.assert_close(prob, logits.softmax(1)[range(lo, hi), target[lo:hi]].detach(), **TOL)
         torch.testing.assert_close(local_emb.grad, world_size * ref_emb.grad[lo:hi], **GRAD_TOL)

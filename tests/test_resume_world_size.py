@@ -24,18 +24,20 @@ from utils.training.optimizer import HEAD_GROUP
 from utils.training.resume import resplit_resume_state
 
 
-def _fake_states(world_size, num_classes=11, dim=4, seed=0):
-    """Per-rank resume states as save_epoch writes them (SGD state of [backbone param 0, head weight 1])."""
+def fake_resume_states(world_size, num_classes=11, dim=4, seed=0, subcenters=1):
+    """Per-rank resume states as save_epoch writes them (SGD state of [backbone param 0, head weight 1]); the head
+    has `subcenters` weight rows per class."""
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(num_classes, dim, generator=gen)
-    momentum = torch.randn(num_classes, dim, generator=gen)
+    weight = torch.randn(num_classes * subcenters, dim, generator=gen)
+    momentum = torch.randn(num_classes * subcenters, dim, generator=gen)
     backbone_momentum = torch.randn(3, generator=gen)
     states = []
     for rank, (start, end) in enumerate(class_split(num_classes, world_size)):
+        rows = slice(start * subcenters, end * subcenters)
         states.append({
-            "head_shard": {"head.weight": weight[start:end].clone(), "head.t": torch.tensor([0.5])},
+            "head_shard": {"head.weight": weight[rows].clone(), "head.t": torch.tensor([0.5])},
             "optimizer": {"state": {0: {"momentum_buffer": backbone_momentum.clone()},
-                                    1: {"momentum_buffer": momentum[start:end].clone()}},
+                                    1: {"momentum_buffer": momentum[rows].clone()}},
                           "param_groups": [{"params": [0], "lr": 0.1}, {"params": [1], "lr": 0.1}]},
             "rng": {"rank": rank}, "scheduler": {"last_epoch": 7}, "scaler": {}, "step": 7, "epoch": 1})
     return states, weight, momentum, backbone_momentum
@@ -43,7 +45,7 @@ def _fake_states(world_size, num_classes=11, dim=4, seed=0):
 
 @pytest.mark.parametrize("old,new", [(2, 1), (1, 3), (3, 2), (4, 4)])
 def test_resplit_gives_each_rank_its_rows_bitwise(old, new):
-    states, weight, momentum, backbone_momentum = _fake_states(old)
+    states, weight, momentum, backbone_momentum = fake_resume_states(old)
     out = [resplit_resume_state(states, 11, new, rank) for rank in range(new)]
     assert torch.equal(torch.cat([o["head_shard"]["head.weight"] for o in out]), weight)
     assert torch.equal(torch.cat([o["optimizer"]["state"][1]["momentum_buffer"] for o in out]), momentum)

@@ -29,7 +29,7 @@ def _worker(rank, world_size, init_file, names):
             single = ShardedClassifier(name, D, C)  # world_size 1: the reference, on the whole batch
             sharded = ShardedClassifier(name, D, C, rank=rank, world_size=world_size)
             start = single.full_state_dict()
-            start["weight"] = torch.randn(C, D, generator=torch.Generator().manual_seed(7))
+            start["weight"] = torch.randn(start["weight"].shape, generator=torch.Generator().manual_seed(7))
             single.load_full_state_dict(start)
             sharded.load_full_state_dict(start)
             for step in range(2):  # the second step sees the EMA statistics the first one updated
@@ -56,7 +56,7 @@ def _worker(rank, world_size, init_file, names):
                 # Convention: local embeddings get world_size x dLoss/d(local embeddings).
                 torch.testing.assert_close(local_emb.grad, world_size * ref_emb.grad[lo:hi], **TOL,
                                            msg=f"embedding grad, {where}")
-                sizes = [e - s for s, e in class_split(C, world_size)]
+                sizes = [(e - s) * sharded.head.subcenters for s, e in class_split(C, world_size)]
                 weight_grad = sharded.comm.all_gather_cat(sharded.head.weight.grad, sizes)
                 torch.testing.assert_close(weight_grad, single.head.weight.grad, **TOL, msg=f"weight grad, {where}")
                 single.zero_grad()

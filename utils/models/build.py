@@ -189,10 +189,10 @@ def load_scoring_model(cfg, ctx, ckpt_path: Path, fingerprint: Fingerprint, num_
     classes = len(label_map) if label_map else num_classes
     head = build_head(name, cfg.embedding_size, classes, ctx, kwargs).to(ctx.device)
     shape = tuple(head_state["weight"].shape)
-    if shape != (classes, cfg.embedding_size):
+    if shape != head.full_weight_shape:
         owner = "its label map's classes" if label_map else "the dataset's classes"
-        raise ArtifactError(f"{head_source}: the head's weight is {shape}, expected ({classes}, "
-                            f"{cfg.embedding_size}): ({owner}, --embedding_size)")
+        raise ArtifactError(f"{head_source}: the head's weight is {shape}, expected "
+                            f"{head.describe_weight_shape(owner, '--embedding_size')}")
     mismatch = _state_mismatch(_without_weight(head.head.state_dict()), _without_weight(head_state))
     if mismatch:
         raise ArtifactError(f"{head_source}: the head's state does not fit {name} ({mismatch})")

@@ -102,7 +102,8 @@ def strip_prefix(state: dict) -> dict:
 
 
 def load_head_state(path_or_ckpt):
-    """(head_info or None, head state dict with `weight` (classes, in_features)) from a path or a loaded dict.
+    """(head_info or None, head state dict with `weight` (classes x sub-centres, in_features)) from a path or a
+    loaded dict.
 
     Accepted: this toolkit's epoch checkpoint ("head", "head_info"), its `last.pt` marker (given as a
     path: followed to the epoch checkpoint beside it), or a plain head state dict holding `weight`

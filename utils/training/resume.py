@@ -59,22 +59,23 @@ def save_epoch(run, epoch: int):
                 f.unlink(missing_ok=True)
 
 
-def resplit_resume_state(states: list, num_classes: int, world_size: int, rank: int) -> dict:
+def resplit_resume_state(states: list, num_classes: int, world_size: int, rank: int, subcenters: int = 1) -> dict:
     """Rank `rank`'s resume state in a run of `world_size` processes, from the per-rank resume states
     `states` (in rank order) that a run of len(states) processes saved.
 
     The head's class shards (its weight and that weight's optimizer state, the momentum buffer) are
-    joined in the old rank order and cut at the new rank's bounds (`class_split`): bitwise the rows of
-    the gathered head. The rest is the same on every rank and comes from old rank 0: DDP keeps the
-    backbone's optimizer state identical on all ranks, the head's buffers are global-batch statistics,
-    and the scheduler, scaler and step are global. The RNG state is the old rank's of the same number
+    joined in the old rank order and cut at the new rank's bounds (`class_split`; `subcenters` weight
+    rows per class): bitwise the rows of the gathered head. The rest is the same on every rank and comes
+    from old rank 0: DDP keeps the backbone's optimizer state identical on all ranks, the head's buffers
+    are global-batch statistics, and the scheduler, scaler and step are global. The RNG state is the old rank's of the same number
     where there is one, else rank 0's. States of old ranks > 0 need only 'head_shard', the head group's
     'optimizer' state and 'rng'.
     """
     base = states[0]
     rows = [int(st["head_shard"]["head.weight"].shape[0]) for st in states]
     head = dict(base["head_shard"])
-    head["head.weight"] = resplit_rows([st["head_shard"]["head.weight"] for st in states], num_classes, world_size, rank)
+    head["head.weight"] = resplit_rows([st["head_shard"]["head.weight"] for st in states], num_classes, world_size,
+                                       rank, subcenters)
     optimizer = {"state": dict(base["optimizer"]["state"]), "param_groups": base["optimizer"]["param_groups"]}
     for index in base["optimizer"]["param_groups"][HEAD_GROUP]["params"]:
         if index not in optimizer["state"]:
@@ -83,7 +84,7 @@ def resplit_resume_state(states: list, num_classes: int, world_size: int, rank: 
         for key, value in entry.items():
             parts = [st["optimizer"]["state"][index][key] for st in states]
             if all(torch.is_tensor(p) and p.dim() >= 1 and p.shape[0] == r for p, r in zip(parts, rows)):
-                entry[key] = resplit_rows(parts, num_classes, world_size, rank)
+                entry[key] = resplit_rows(parts, num_classes, world_size, rank, subcenters)
         optimizer["state"][index] = entry
     rng = states[rank]["rng"] if rank < len(states) else base["rng"]
     return {**base, "head_shard": head, "optimizer": optimizer, "rng": rng}
@@ -122,7 +123,8 @@ def resume(run):
                                 f"missing; they hold the head's class shards and their optimizer state")
         states = [load_checkpoint(files[0])]
         states += [_head_part(load_checkpoint(f), r == ctx.rank) for r, f in enumerate(files[1:], start=1)]
-        state = resplit_resume_state(states, run.dataset.num_classes, ctx.world_size, ctx.rank)
+        state = resplit_resume_state(states, run.dataset.num_classes, ctx.world_size, ctx.rank,
+                                     run.head.head.subcenters)
         del states
     fresh_lrs = [group["initial_lr"] for group in run.optimizer.param_groups]  # for this run's global batch
     run.backbone.load_state_dict(light["backbone"])
