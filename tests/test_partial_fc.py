@@ -112,6 +112,23 @@ def test_sample_rate_outside_0_1_is_refused():
     assert e.value.code == 2
 
 
+def spy_on_draws(clf) -> list:
+    """The list that each of `clf`'s sampled steps appends its kept local columns to."""
+    kept = []
+    real = clf.sample_columns
+    clf.sample_columns = lambda local: kept.append(real(local)) or kept[-1]
+    return kept
+
+
+def union_of_draws(clf, columns: torch.Tensor) -> torch.Tensor:
+    """The global class ids every rank kept in a step, sorted (shards are in class order), from this rank's local
+    `columns`; a collective."""
+    mine = columns + clf.class_start
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(clf.world_size)]
+    dist.all_gather(counts, torch.tensor([mine.numel()]))
+    return clf.comm.all_gather_cat(mine, [int(c) for c in counts])
+
+
 def _worker(rank, world_size, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -123,17 +140,12 @@ def _worker(rank, world_size, init_file):
         single = ShardedClassifier("ArcFace", D, C)
         sharded = ShardedClassifier("ArcFace", D, C, rank=rank, world_size=world_size, sample_rate=0.3)
         sharded.load_full_state_dict(single.full_state_dict())
-        kept = []
-        real = sharded.sample_columns
-        sharded.sample_columns = lambda local: kept.append(real(local)) or kept[-1]
+        kept = spy_on_draws(sharded)
         local_emb = emb[lo:hi].clone().requires_grad_()
         loss, prob = sharded(local_emb, labels[lo:hi])
         loss.backward()
         start = class_split(C, world_size)[rank][0]
-        mine = kept[0] + start
-        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
-        dist.all_gather(counts, torch.tensor([mine.numel()]))
-        union = sharded.comm.all_gather_cat(mine, [int(c) for c in counts])  # sorted: shards are in class order
+        union = union_of_draws(sharded, kept[0])
         assert torch.isin(labels, union).all()
         ref_emb, logits, target, ref = _reference(single, emb, labels, union)
         torch.testing.assert_close(loss, ref, **TOL)
