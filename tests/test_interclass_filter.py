@@ -1,12 +1,16 @@
-"""Inter-class filtering: a training step leaves out of the loss each sample whose margin-free cosine to another
-identity's centre exceeds the threshold; the loss is the mean over the others. The head on a hand-built batch, and
-1 against 2 gloo processes (with and without Partial FC)."""
+"""Inter-class filtering (`interclass_filter`): a training step leaves out of the loss each sample whose margin-free
+cosine to another identity's centre exceeds the threshold; the loss is the mean over the others. The head on a
+hand-built batch, 1 against 2 gloo processes (with and without Partial FC), and train_everything.py's per-epoch
+counts, on 1 and 2 processes and across a crash and --resume true."""
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from losses import ShardedClassifier
+from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script, train_until_killed
 from tests.test_partial_fc import spy_on_draws, union_of_draws
 from tests.test_sharded_head import spawn_gloo
 
@@ -156,3 +160,54 @@ def _worker(rank, world_size, init_file):
 
 def test_two_ranks_filter_the_rows_one_process_filters(tmp_path):
     spawn_gloo(_worker, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+ARGS = [*TINY_TRAIN, "--record_topk", "0", "--max_steps_per_epoch", "4", "--verify_every_epoch", "false",
+        "--interclass_filter", "0.3"]
+
+
+def _cfg(rec, out, *extra):
+    from config.config import parse_config
+
+    return parse_config(["--rec", str(rec), "--output", str(out), *ARGS, *map(str, extra)])
+
+
+def test_training_counts_the_filtered_samples_and_resumes_them(tiny, tmp_path):
+    import train_everything as training
+    from utils.artifacts import paths
+    from utils.runtime.context import Context
+
+    straight = _cfg(tiny, tmp_path / "a")
+    summary = training.train(straight, Context())
+    counts, trained = summary["interclass_filtered"], summary["samples_per_epoch"]
+    assert len(counts) == 3 and all(0 < c < t for c, t in zip(counts, trained)), (counts, trained)
+    log = (paths.original_dir(straight) / "training.log").read_text()
+    assert f"epoch 3: interclass_filter 0.3 left {counts[2]} of the {trained[2]} samples" in log
+
+    train_until_killed(_cfg(tiny, tmp_path / "b"), Context(), epoch=2)
+    resumed = training.train(_cfg(tiny, tmp_path / "b", "--resume", "true"), Context())
+    assert resumed["interclass_filtered"] == counts and resumed["samples_per_epoch"] == trained
+    a = torch.load(paths.original_dir(straight) / "backbone.pth")
+    b = torch.load(paths.original_dir(_cfg(tiny, tmp_path / "b")) / "backbone.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    run_script("train_everything.py", "--rec", tiny, "--output", tmp_path / "c", *ARGS, "--batch_size", "16",
+               torchrun=2)
+    two = json.loads((tmp_path / "c" / "original_smallnet_CosFace" / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and len(two["interclass_filtered"]) == 3
+    assert all(0 < c < t for c, t in zip(two["interclass_filtered"], two["samples_per_epoch"]))
+
+
+def test_a_threshold_outside_0_1_is_refused_in_one_line(tiny, tmp_path):
+    r = run_script("train_everything.py", "--rec", tiny, "--output", tmp_path, "--interclass_filter", "1.5",
+                   check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and errors == ["error: interclass_filter=1.5 must be in [0, 1) (a cosine threshold; "
+                                            "0: off)"], r.stderr
+    assert not (tmp_path / "original_smallnet_CosFace").exists()
