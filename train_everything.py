@@ -85,6 +85,8 @@ def train(cfg, ctx) -> dict:
                "best": run.best, "skipped_bad_images_last_epoch": run.skipped_images,
                # the cost: images trained on per epoch and in all (dynamic pruning trains on fewer)
                "samples_per_epoch": run.samples_per_epoch, "sample_passes": int(sum(run.samples_per_epoch)),
+               # of those, the samples inter-class filtering left out of the loss (interclass_filter; 0 when off)
+               "interclass_filtered": run.interclass_filtered,
                "dynamic": {"method": cfg.dynamic_method, **({"ratio": cfg.dynamic_ratio, "anneal": cfg.dynamic_anneal}
                                                              if cfg.dynamic_method != "none" else {})}}
     if ctx.is_main:

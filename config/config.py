@@ -53,6 +53,8 @@ class Config:
     #                                parameter not given keeps the loss table's value; s, m, std: the keys above
     sample_rate: float = 1.0  # Partial FC: share of each rank's class centres in a training step (positives
     #                           always; 1: every class). With < 1 the records hold the full-softmax probability
+    interclass_filter: float = 0.0  # in [0, 1), 0: off. A training step leaves out of its loss (the mean over the
+    #                                 rest) each sample whose cosine to another identity's centre exceeds this
     # ---- optimisation (paper recipe) ----------------------------------------------------------
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -281,6 +283,8 @@ def _check(cfg: Config):
     if not 0 < cfg.sample_rate <= 1:
         raise ConfigError(f"sample_rate={cfg.sample_rate} must be in (0, 1] (Partial FC's share of the class "
                           f"centres; 1: every class)")
+    if not 0 <= cfg.interclass_filter < 1:
+        raise ConfigError(f"interclass_filter={cfg.interclass_filter} must be in [0, 1) (a cosine threshold; 0: off)")
     if cfg.threshold is not None and cfg.threshold < 0:
         raise ConfigError(f"threshold={cfg.threshold} must be >= 0")
     for key in ("batch_size", "embedding_size", "window", "score_batch_size", "eval_batch_size"):

@@ -21,6 +21,10 @@ Gradient convention (the training loop relies on it):
   gradient of the global-batch mean loss, so the average of world_size x (each rank's part) is
   exactly the single-process gradient on the global batch.
 
+Inter-class filtering (`set_interclass_filter(t)`, t in (0, 1); 0: off, the default, which changes nothing):
+in a training step a row of the global batch whose margin-free cosine to some class centre other than its
+label's exceeds t is left out of the loss: see `_interclass_weights`.
+
 With world_size == 1 no torch.distributed call is made.
 """
 from __future__ import annotations
@@ -185,6 +189,9 @@ class ShardedClassifier(nn.Module):
     Every rank must call forward / score / full_state_dict together (they are collectives).
     Labels are global class ids in [0, num_classes)."""
 
+    interclass_filter = 0.0  # cosine threshold of inter-class filtering (0: off); set_interclass_filter sets it
+    last_filtered = None  # (n,) bool of the local rows the last filtering step left out (None: filtering off)
+
     def __init__(self, head_name: str, in_features: int, num_classes: int, rank: int = 0, world_size: int = 1,
                  group=None, sample_rate: float = 1.0, sample_seed: int = 0, **head_kwargs):
         super().__init__()
@@ -294,7 +301,9 @@ class ShardedClassifier(nn.Module):
         """(loss, gt_prob) of the local batch, or with `per_sample` (loss, gt_prob, sample_loss): the local rows'
         cross-entropy (n,), detached, the head's own loss before the mean (margin and, with Partial FC in
         training, the sampled softmax included). `local_weights` (n,) multiply the rows' losses before the
-        mean over the global batch (dynamic pruning's reweighting); None is the plain mean."""
+        mean over the global batch (dynamic pruning's reweighting); None is the plain mean. With inter-class
+        filtering on (training mode), the rows it leaves out weigh 0 and the loss is the mean over the others
+        (`_interclass_weights`); `last_filtered` then holds the local rows left out."""
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=True)
             weights = None
@@ -314,11 +323,52 @@ class ShardedClassifier(nn.Module):
                 cos = self.head.cosine(embeddings, columns)  # a head with sub-centres: all k rows of each column
             else:
                 cos = self.head.cosine(embeddings)
+            if self.interclass_filter > 0 and self.training:
+                filtered = self._interclass_filtered(cos, local)
+                self.last_filtered = filtered[lo:hi]
+                weights = self._interclass_weights(filtered, weights)
             logits = self.head.margin_logits(cos, local, self._target_cos(cos, local), embeddings)
             rows = (local >= 0).nonzero().squeeze(1)
             loss, log_prob = _ShardedSoftmaxCE.apply(logits, rows, local[rows], self.comm, weights)
         log_prob = log_prob[lo:hi].detach()
         return (loss, torch.exp(log_prob), -log_prob) if per_sample else (loss, torch.exp(log_prob))
+
+    # ---------------------------------------------------------------------------- inter-class filtering
+    def set_interclass_filter(self, threshold: float) -> None:
+        """Turn inter-class filtering on at cosine `threshold` in (0, 1), or off with 0."""
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(f"ShardedClassifier: interclass_filter={threshold!r} must be in [0, 1) (a cosine; 0: off)")
+        self.interclass_filter = float(threshold)
+        self.last_filtered = None
+
+    def _interclass_filtered(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """(N,) bool, the same on every rank: the rows of the global batch whose largest margin-free cosine to a
+        class centre other than their label's exceeds `interclass_filter`. `cos` (N, columns) holds this rank's
+        columns, `local` the labelled column of each row (-1: on another rank); each rank takes the max over its
+        non-label columns, then the max over the ranks. With Partial FC sampling `cos` holds the sampled
+        columns only: the max is over the sampled centres, so a close identity that was not drawn is not seen."""
+        other = cos.detach().clone()
+        rows = (local >= 0).nonzero().squeeze(1)
+        other[rows, local[rows]] = -2.0  # below any cosine: the label's own centre never counts
+        row_max = other.max(dim=1).values
+        if self.comm is not None:
+            row_max = self.comm.all_reduce_max(row_max)
+        return row_max > self.interclass_filter
+
+    @staticmethod
+    def _interclass_weights(filtered: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """(N,) loss weights of the global batch with the `filtered` rows left out: 0 for them, and the others'
+        weights (1, or dynamic pruning's) times N / (rows kept), so that the mean over N that the loss takes is
+        the mean over the rows kept and the step size does not shrink with the number filtered. Every row
+        filtered: every weight 0, a loss of 0 with zero gradient (no NaN).
+
+        This is a rule on samples. arcface_torch's `interclass_filtering_threshold` instead zeroes the offending
+        negative logits (the classes, not the sample) and keeps the sample in the loss. The head's own batch
+        statistics (e.g. CurricularFace's t, AdaFace's norm statistics) still see every row."""
+        kept = (~filtered).to(torch.float32)
+        scale = filtered.numel() / kept.sum().clamp_min(1.0)
+        kept = kept * scale
+        return kept if weights is None else weights * kept
 
     # ---------------------------------------------------------------------------------- scoring
     @torch.no_grad()

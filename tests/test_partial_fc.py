@@ -112,20 +112,32 @@ def test_sample_rate_outside_0_1_is_refused():
     assert e.value.code == 2
 
 
+def spy_on_draws(clf) -> list:
+    """The list that each of `clf`'s sampled steps appends its kept local columns to."""
+    kept = []
+    real = clf.sample_columns
+    clf.sample_columns = lambda local: kept.append(real(local)) or kept[-1]
+    return kept
+
+
+def union_of_draws(clf, columns: torch.Tensor) -> torch.Tensor:
+    """The global class ids every rank kept in a step, sorted (shards are in class order), from this rank's local
+    `columns`; a collective."""
+    mine = columns + clf.class_start
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(clf.world_size)]
+    dist.all_gather(counts, torch.tensor([mine.numel()]))
+    return clf.comm.all_gather_cat(mine, [int(c) for c in counts])
+
+
 def step_on_shard(sharded, emb, labels, lo, hi):
     """A training step of this rank's `sharded` on its rows [lo, hi) of the global batch: (its embeddings, with their
     gradient, loss, gt_prob, the classes the ranks kept: sorted global ids, every one of the rank without sampling)."""
-    kept = []
-    real = sharded.sample_columns
-    sharded.sample_columns = lambda local: kept.append(real(local)) or kept[-1]
+    kept = spy_on_draws(sharded)
     local_emb = emb[lo:hi].clone().requires_grad_()
     loss, prob = sharded(local_emb, labels[lo:hi])
     loss.backward()
-    mine = kept[0] + sharded.class_start if kept else torch.arange(sharded.class_start, sharded.class_end)
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(sharded.world_size)]
-    dist.all_gather(counts, torch.tensor([mine.numel()]))
-    union = sharded.comm.all_gather_cat(mine, [int(c) for c in counts])  # sorted: shards are in class order
-    return local_emb, loss, prob, union
+    columns = kept[0] if kept else torch.arange(sharded.class_end - sharded.class_start)
+    return local_emb, loss, prob, union_of_draws(sharded, columns)
 
 
 def _worker(rank, world_size, init_file):

@@ -100,6 +100,7 @@ class Run:
     skipped_images: int = 0  # undecodable images dropped in the last epoch (skip_bad_images)
     dynamic: DynamicPruning = None  # --dynamic_method other than none: the loss store and each epoch's plan
     samples_per_epoch: list = field(default_factory=list)  # images trained on in each epoch, all ranks
+    interclass_filtered: list = field(default_factory=list)  # of those, left out of the loss (interclass_filter)
 
 
 def prepare_run(cfg, ctx: Context) -> Run:
@@ -123,6 +124,8 @@ def prepare_run(cfg, ctx: Context) -> Run:
     backbone = new_backbone(cfg, image_size).to(ctx.device)
     head = build_head(cfg.loss, cfg.embedding_size, dataset.num_classes, ctx,
                       {**head_kwargs(cfg), "sample_rate": cfg.sample_rate, "sample_seed": cfg.seed}).to(ctx.device)
+    if cfg.interclass_filter:
+        head.set_interclass_filter(cfg.interclass_filter)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     train_backbone = backbone
@@ -211,6 +214,8 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
         run.sampler.set_subset(None if plan.full else plan.kept)
         steps = len(run.loader) if cfg.max_steps_per_epoch <= 0 else min(len(run.loader), cfg.max_steps_per_epoch)
     trained = 0
+    filtering = cfg.interclass_filter > 0
+    filtered = torch.zeros((), dtype=torch.long, device=ctx.device)  # summed on the device: no sync per step
     flip_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 131 + ctx.rank)
     loss_sum = torch.zeros((), device=ctx.device)
     channels_last = cfg.channels_last
@@ -246,6 +251,8 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
                 amp_dtype=ctx.amp_dtype, channels_last=channels_last, grad_clip=cfg.grad_clip, clip_params=clip_params,
                 flip_gen=flip_gen, weights=dynamic.batch_weights(sample_index), per_sample=True)
             dynamic.add(sample_index, sample_loss)
+        if filtering:  # the head's mask of this rank's rows; padding duplicates (index -1) are not counted
+            filtered += (run.head.last_filtered & (sample_index.to(ctx.device, non_blocking=True) >= 0)).sum()
         run.scheduler.step()
         run.global_step += 1
         if record is not None:
@@ -261,6 +268,10 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
     if dynamic is not None:
         dynamic.end()  # the epoch's losses, gathered exactly, into the store the next epoch plans from
     run.samples_per_epoch.append(all_ranks_sum(ctx, trained))
+    run.interclass_filtered.append(all_ranks_sum(ctx, int(filtered)) if filtering else 0)
+    if filtering:
+        log.info("epoch %d: interclass_filter %g left %d of the %d samples trained on out of the loss", epoch + 1,
+                 cfg.interclass_filter, run.interclass_filtered[-1], run.samples_per_epoch[-1])
     return float(loss_sum) / max(1, min(steps, step + 1))
 
 

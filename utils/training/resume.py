@@ -37,6 +37,7 @@ def save_epoch(run, epoch: int):
         "epoch": epoch, "step": run.global_step, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
         "head_shard": run.head.state_dict(), "best": run.best, "samples_per_epoch": list(run.samples_per_epoch),
+        "interclass_filtered": list(run.interclass_filtered),
         **({"dynamic": run.dynamic.state_dict()} if run.dynamic is not None else {})})
     barrier(ctx)
     if ctx.is_main:
@@ -138,6 +139,8 @@ def resume(run):
     # images trained on per epoch (recorded since 2026-12-05; before: every epoch's full steps)
     run.samples_per_epoch = list(state.get("samples_per_epoch",
                                            [run.steps_per_epoch * cfg.batch_size * saved_world] * epoch))
+    # samples inter-class filtering left out per epoch (runs saved before the key: none, 0 per epoch)
+    run.interclass_filtered = list(state.get("interclass_filtered", [0] * epoch))
     saved_method = light.get("config", {}).get("dynamic_method", "none")
     if saved_method != cfg.dynamic_method or (run.dynamic is not None) != ("dynamic" in state):
         raise ArtifactError(f"{marker}: the run was trained with dynamic_method={saved_method}, not "
