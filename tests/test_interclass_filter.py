@@ -13,6 +13,7 @@ from losses import ShardedClassifier
 from tests.helpers import TINY_TRAIN, make_tiny_dataset, run_script, train_until_killed
 from tests.test_partial_fc import spy_on_draws, union_of_draws
 from tests.test_sharded_head import spawn_gloo
+from utils.artifacts.files import ArtifactError
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -191,6 +192,8 @@ def test_training_counts_the_filtered_samples_and_resumes_them(tiny, tmp_path):
     assert f"epoch 3: interclass_filter 0.3 left {counts[2]} of the {trained[2]} samples" in log
 
     train_until_killed(_cfg(tiny, tmp_path / "b"), Context(), epoch=2)
+    with pytest.raises(ArtifactError, match="trained with interclass_filter=0.3, not 0.4"):
+        training.train(_cfg(tiny, tmp_path / "b", "--resume", "true", "--interclass_filter", "0.4"), Context())
     resumed = training.train(_cfg(tiny, tmp_path / "b", "--resume", "true"), Context())
     assert resumed["interclass_filtered"] == counts and resumed["samples_per_epoch"] == trained
     a = torch.load(paths.original_dir(straight) / "backbone.pth")

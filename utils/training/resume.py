@@ -145,6 +145,11 @@ def resume(run):
     if saved_method != cfg.dynamic_method or (run.dynamic is not None) != ("dynamic" in state):
         raise ArtifactError(f"{marker}: the run was trained with dynamic_method={saved_method}, not "
                             f"{cfg.dynamic_method}; resume it with the same method, or train with another --output")
+    saved_filter = float(light.get("config", {}).get("interclass_filter", 0.0))
+    if saved_filter != cfg.interclass_filter:
+        raise ArtifactError(f"{marker}: the run was trained with interclass_filter={saved_filter:g}, not "
+                            f"{cfg.interclass_filter:g}; resume it with the same threshold, or train with another "
+                            f"--output")
     if run.dynamic is not None:
         run.dynamic.load_state_dict(state["dynamic"])
     if saved_world != ctx.world_size:
