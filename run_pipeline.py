@@ -3,6 +3,7 @@
     python run_pipeline.py                       # synthetic data, CPU profile, output/demo
     python run_pipeline.py --profile gpu         # iresnet50 at 112x112 on one GPU
     python run_pipeline.py --rec /data/faces_webface_112x112 --dataset webface --profile gpu
+    python run_pipeline.py --experiment noisy --seeds 3   # noisy data: clean it or train through it?
 
 Every step runs a stage script with explicit config keys (forked on CPU, a subprocess on GPUs), so the files and logs are
 exactly those of a manual run: make the data (synthetic), train the original model, score the training
@@ -23,6 +24,7 @@ import torch
 
 from config.config import DATASET_PRESETS, ConfigError, infer_dataset, parse_config, parse_value
 from utils.artifacts.locking import LOCK_NAME, LockError, OutputLock
+from utils.pipeline.noisy import NOISY_DATA, ROUNDS_DEFAULT, NoisyPipeline
 from utils.pipeline.profiles import PROFILES, Profile
 from utils.pipeline.runner import RUNNERS, choose_jobs, choose_runner
 from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, flag_value, require_bins  # noqa: F401
@@ -114,7 +116,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Run the DiffProb paper's experiment end to end: data, original model, "
                                 "scoring, cleaning, pruning (Rand, DynUnc, DiffProb, cleaning + DiffProb), "
                                 "retraining, evaluation and the results table and plot.")
-    p.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
+    p.add_argument("--experiment", default="paper", choices=["paper", "noisy"],
+                   help="paper: the DiffProb paper's pruning experiment; noisy: clean or train through the noise? "
+                        "(CosFace, ArcFace, RobustFace, Sub-center ArcFace and inter-class filtering on a set with 15%% "
+                        "flips + 5%% intruders, cleaning then CosFace, iterative cleaning, the noise-free ceiling; "
+                        "utils/pipeline/noisy.py)")
+    p.add_argument("--out", default=None, help="output folder (default: output/demo, output/noisy)")
     p.add_argument("--rec", default=None, help="a real RecordIO dataset folder (default: make a synthetic one)")
     p.add_argument("--profile", default=None, choices=sorted(PROFILES),
                    help="scale: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
@@ -143,10 +150,10 @@ def main(argv=None):
                    help="also retrain the same kept lists with these networks (the paper's table 3)")
     p.add_argument(*flag("retrain-losses"), default=None, metavar="LOSS,...",
                    help="also retrain the same kept lists with these losses (the paper's table 2)")
-    p.add_argument(*flag("clean-rounds"), type=int, default=1, metavar="N",
+    p.add_argument(*flag("clean-rounds"), type=int, default=None, metavar="N",
                    help="iterative cleaning: clean, retrain on the cleaned set, score every sample with that model, "
                         "clean again; at most N rounds, fewer when the flagged set changes by less than "
-                        "--set clean_tolerance=T (default 1: clean once)")
+                        "--set clean_tolerance=T (default 1: clean once; 3 in --experiment noisy)")
     p.add_argument("--data", nargs="*", metavar="KEY=VALUE",
                    help="synthetic generator options over the profile's (make_synthetic_dataset.py --help lists "
                         "them), e.g. --data redundancy=0.5 redundant_id_share=1 for a highly redundant set")
@@ -168,6 +175,14 @@ def main(argv=None):
     p.add_argument(*flag("stop-after"), type=int, default=0, metavar="N",
                    help="stop after the first N steps (a re-run resumes from step N+1)")
     args = p.parse_args(argv)
+    noisy = args.experiment == "noisy"
+    args.out = args.out or ("output/noisy" if noisy else "output/demo")
+    args.clean_rounds = args.clean_rounds if args.clean_rounds is not None else (ROUNDS_DEFAULT if noisy else 1)
+    if noisy:
+        given = [f"--{k}" for k in ("fractions", "methods", "retrain_networks", "retrain_losses", "score_epochs")
+                 if getattr(args, k)]
+        if given:
+            p.error(f"--experiment noisy trains its own roads: {', '.join(given)} do not apply")
     gpus = torch.cuda.device_count()
     profile = PROFILES[args.profile or ("gpu" if gpus else "demo")]
     if args.fractions:
@@ -211,7 +226,8 @@ def main(argv=None):
             overrides[key] = getattr(args, key)
     if args.ijb_root is not None and not (Path(args.ijb_root) / "meta").is_dir():
         p.error(f"--ijb_root {args.ijb_root}: not an IJB release folder (expected loose_crop/ and meta/ in it)")
-    data_args, data_config = synthetic_args(profile, args.data) if args.rec is None else (None, None)
+    data_items = [*NOISY_DATA, *(args.data or [])] if noisy else args.data
+    data_args, data_config = synthetic_args(profile, data_items) if args.rec is None else (None, None)
     trainees = _trainees(p, args, {**profile.train, **overrides})
 
     nproc = args.nproc or max(1, gpus)
@@ -220,7 +236,7 @@ def main(argv=None):
         jobs = choose_jobs(args.jobs, gpus, nproc)
     except ValueError as e:
         p.error(str(e))
-    pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
+    pipe = (NoisyPipeline if noisy else Pipeline)(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
                     clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner,
                     jobs=jobs, score_epochs=args.score_epochs, export=args.export)
