@@ -158,10 +158,18 @@ def method_labels() -> dict:
 def method_table() -> str:
     """The README's method table (markdown), from the registry."""
     rows = ["| method | `--coreset_method` | script | reads | what it keeps |", "|---|---|---|---|---|"]
+    ccs = [m for m in METHODS.values() if m.name.startswith("ccs_")]  # one row: CCS over each score
     for m in METHODS.values():
+        if m in ccs:
+            continue
         names = ", ".join(f"`{n}`" for n in (m.name, *m.aliases))
         rows.append(f"| {m.title} | {names} | `{' '.join(m.script)}` | {', '.join(m.needs) or 'labels'} | "
                     f"{m.summary} |")
+    if ccs:
+        needs = sorted({n for m in ccs for n in m.needs})
+        rows.append(f"| CCS over a score | {', '.join(f'`{m.name}`' for m in ccs)} | `coreset_select.py` | "
+                    f"{', '.join(needs)} | CCS (Zheng et al. 2023) over that method's score: the hardest dropped, the "
+                    f"rest sampled across score strata |")
     return "\n".join(rows) + "\n"
 
 
