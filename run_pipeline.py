@@ -24,7 +24,7 @@ import torch
 
 from config.config import DATASET_PRESETS, ConfigError, infer_dataset, parse_config, parse_value
 from utils.artifacts.locking import LOCK_NAME, LockError, OutputLock
-from utils.pipeline.noisy import NOISY_DATA, ROUNDS_DEFAULT, NoisyPipeline
+from utils.pipeline.noisy import NOISY_DATA, ROUNDS_DEFAULT, NoisyExperiment
 from utils.pipeline.profiles import PROFILES, Profile
 from utils.pipeline.runner import RUNNERS, choose_jobs, choose_runner
 from utils.pipeline.steps import METHOD_LABELS, Key, Pipeline, StopPipeline, flag_value, require_bins  # noqa: F401
@@ -236,7 +236,7 @@ def main(argv=None):
         jobs = choose_jobs(args.jobs, gpus, nproc)
     except ValueError as e:
         p.error(str(e))
-    pipe = (NoisyPipeline if noisy else Pipeline)(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
+    pipe = Pipeline(Path(args.out), profile, rec=args.rec, dataset=dataset, nproc=nproc,
                     overrides=overrides, stop_after=args.stop_after, seeds=args.seeds, trainees=trainees,
                     clean_rounds=args.clean_rounds, data_args=data_args, data_config=data_config, runner=runner,
                     jobs=jobs, score_epochs=args.score_epochs, export=args.export)
@@ -262,7 +262,7 @@ def main(argv=None):
                 for entry in Path(args.out).iterdir():
                     if entry.name != LOCK_NAME:
                         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            return pipe.run()
+            return NoisyExperiment(pipe).run() if noisy else pipe.run()
     except LockError as e:
         raise SystemExit(f"run_pipeline: error: {e}") from None
     except StopPipeline as e:

@@ -89,7 +89,7 @@ def test_a_second_run_skips_every_step_and_gives_the_same_table(noisy):
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "rand"], "--experiment noisy trains its own roads: --methods do not apply"),
-    (["--set", "clean_rule=nonsense"], "unknown cleaning rule 'nonsense'"),
+    (["--set", "clean_rule=nonsense"], "clean_rule='nonsense' is not one of argmax"),
 ])
 def test_what_the_noisy_experiment_refuses(tmp_path, args, message):
     r = run_script("run_pipeline.py", "--experiment", "noisy", "--profile", "tiny", "--out", tmp_path / "o", *args,

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config.config import parse_config  # noqa: E402
 from utils.artifacts import paths  # noqa: E402
 from utils.cleaning import probabilities, quality, registry
-from utils.artifacts.files import ArtifactError  # noqa: E402
+from utils.artifacts.files import ArtifactError, atomic_write_json  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.data.datasets import open_dataset  # noqa: E402
 from utils.artifacts.records import open_records  # noqa: E402
@@ -96,12 +96,16 @@ def round_rows(cfg) -> list:
     return out
 
 
-def measure(out: Path) -> str:
+def measure(out: Path, loss: str = None, defaults_only: bool = False, measured: dict = None) -> str:
+    """The table of every rule (at its defaults only with `defaults_only`) on the original model of `loss` (default:
+    the first original_* folder); each row's quality also lands in `measured` ({rule: cleaning_quality}) if given."""
     runs = out / "runs" if (out / "runs").is_dir() else out
     originals = sorted(runs.glob("original_*/config.json"))
-    if not originals:
-        raise ArtifactError(f"no original_<network>_<loss>/config.json under {runs}: train the original model first "
-                            f"(python run_pipeline.py --out {out} --stop_after 3)")
+    if loss:
+        originals = sorted(originals, key=lambda o: json.loads(o.read_text())["loss"] != loss)
+    if not originals or (loss and json.loads(originals[0].read_text())["loss"] != loss):
+        raise ArtifactError(f"no original_<network>_{loss or '<loss>'}/config.json under {runs}: train the original "
+                            f"model first (python run_pipeline.py --out {out} --stop_after 3)")
     trained = json.loads(originals[0].read_text())
     base = ["--rec", trained["rec"], "--output", str(runs), "--network", trained["network"],
             "--original_net_loss", trained["loss"], "--dataset", trained["dataset"]]
@@ -115,6 +119,8 @@ def measure(out: Path) -> str:
              "| open-set: precision / recall |", "|---|---|---|---|---|---|---|---|"]
     subcenter = next((o for o in originals if json.loads(o.read_text())["loss"] == "SubCenterArcFace"), None)
     for name, options in rule_rows(num_epochs):
+        if defaults_only and options:
+            continue
         rule_cfg = parse_config(base + ["--clean_rule", name, *options])
         rule_rec = rec
         if name == "subcenter" and subcenter is not None:  # read the sub-center model's scores
@@ -127,7 +133,9 @@ def measure(out: Path) -> str:
             continue
         q = quality.cleaning_quality(flags.index, noise, flags.suggested_label, flags.outlier)
         lines.append(table_row(name, " ".join(options), q))
-    lines += cleanlab_rows(rec, cfg, noise)
+        if measured is not None and not options:
+            measured[name] = q
+    lines += [] if defaults_only else cleanlab_rows(rec, cfg, noise)
     lines += round_rows(cfg)
     flips, opens = len(noise.get("flipped", [])), len(noise.get("open_set", []))
     head = (f"{cfg.rec}: {len(rec.labels)} images, {rec.num_classes} identities, {flips} flips and {opens} open-set "
@@ -138,9 +146,17 @@ def measure(out: Path) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="run_pipeline.py's --out folder (or its runs/ folder)")
+    p.add_argument("--loss", default=None, help="the original model whose records and scores the rules read (default: "
+                                                "the first original_<network>_<loss> folder; subcenter reads the "
+                                                "SubCenterArcFace one where there is one)")
+    p.add_argument("--defaults_only", action="store_true", help="each rule at its defaults only, no cleanlab rows")
+    p.add_argument("--json", type=Path, default=None, help="also write each rule's quality at its defaults here")
     args = p.parse_args(argv)
     try:
-        print(measure(args.out))
+        measured = {}
+        print(measure(args.out, args.loss, args.defaults_only, measured))
+        if args.json:
+            atomic_write_json(args.json, measured)
     except ArtifactError as e:
         raise SystemExit(f"measure_cleaning: error: {e}") from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.cleaning.rules import Flags
+from utils.cleaning.flags import Flags
 from utils.errors import InputError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from utils.artifacts.files import atomic_write_csv, save_array
 from utils.artifacts.records import sample_names
-from utils.cleaning.rules import Flags
+from utils.cleaning.flags import Flags
 
 
 MISLABELED_DTYPE = np.dtype([("index", "<i8"), ("label", "<i8"), ("suggested_label", "<i8"), ("confidence", "<f8")])

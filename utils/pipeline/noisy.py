@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 from utils.artifacts import paths
-from utils.artifacts.files import atomic_save_npy, atomic_write_json, atomic_write_text, is_complete
-from utils.artifacts.records import clean_round_dir, open_records, round_model_dir, round_scores_path
-from utils.cleaning import quality, registry
-from utils.data.datasets import dataset_fingerprint, open_dataset
+from utils.artifacts.files import atomic_save_npy, atomic_write_json, atomic_write_text, check_bins, is_complete
+from utils.artifacts.records import clean_round_dir, round_model_dir, round_scores_path
+from utils.cleaning import quality
+from utils.data.datasets import dataset_fingerprint
+from utils.errors import UserError
 from utils.data.noise_file import load_noise
 from utils.evaluation.report import TAR_KEY, mean_accuracy
-from utils.pipeline.steps import Key, Pipeline, _model_name, require_bins
 
 NOISY_DATA = ("flip_rate=0.15", "open_rate=0.05")  # RobustFace's MS1MCON setting: 15% close-set + 5% open-set
 INTERCLASS_DEFAULT = 0.4  # not tuned on this data: a cosine well above the typical nearest other centre (~0.3)
@@ -51,18 +52,20 @@ ROADS = {
     "iterative": "RobustFace: clean, retrain, repeat",
     "noise_free": "CosFace on the noise-free subset (ceiling)",
 }
-MEASURED_RULES = ("argmax", "trajectory", "confident_learning", "center_angle")
 
 
-class NoisyPipeline(Pipeline):
-    """The noisy-data experiment; the Pipeline's plumbing (steps, concurrency, ETA, IJB), its own steps."""
+class NoisyExperiment:
+    """The noisy-data experiment: its own steps on a Pipeline's plumbing (utils/pipeline/steps.py: steps, resume,
+    concurrency, the ETA, IJB), which it is given rather than inherits (this module stays below the steps)."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.static_methods, self.early_methods = (), ()
-        self.rule = self.overrides.get("clean_rule", RULE_DEFAULT)
-        self.threshold = float(self.overrides.get("interclass_filter", INTERCLASS_DEFAULT))
-        registry.get_rule(self.rule)
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.rule = pipe.overrides.get("clean_rule", RULE_DEFAULT)
+        self.threshold = float(pipe.overrides.get("interclass_filter", INTERCLASS_DEFAULT))
+        self.cfg(clean_rule=self.rule)  # an unknown rule: one line now, not after the trainings
+
+    def __getattr__(self, name):  # the pipeline's plumbing and settings: step, keys, cfg, out, rec, seeds, ...
+        return getattr(self.pipe, name)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def seed_keys(self, k: int, **extra) -> dict:
@@ -81,10 +84,11 @@ class NoisyPipeline(Pipeline):
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
+        pipe = self.pipe
         self.out.mkdir(parents=True, exist_ok=True)
-        self.t_start = t0 = time.time()
-        self.work_total, self.spent = self.planned_work(), {"train": [0.0, 0.0], "other": [0.0, 0.0]}
-        self.skipped = {"train": 0.0, "other": 0.0}
+        pipe.t_start = t0 = time.time()
+        pipe.work_total, pipe.spent = self.planned_work(), {"train": [0.0, 0.0], "other": [0.0, 0.0]}
+        pipe.skipped = {"train": 0.0, "other": 0.0}
         if self.synthetic:
             self.check_existing_data()
             self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
@@ -94,8 +98,11 @@ class NoisyPipeline(Pipeline):
         if noise is None:
             raise SystemExit(f"run_pipeline: --experiment noisy measures against injected noise: {self.rec} has no "
                              f"noise.json (make one with make_noisy_dataset.py, or leave out --rec)")
-        fp = self.fp = dataset_fingerprint(self.rec)
-        require_bins(self.cfg())
+        fp = pipe.fp = dataset_fingerprint(self.rec)
+        try:
+            check_bins(self.cfg())
+        except UserError as e:
+            raise SystemExit(f"run_pipeline: error: {e}") from None
         noise_free = self.out / "noise_free_kept.npy"
         if not noise_free.exists():
             noisy = {int(e["index"]) for e in noise.get("flipped", []) + noise.get("open_set", [])}
@@ -111,11 +118,11 @@ class NoisyPipeline(Pipeline):
                               *self.keys(**self.head_keys(k, loss, is_original_train=True, resume=True)), work=1.0)
                     road = {"CosFace": "cosface", "ArcFace": "arcface", "RobustFace": "robustface",
                             "SubCenterArcFace": "subcenter"}[loss]
-                    models[Key(road, 1.0, k)] = paths.original_dir(cfg, cfg.network, loss)
-                models[Key("interclass", 1.0, k)] = self.train_road(
+                    models[self.model_key(road, 1.0, k)] = paths.original_dir(cfg, cfg.network, loss)
+                models[self.model_key("interclass", 1.0, k)] = self.train_road(
                     k, "CosFace", f"interclass filter {self.threshold:g}", work=1.0, interclass_filter=self.threshold,
                     coreset_method="full", output=self.seed_keys(k)["output"] + "/interclass")
-                models[Key("noise_free", 1.0, k)] = self.train_road(
+                models[self.model_key("noise_free", 1.0, k)] = self.train_road(
                     k, "CosFace", "the noise-free subset", work=len(np.load(noise_free)) / fp.num_images,
                     coreset_method="full", kept_index=str(noise_free))
         lists = {}
@@ -129,13 +136,17 @@ class NoisyPipeline(Pipeline):
                       lambda cfg=cfg: is_complete(paths.clean_dir(cfg) / "kept_index.npy", fp),
                       *self.keys(**self.head_keys(k, "CosFace")))
             lists[k] = (paths.clean_dir(cfg), self.iterate(k))
+            seed_runs = Path(self.seed_keys(k)["output"])
+            self.step(f"measure every cleaning rule against noise.json (seed {cfg.seed})", ["tools/measure_cleaning.py"],
+                      lambda f=seed_runs / "cleaning_quality.json": f.exists(), "--out", seed_runs, "--loss", "CosFace",
+                      "--defaults_only", "--json", seed_runs / "cleaning_quality.json")
         with self.concurrently():  # the retrainings on the cleaned sets
             for k in seeds:
                 clean, last = lists[k]
-                models[Key("clean", 1.0, k)] = self.train_road(
+                models[self.model_key("clean", 1.0, k)] = self.train_road(
                     k, "CosFace", f"the {self.rule} kept list", work=0.9, coreset_method="full",
                     kept_index=str(clean / "kept_index.npy"), label_map=str(clean / "label_map.json"))
-                models[Key("iterative", 1.0, k)] = self.train_road(
+                models[self.model_key("iterative", 1.0, k)] = self.train_road(
                     k, "RobustFace", f"the last round's kept list ({last.name})", work=0.9, **list_keys(last))
         ijb = self.evaluate_ijb(models) if self.profile.ijb and paths.ijb_root(self.cfg()).is_dir() else {}
         results = self.collect_noisy(models, ijb, noise, lists)
@@ -190,7 +201,7 @@ class NoisyPipeline(Pipeline):
             summary = json.loads((folder / "train_summary.json").read_text())
             run = {"road": key.method, "seed_offset": key.seed, "seed": int(self.cfg().seed) + key.seed,
                    "num_images": summary["num_images"], "verification": summary["verification"],
-                   "ijb": ijb.get(_model_name(key), {}).get("1:1", {}), "sample_passes": summary["sample_passes"],
+                   "ijb": ijb.get(self.ijb_name(key), {}).get("1:1", {}), "sample_passes": summary["sample_passes"],
                    "interclass_filtered": summary.get("interclass_filtered"), "model_dir": str(folder)}
             run["mean_accuracy"] = mean_accuracy(run)
             runs.append(run)
@@ -212,13 +223,10 @@ class NoisyPipeline(Pipeline):
                 "cleaning": cleaning}
 
     def measure_rules(self, k: int, noise: dict) -> dict:
-        """Every rule at its defaults on seed offset k's models, against noise.json; and the iterative rounds."""
-        dataset = open_dataset(str(self.rec))
-        out = {}
-        for rule, loss in [*((r, "CosFace") for r in MEASURED_RULES), ("subcenter", "SubCenterArcFace")]:
-            cfg = self.cfg(**self.head_keys(k, loss, clean_rule=rule))
-            flags = registry.run_rule(registry.get_rule(rule), open_records(cfg, dataset), cfg)
-            out[rule] = _quality(flags.index, noise, flags.suggested_label, flags.outlier)
+        """Every rule at its defaults on seed offset k's models against noise.json (tools/measure_cleaning.py's
+        step: subcenter on the Sub-center ArcFace model, the others on CosFace's); and the iterative rounds."""
+        measured = json.loads((Path(self.seed_keys(k)["output"]) / "cleaning_quality.json").read_text())
+        out = {rule: _summary(q) for rule, q in measured.items()}
         robust = self.cfg(**self.head_keys(k, "RobustFace"))
         for r in range(1, self.clean_rounds + 1):
             summary = clean_round_dir(robust, r) / "summary.json" if self.clean_rounds > 1 else \
@@ -227,7 +235,8 @@ class NoisyPipeline(Pipeline):
                 s = json.loads(summary.read_text())
                 kept = np.load(summary.parent / "kept_index.npy")
                 flagged = np.setdiff1d(np.arange(self.fp.num_images), kept)
-                out[f"iterative round {r}"] = {**_quality(flagged, noise), "change": s.get("change")}
+                out[f"iterative round {r}"] = {**_summary(quality.cleaning_quality(flagged, noise)),
+                                               "change": s.get("change")}
         return out
 
 
@@ -238,7 +247,7 @@ def list_keys(folder) -> dict:
             "kept_index": str(folder / "kept_index.npy"), "label_map": str(folder / "label_map.json")}
 
 
-def _robust_passes(pipe: NoisyPipeline, k: int, last) -> int:
+def _robust_passes(pipe: NoisyExperiment, k: int, last) -> int:
     """The sample passes the iterative road spent before its last training: the RobustFace original and each
     round's retraining (rounds 1 .. R-1 of a last list in round_<R>)."""
     robust = pipe.cfg(**pipe.head_keys(k, "RobustFace"))
@@ -248,15 +257,12 @@ def _robust_passes(pipe: NoisyPipeline, k: int, last) -> int:
     return sum(json.loads((f / "train_summary.json").read_text())["sample_passes"] for f in folders)
 
 
-def _quality(flagged, noise: dict, suggested=None, outlier=None) -> dict:
-    q = quality.cleaning_quality(flagged, noise, suggested, outlier)
-    flips = {int(e["index"]) for e in noise.get("flipped", [])}
-    opens = {int(e["index"]) for e in noise.get("open_set", [])}
-    flagged = set(np.asarray(flagged).tolist())
+def _summary(q: dict) -> dict:
+    """The table's figures of a `cleaning_quality` result: flagged, precision, recall, F1, recall of the flips and
+    of the intruders."""
     p, r = q["precision"], q["recall"]
     return {"flagged": q["removed"], "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
-            "flips_flagged": len(flagged & flips), "recall_flips": q["recall_flipped"],
-            "intruders_flagged": len(flagged & opens), "recall_intruders": q["recall_open_set"]}
+            "recall_flips": q["recall_flipped"], "recall_intruders": q["recall_open_set"]}
 
 
 def _mean_std(values) -> str:
@@ -307,7 +313,8 @@ def write_noisy_results(out, results: dict):
 
 def plot_noisy(results: dict, path):
     """Each road's mean verification accuracy and IJB-C TAR@1e-4, a bar per road with the seeds' spread."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only here: the stages do not need matplotlib
+    # only here: the pipeline's other steps do not need matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     roads = [r for r in ROADS if any(x["road"] == r for x in results["runs"])]

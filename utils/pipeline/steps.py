@@ -97,6 +97,16 @@ class Pipeline:
         self.early_methods = tuple(m for m in self.static_methods if METHODS[m].needs) if self.score_epochs else ()
 
     # ------------------------------------------------------------------------------------ plumbing
+    @staticmethod
+    def model_key(method: str, fraction: float, seed: int = 0) -> Key:
+        """The key of one trained model (what `evaluate_ijb` names it by)."""
+        return Key(method, fraction, seed)
+
+    @staticmethod
+    def ijb_name(key: Key) -> str:
+        """The name `evaluate_ijb` gives the model of `key` in its results."""
+        return model_name(key)
+
     def keys(self, **extra) -> list:
         train = self.profile.train if self.dataset == "synthetic" else \
             {k: v for k, v in self.profile.train.items() if k in REAL_DATA_PROFILE_KEYS}
@@ -445,14 +455,14 @@ class Pipeline:
     def evaluate_ijb(self, models: dict) -> dict:
         out = self.out / "ijb"
         # the folders' epoch checkpoints describe their network (a plain backbone.pth would not)
-        spec = ",".join(f"{_model_name(k)}={v}" for k, v in models.items())
+        spec = ",".join(f"{model_name(k)}={v}" for k, v in models.items())
         done = out / "ijb_results.json"
 
         def complete():
             if not done.exists():
                 return False
             have = json.loads(done.read_text()).get("models", {})
-            return all(_model_name(k) in have for k in models)
+            return all(model_name(k) in have for k in models)
 
         target = self.cfg().ijb_target.upper().replace("IJB", "IJB-")
         self.step(f"evaluate {len(models)} models on {target} (1:1 and 1:N)", ["eval_ijbc.py"], complete,
@@ -470,8 +480,8 @@ class Pipeline:
                 "scorer": paths.scorer_tag(base), "trainee": key.trainee or f"{base.network}_{base.loss}",
                 "num_images": summary["num_images"], "num_classes": summary["num_classes"],
                 "verification": summary["verification"], "verification_pairs": summary.get("verification_pairs", {}),
-                "ijb": {k: v for k, v in ijb.get(_model_name(key), {}).get("1:1", {}).items()},
-                "ijb_1n": ijb.get(_model_name(key), {}).get("1:N", {}),
+                "ijb": {k: v for k, v in ijb.get(model_name(key), {}).get("1:1", {}).items()},
+                "ijb_1n": ijb.get(model_name(key), {}).get("1:N", {}),
                 "train_seconds": summary["train_seconds"], "sample_passes": _sample_passes(summary),
                 "dynamic": summary.get("dynamic", {"method": "none"}), "score_epochs": key.score_epochs,
                 "model_dir": str(model_dir)})
@@ -530,7 +540,7 @@ def add_costs(runs: list, scored: set, original_per_epoch: list = None):
         r["cost_with_scoring"] = None if r["cost"] is None else r["cost"] + extra
 
 
-def _model_name(key: Key) -> str:
+def model_name(key: Key) -> str:
     return (f"{key.method}_{key.fraction:.2f}" + (f"_e{key.score_epochs}" if key.score_epochs else "")
             + (f"_seed{key.seed}" if key.seed else "") + (f"_{key.trainee}" if key.trainee else ""))
 
