@@ -97,16 +97,19 @@ class Config:
     head_checkpoint: str = ""  # head state dict to pair with a plain backbone.pth
     score_batch_size: int = 512
     # ---- pruning and cleaning ------------------------------------------------------------------
-    coreset_method: str = "diffprob"  # a selection method of utils/selection/registry.py's registry (the kept list
+    coreset_method: str = field(default_factory=lambda: registry_default("coreset_method"))  # a selection method of
+    #                                   utils/selection/registry.py's registry (its default: the paper's; the kept list
     #                                   retraining uses), or full / relabel (every image; cleaning's flagged
     #                                   ones with their suggested label); the paper's names are aliases
-    clean_rule: str = "argmax"  # a cleaning rule of utils/cleaning/registry.py's registry (argmax: the paper's)
+    clean_rule: str = field(default_factory=lambda: registry_default("clean_rule"))  # a cleaning rule of
+    #                                   utils/cleaning/registry.py's registry (its default: the paper's)
     clean_agree: Optional[List[str]] = None  # other rules that must flag a sample too (agreement; None: none)
     clean_epochs: str = ""  # rules on soft labels: the recorded epochs "A-B" (1-based, inclusive); "": all
-    clean_probs: str = "trajectory"  # the probabilities a rule reads where it lets you choose (the rule table)
+    clean_probs: str = field(default_factory=lambda: registry_default("clean_probs"))  # the probabilities a rule
+    #                                   reads where it lets you choose (utils/cleaning/probabilities.py)
     clean_margin_quantile: float = 0.25  # soft-label margin rule: flag when another identity beats the label by the
     #                                      clean majority's margin at this quantile (0 < q < 1)
-    clean_angle: float = 75.0  # subcenter rule: the largest angle (degrees) to the identity's dominant sub-center
+    clean_angle: float = 75.0  # the sub-center rule's largest angle (degrees) to an identity's dominant sub-center
     clean_round: int = 0  # iterative cleaning: round R >= 1 (R >= 2 scores with round R-1's retrained model)
     clean_tolerance: float = 0.01  # rounds stop when the flagged set changes by less (share of the last)
     fraction: float = 0.5  # kept fraction (per identity, or overall for a threshold method: the method table)
@@ -173,14 +176,16 @@ CHOICES = {
 }
 
 
-# Keys whose values a registry owns: {key: (module, function giving the values, function giving aliases or None)}.
+# Keys whose values a registry owns: {key: (module, function giving the values, function giving aliases or None,
+# function giving the default or None: the dataclass's)}.
 # config asks the registry when a config is checked or a --help is built, by module name: the registries import
 # modules that import config, so config cannot import them (nor does importing a registry change config).
 REGISTRY_KEYS = {
-    "coreset_method": ("utils.selection.registry", "coreset_method_choices", "coreset_method_aliases"),
-    "clean_rule": ("utils.cleaning.registry", "rule_choices", None),
-    "clean_probs": ("utils.cleaning.probabilities", "prob_source_choices", None),
-    "dynamic_method": ("utils.training.dynamic", "dynamic_choices", None),
+    "coreset_method": ("utils.selection.registry", "coreset_method_choices", "coreset_method_aliases",
+                       "default_coreset_method"),
+    "clean_rule": ("utils.cleaning.registry", "rule_choices", None, "default_rule"),
+    "clean_probs": ("utils.cleaning.probabilities", "prob_source_choices", None, "default_prob_source"),
+    "dynamic_method": ("utils.training.dynamic", "dynamic_choices", None, None),
 }
 
 
@@ -188,6 +193,11 @@ def _registry(key: str, which: int):
     module, *functions = REGISTRY_KEYS[key]
     name = functions[which]
     return getattr(importlib.import_module(module), name)() if name else {}
+
+
+def registry_default(key: str) -> str:
+    """The default value of a key a registry owns, from the registry (config names no method or rule itself)."""
+    return _registry(key, 2)
 
 
 def choices(key: str):

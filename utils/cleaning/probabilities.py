@@ -78,6 +78,11 @@ def trajectory_probs(rec: Records, cfg, keep: int = None) -> SparseProbs:
 PROB_SOURCES = {"trajectory": (trajectory_probs, ("topk",)), "scores": (scores_probs, ("scores",))}
 
 
+def default_prob_source() -> str:
+    """The `clean_probs` a config has unless told otherwise: the soft labels over the training trajectory."""
+    return "trajectory"
+
+
 def prob_source_choices() -> tuple:
     """The values `clean_probs` accepts."""
     return tuple(PROB_SOURCES)

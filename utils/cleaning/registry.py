@@ -88,6 +88,11 @@ def rule_line() -> str:
             + "; ".join(f"`{r.name}`: {r.summary}" for r in RULES.values()) + ".")
 
 
+def default_rule() -> str:
+    """The `clean_rule` a config has unless told otherwise: the paper's (DiffProb's auxiliary cleaning)."""
+    return "argmax"
+
+
 def rule_choices() -> tuple:
     """The values `clean_rule` accepts (config asks when it checks a config)."""
     return tuple(RULES)

@@ -144,6 +144,11 @@ def list_methods(aliases: bool = False) -> list:
     return list(METHODS) + (list(_ALIASES) if aliases else [])
 
 
+def default_coreset_method() -> str:
+    """The `coreset_method` a config has unless told otherwise: the paper's method."""
+    return "diffprob"
+
+
 def coreset_method_choices() -> tuple:
     """Every value `coreset_method` accepts: retraining's own, the registered methods and their aliases."""
     return (*RETRAIN_ONLY, *METHODS, *_ALIASES)
