@@ -98,7 +98,8 @@ def test_importing_a_registry_changes_no_config_and_config_names_no_method_or_ru
     named = [n for n in (*registry.METHODS, *cleaning.RULES) if re.search(rf"[\"']{n}[\"']", logic)]
     assert named == [], f"config/config.py names {named}: a registry entry should declare it"
     from config.config import Config
-    assert (Config().coreset_method, Config().clean_rule) == (registry.default_coreset_method(), cleaning.default_rule())
+    defaults = Config()
+    assert defaults.coreset_method == registry.default_coreset_method() and defaults.clean_rule == cleaning.default_rule()
 
 
 @pytest.mark.parametrize("method", ["el2n", "ccs_el2n", "ccs_aum", "ccs_dynunc", "dynunc", "rand", "entropy"])
