@@ -58,7 +58,7 @@ def train(cfg, ctx) -> dict:
     results = {}
     for epoch in range(run.start_epoch, cfg.num_epoch):
         recorder = Recorder(cfg.record_topk, full_prob=cfg.sample_rate < 1) if cfg.is_original_train else None
-        loss = train_one_epoch(run, epoch, recorder, on_step)
+        loss = train_one_epoch(run, epoch, recorder, on_step, progress.epoch_steps)
         if not math.isfinite(loss):
             raise UserError(f"the loss became {loss} in epoch {epoch + 1}; lower --lr or use --dtype fp32")
         if recorder is not None:

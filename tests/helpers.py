@@ -101,12 +101,12 @@ def train_until_killed(cfg, ctx, epoch: int = 2):
 
     real = training.train_one_epoch
 
-    def dies(run, e, record=None, on_step=None):
+    def dies(run, e, record=None, on_step=None, on_epoch=None):
         if e == epoch:
             def boom(*a):
                 raise KeyboardInterrupt("killed mid-epoch")
-            return real(run, e, record, boom)
-        return real(run, e, record, on_step)
+            return real(run, e, record, boom, on_epoch)
+        return real(run, e, record, on_step, on_epoch)
 
     training.train_one_epoch = dies
     try:

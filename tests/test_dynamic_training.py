@@ -3,6 +3,7 @@ gives for the losses training saw, the cost is counted, a crash and --resume tru
 1 and 2 processes take the same sample sets, and ratio 0 is bitwise the static run."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def test_epoch_lr_factor_is_lr_factor_in_epochs():
 def test_a_crash_and_resume_give_the_uninterrupted_run(tiny, tmp_path):
     import train_everything as training
 
-    extra = ("--dynamic_method", "infobatch", "--dynamic_ratio", "0.5")
+    extra = ("--dynamic_method", "infobatch", "--dynamic_ratio", "0.5", "--frequent", "1")
     straight = _cfg(tiny, tmp_path / "a", *extra)
     training.train(straight, _ctx())
     train_until_killed(_cfg(tiny, tmp_path / "b", *extra), _ctx(), epoch=2)
@@ -141,6 +142,9 @@ def test_a_crash_and_resume_give_the_uninterrupted_run(tiny, tmp_path):
     assert np.array_equal(ka, kb) and ka.shape[0] == 5
     first = json.loads((paths.original_dir(straight) / "train_summary.json").read_text())
     assert summary["samples_per_epoch"] == first["samples_per_epoch"]
+    for cfg in (straight, resumed):  # the progress counts the pruned epochs at their length: the last step is the total
+        last = re.findall(r"step (\d+)/(\d+)", (paths.original_dir(cfg) / "training.log").read_text())[-1]
+        assert last[0] == last[1], last
     # an original run that pruned: the epochs' records hold NaN for the samples not trained on
     hist = np.load(paths.original_dir(straight) / "prob_history.npy")
     assert (np.isfinite(hist).sum(axis=1) == first["samples_per_epoch"]).all()

@@ -203,7 +203,9 @@ def train_step(backbone, head, optimizer, scaler, images, labels, *, device, amp
     return (loss, gt_prob, embeddings, sample_loss) if per_sample else (loss, gt_prob, embeddings)
 
 
-def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None):
+def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None, on_epoch=None):
+    """One epoch; `on_step(run, epoch, step, loss)` after every step, `on_epoch(steps)` once its length is known
+    (dynamic pruning shortens an epoch to its plan)."""
     cfg, ctx = run.cfg, run.ctx
     run.train_backbone.train()
     run.head.train()
@@ -213,6 +215,8 @@ def train_one_epoch(run: Run, epoch: int, record: Recorder = None, on_step=None)
         plan = dynamic.begin(epoch)
         run.sampler.set_subset(None if plan.full else plan.kept)
         steps = len(run.loader) if cfg.max_steps_per_epoch <= 0 else min(len(run.loader), cfg.max_steps_per_epoch)
+    if on_epoch is not None:
+        on_epoch(steps)
     trained = 0
     filtering = cfg.interclass_filter > 0
     filtered = torch.zeros((), dtype=torch.long, device=ctx.device)  # summed on the device: no sync per step
@@ -281,7 +285,9 @@ class ProgressLog:
 
     def __init__(self, run: Run):
         self.run = run
-        self.total = run.cfg.num_epoch * run.steps_per_epoch
+        # every epoch at full length, less what the epochs done so far fell short by (dynamic pruning); an epoch's
+        # shortfall is taken off when it starts (`epoch_steps`)
+        self.total = run.cfg.num_epoch * run.steps_per_epoch - (run.start_epoch * run.steps_per_epoch - run.global_step)
         self.t0 = time.time()
         self.step0 = run.global_step
         self.tick, self.tick_step = self.t0, run.global_step
@@ -308,6 +314,12 @@ class ProgressLog:
                     if isinstance(v, float) and k not in ("step", "epoch"):
                         self.tb.add_scalar(f"{record['type']}/{k}", v, step)
                 self.tb.flush()
+
+    def epoch_steps(self, steps: int):
+        """An epoch of `steps` steps starts: the bar's total and the ETA count it at its length."""
+        self.total -= self.run.steps_per_epoch - steps
+        self.bar.total = self.total
+        self.bar.refresh()
 
     def __call__(self, run: Run, epoch: int, step: int, loss):
         self.bar.update(1)
