@@ -243,13 +243,14 @@ class ShardedClassifier(nn.Module):
 
     # ---------------------------------------------------------------------------- batch plumbing
     def _global_batch(self, local_embeddings, local_labels, with_grad: bool):
-        """(embeddings (N, D), labels (N,), local row range) of the global batch."""
+        """(embeddings (N, D), labels (N,), local row range, every rank's row count or None in one process) of the
+        global batch."""
         local_labels = local_labels.reshape(-1).to(device=local_embeddings.device, dtype=torch.long)
         n = local_embeddings.shape[0]
         if local_labels.numel() != n:
             raise ValueError(f"ShardedClassifier: {local_labels.numel()} labels for {n} embeddings")
         if self.comm is None:
-            return local_embeddings, local_labels, (0, n)
+            return local_embeddings, local_labels, (0, n), None
         sizes = self.comm.sizes(n, local_embeddings.device)
         if with_grad:
             embeddings = _GatherWithGrad.apply(local_embeddings, self.comm, sizes)
@@ -257,7 +258,7 @@ class ShardedClassifier(nn.Module):
             embeddings = self.comm.all_gather_cat(local_embeddings.detach(), sizes)
         labels = self.comm.all_gather_cat(local_labels, sizes)
         start = sum(sizes[:self.rank])
-        return embeddings, labels, (start, start + n)
+        return embeddings, labels, (start, start + n), sizes
 
     def _local_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Global class ids -> column in this slice, -1 where the class lives on another rank."""
@@ -305,15 +306,15 @@ class ShardedClassifier(nn.Module):
         filtering on (training mode), the rows it leaves out weigh 0 and the loss is the mean over the others
         (`_interclass_weights`); `last_filtered` then holds the local rows left out."""
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
-            embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=True)
+            embeddings, labels, (lo, hi), sizes = self._global_batch(local_embeddings, local_labels, with_grad=True)
             weights = None
             if local_weights is not None:
                 weights = local_weights.reshape(-1).to(device=embeddings.device, dtype=torch.float32)
                 if weights.numel() != local_embeddings.shape[0]:
                     raise ValueError(f"ShardedClassifier: {weights.numel()} weights for {local_embeddings.shape[0]} "
                                      f"embeddings")
-                if self.comm is not None:
-                    weights = self.comm.all_gather_cat(weights, self.comm.sizes(weights.numel(), weights.device))
+                if self.comm is not None:  # the ranks' row counts are the embeddings': no second exchange of them
+                    weights = self.comm.all_gather_cat(weights, sizes)
             local = self._local_labels(labels)
             if self.sampling:
                 columns = self.sample_columns(local)
@@ -386,7 +387,7 @@ class ShardedClassifier(nn.Module):
         if not 0 <= topk <= self.num_classes:
             raise ValueError(f"score: topk={topk} must be in [0, {self.num_classes}]")
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False), _eval_mode(self.head):
-            embeddings, labels, (lo, hi) = self._global_batch(local_embeddings, local_labels, with_grad=False)
+            embeddings, labels, (lo, hi), _ = self._global_batch(local_embeddings, local_labels, with_grad=False)
             local = self._local_labels(labels)
             rows = (local >= 0).nonzero().squeeze(1)
             cols = local[rows]
