@@ -43,7 +43,8 @@ def pick_original(out, loss: str = None, hint: str = "") -> dict:
                             f"(python run_pipeline.py --out {out} --stop_after 3){hint}")
     if loss is not None:
         if loss not in found:
-            raise ArtifactError(f"no original model trained with --loss {loss} under {runs} (found: {', '.join(found)})")
+            raise ArtifactError(f"no original model trained with --loss {loss} under {runs} "
+                                f"(found: {', '.join(found)})")
         return found[loss]
     return next((t for name, t in found.items() if name != SUBCENTER_LOSS), next(iter(found.values())))
 
