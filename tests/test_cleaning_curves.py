@@ -1,12 +1,16 @@
 """Each cleaning rule's precision-recall curve (utils/cleaning/curves.py, tools/cleaning_curves.py): the curve on a
 hand-worked ranking, each rule's default point against its curve, and the tool on a tiny experiment."""
+import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from config.config import parse_config
-from tests.helpers import crafted_records
+from tests.helpers import crafted_records, make_tiny_dataset, write_records
+from utils.artifacts import paths
 from utils.cleaning import curves, quality, registry
+from utils.data.datasets import open_dataset
 
 # Ten samples from the most suspicious down; N: noisy, C: clean. Flagging the first k:
 #   k       1    2    3    4    5    6    7    8    9    10
@@ -108,3 +112,49 @@ def test_argmax_ranks_by_p_label_and_aum_by_the_mean_margin():
     other = np.where(t["topk_index"][:, i, 0] == rec.labels[i], t["topk_logits"][:, i, 1], t["topk_logits"][:, i, 0])
     margin = t["label_logit"][:, i].astype(np.float64) - other.astype(np.float64)
     assert aum[i] == pytest.approx(-margin.mean(), abs=1e-3)
+
+
+def test_self_confidence_reference_is_p_label_over_its_class_threshold():
+    rec, _ = crafted(1)
+    cfg = parse_config(["--clean_probs", "scores"])
+    value = curves.QUANTITIES["self_confidence"][0](rec, cfg).value
+    p = rec.scores["gt_prob"]
+    t = np.array([p[rec.labels == c].mean() for c in range(rec.num_classes)])  # the mean p(label) of each class
+    assert np.allclose(value, -p / t[rec.labels])
+
+
+def test_tool_writes_the_table_json_and_figure_and_skips_what_is_missing(tmp_path, capsys):
+    from tools.cleaning_curves import main
+
+    rec_dir = make_tiny_dataset(tmp_path / "data")
+    ds = open_dataset(rec_dir)
+    noise = json.loads((rec_dir / "noise.json").read_text())
+    pred = ds.all_labels.copy()
+    flipped = np.array([e["index"] for e in noise["flipped"]], dtype=np.int64)
+    pred[flipped] = (pred[flipped] + 1) % ds.fingerprint.num_classes
+    out = tmp_path / "exp"
+    for loss, subcenters in (("CosFace", 0), ("SubCenterArcFace", 3)):
+        cfg = parse_config(["--rec", str(rec_dir), "--output", str(out / "runs"), "--loss", loss,
+                            "--original_net_loss", loss])
+        write_records(cfg, ds, pred, geometry=True, subcenters=subcenters)
+        (paths.original_dir(cfg) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    md, js, png = tmp_path / "docs" / "c.md", tmp_path / "c.json", tmp_path / "c.png"
+    main([str(out), "--out_md", str(md), "--out_json", str(js), "--out_png", str(png)])
+    printed = capsys.readouterr().out
+    result = json.loads(js.read_text())["experiments"][0]
+    names = [c["rule"] for c in result["curves"]]
+    assert names == [*registry.RULES, *curves.REFERENCES] and not result["skipped"]
+    assert result["original"].endswith("_CosFace") and result["subcenter_original"].endswith("_SubCenterArcFace")
+    assert result["title"] == "5% flips + 2% open-set"  # the synthetic generator's default rates
+    rows = [line for line in printed.splitlines() if line.startswith(f"| {result['title']} |")]
+    assert len(rows) == len(names) and all(len(row.split(" | ")) == 7 for row in rows)
+    flips_found = next(c for c in result["curves"] if c["rule"] == "argmax")["default"]
+    assert flips_found["flagged"] == flipped.size and flips_found["precision"] == 1.0  # the flips, and only them
+    page = md.read_text()
+    assert page.splitlines()[2].startswith("Measured ") and "](../c.png)" in page and rows[0] in page
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main([str(out), "--subcenter_runs", str(tmp_path / "docs")])  # no sub-center model there: skipped, said so
+    assert "subcenter: skipped: no original_*_SubCenterArcFace" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="train the original model first"):
+        main([str(tmp_path / "docs")])
+

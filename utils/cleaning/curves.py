@@ -14,16 +14,20 @@ has a point per distinct (tier, value). The quantities (`QUANTITIES`, by rule na
   majority's margin at `--clean_margin_quantile`: sweeping the quantile walks along the tier-1 part of this curve.
 - confident_learning: the largest p_k / t_k over the listed classes k other than the label (t_k: confident learning's
   threshold of class k, the mean p_k of the samples labelled k; p_k + 1e-6 as the rule's tolerance); tier: the label
-  is not the row's arg-max (within 1e-6). The rule flags tier 1 at a value >= 1: its point lies on the curve. (Not
-  p(label) / t_label: the rule does not threshold that.)
+  is not the row's arg-max (within 1e-6). The rule flags tier 1 at a value >= 1: its point lies on the curve. (The
+  rule does not threshold p(label) / t_label: that is the `self_confidence` reference.)
 - center_angle: theta_y - theta_o in degrees (the angle to the own identity's centre minus the angle to the nearest
   other centre; a sample whose identity has no centre: +inf). The rule's mislabeled branch is this value > 0; its
   outlier branch (farther from its own centre than Tukey's fence allows) is a second condition, so its point (both
   branches) may lie off the curve; the mislabeled branch's point lies on it.
 - subcenter: the angle in degrees to the identity's dominant sub-center; tier: the nearest sub-center is not the
   dominant one. The rule flags tier 1 and the tier-0 samples beyond `--clean_angle`: its point lies on the curve.
-- aum (a reference, no rule): the area under the margin (Pleiss et al. 2020) from the top-k records, the mean over
-  the epochs of (label logit - largest other logit), ascending (`utils.dynamics.scores.aum_scores`).
+
+Two references (`REFERENCES`), rankings no rule thresholds:
+- aum: the area under the margin (Pleiss et al. 2020) from the top-k records, the mean over the epochs of
+  (label logit - largest other logit), ascending (`utils.dynamics.scores.aum_scores`).
+- self_confidence: p(label) / t_label on the confident_learning rule's probabilities, ascending (cleanlab ranks
+  label issues by the self-confidence p(label) by default; here divided by the label's class threshold).
 
 No quantity reads noise.json: `pr_curve` takes the noisy samples only as the yardstick.
 """
@@ -109,7 +113,7 @@ def on_curve(flagged_index, s: Suspicion) -> bool:
     if (rank[flagged] < 0).any():
         return False
     left = rank[~flagged & (rank >= 0)]
-    return not flagged.any() or not left.size or rank[flagged].max() < left.min()
+    return bool(not flagged.any() or not left.size or rank[flagged].max() < left.min())
 
 
 def summary(curve: Curve, target_recall: float = TARGET_RECALL) -> dict:
@@ -207,6 +211,14 @@ def aum_suspicion(rec, cfg) -> Suspicion:
                                 rec.num_classes))
 
 
+def self_confidence_suspicion(rec, cfg) -> Suspicion:
+    probs = PROB_SOURCES[cfg.clean_probs][0](rec, cfg)
+    labels = np.asarray(rec.labels, np.int64)
+    thresholds = confident_learning(probs, labels, rec.num_classes)[3]
+    return Suspicion(-probs.label_prob / thresholds[labels])
+
+
+REFERENCES = ("aum", "self_confidence")
 # rule (or reference) -> (its quantity: (Records, cfg) -> Suspicion, what that is and what is flagged first)
 QUANTITIES = {
     "argmax": (argmax_suspicion, "p(label) of the scores, lowest first"),
@@ -215,4 +227,6 @@ QUANTITIES = {
     "center_angle": (center_angle_suspicion, "theta_y - theta_o (degrees), largest first"),
     "subcenter": (subcenter_suspicion, "angle to the dominant sub-center, not-dominant first"),
     "aum": (aum_suspicion, "AUM (mean label logit - largest other), lowest first; a reference, no rule"),
+    "self_confidence": (self_confidence_suspicion, "p(label) / t_label (confident learning's probabilities), lowest "
+                                                   "first; a reference, no rule"),
 }
