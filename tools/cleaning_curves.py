@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -232,8 +233,8 @@ def main(argv=None):
     if args.out_md:
         write_text(args.out_md, page(results, argv, args.out_png, args.out_md))
     if args.out_json:
-        write_text(args.out_json, json.dumps({"target": {"recall": TARGET[0], "precision": TARGET[1]},
-                                              "experiments": results}, indent=1))
+        text = json.dumps({"target": {"recall": TARGET[0], "precision": TARGET[1]}, "experiments": results}, indent=1)
+        write_text(args.out_json, re.sub(r"\[[-0-9.,\s]*\]", lambda m: " ".join(m.group(0).split()), text))
     return results
 
 

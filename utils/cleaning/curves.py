@@ -130,14 +130,14 @@ def summary(curve: Curve, target_recall: float = TARGET_RECALL) -> dict:
     return out
 
 
-def thinned(curve: Curve, most: int = 1000) -> dict:
+def thinned(curve: Curve, most: int = 400) -> dict:
     """The curve as lists, at most `most` points (evenly along the points, the first, the last and the best-F1 one
     kept), for a JSON file or a plot."""
     n = curve.flagged.size
     keep = np.arange(n) if n <= most else np.unique(np.r_[np.linspace(0, n - 1, most).round().astype(int),
                                                           np.argmax(curve.f1)])
-    return {"flagged": curve.flagged[keep].tolist(), "precision": np.round(curve.precision[keep], 6).tolist(),
-            "recall": np.round(curve.recall[keep], 6).tolist()}
+    return {"flagged": curve.flagged[keep].tolist(), "precision": np.round(curve.precision[keep], 4).tolist(),
+            "recall": np.round(curve.recall[keep], 4).tolist()}
 
 
 # ----------------------------------------------------------------------------------------- the quantities
