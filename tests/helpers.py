@@ -68,6 +68,75 @@ def write_random_topk(cfg, fp, rng, epochs=6, k=4):
         "label_logit": rng.normal(size=(epochs, n)).astype(np.float16)}, "train_everything", fp)
 
 
+def write_records(cfg, ds, pred, epochs=4, topk=4, seed=0, geometry=False, subcenters=0):
+    """Scores and top-k records (label logits too) as scoring and training write them; the top-k follow `pred`.
+    `geometry`: the scores also say where each sample lies among the class centres (label_cos, other_cos,
+    other_class, as the last epoch's logits / 12); `subcenters` > 0: and its cosines to that many sub-centers."""
+    import numpy as np
+
+    from utils.artifacts import paths
+    from utils.artifacts.files import save_array
+
+    rng = np.random.default_rng(seed)
+    n, k_classes, labels = ds.num_images, ds.fingerprint.num_classes, ds.all_labels
+    logits = rng.normal(size=(epochs, n, k_classes))
+    logits[:, np.arange(n), pred] += 10
+    index = np.argsort(-logits, axis=2)[:, :, :topk]
+    lg = np.take_along_axis(logits, index, axis=2)
+    rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (k_classes - topk)
+    prob = np.where(pred == labels, 0.9, 0.01).astype(np.float32)
+    scores = {"gt_prob_with_margin": prob, "gt_prob": prob, "pred": pred, "pred_prob": np.full(n, 0.9, np.float32),
+              "label": labels}
+    cos = np.clip(logits[-1] / 12, -1, 1)
+    if geometry:
+        others = np.where(np.arange(k_classes) == labels[:, None], -np.inf, cos)
+        scores.update(label_cos=cos[np.arange(n), labels].astype(np.float32),
+                      other_cos=others.max(axis=1).astype(np.float32), other_class=others.argmax(axis=1))
+    if subcenters:
+        own = cos[np.arange(n), labels][:, None] + rng.normal(0, 0.2, (n, subcenters))
+        scores["label_subcenter_cos"] = np.clip(own, -1, 1).astype(np.float32)
+    save_array(paths.scores_path(cfg), scores, "eval_trainset", ds.fingerprint)
+    label_logit = np.ascontiguousarray(logits[:, np.arange(n), labels], dtype=np.float16)
+    save_array(paths.topk_history_path(cfg), {"topk_logits": lg.astype(np.float16),
+                                              "topk_index": index.astype(np.int32),
+                                              "rest_mean_logit": rest.astype(np.float16), "label_logit": label_logit},
+               "train_everything", ds.fingerprint)
+
+
+def crafted_records(rng, n=120, k_classes=6, topk=3, epochs=4):
+    """Records of a tiny dataset with in-memory scores and top-k records (labels 0..K-1, every identity used)."""
+    import numpy as np
+
+    from config.config import parse_config
+    from utils.artifacts.files import Fingerprint
+    from utils.artifacts.records import Records
+
+    labels = np.sort(rng.integers(0, k_classes, n))
+    labels[:k_classes] = np.arange(k_classes)
+    labels.sort()
+    logits = rng.normal(size=(epochs, n, k_classes))
+    logits[:, np.arange(n), labels] += 3
+    logits[:, :5] = rng.normal(size=(epochs, 5, k_classes))  # a few samples the model does not follow
+    index = np.argsort(-logits, axis=2)[:, :, :topk]
+    lg = np.take_along_axis(logits, index, axis=2)
+    rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (k_classes - topk)
+    p = np.exp(logits[-1]) / np.exp(logits[-1]).sum(axis=1, keepdims=True)
+    fp = Fingerprint(n, k_classes, 1)
+    rec = Records(parse_config([]), labels, fp, k_classes, inputs=[])  # the files: in memory, below
+    rec._cache["scores"] = {"pred": p.argmax(axis=1), "pred_prob": p.max(axis=1), "gt_prob": p[np.arange(n), labels],
+                            "gt_prob_with_margin": p[np.arange(n), labels], "label": labels}
+    cos = np.clip(logits[-1] / 8, -1, 1)  # where the samples lie among the centres, as eval_trainset.py records it
+    others = np.where(np.arange(k_classes) == labels[:, None], -np.inf, cos)
+    rec._cache["scores"].update(label_cos=cos[np.arange(n), labels], other_cos=others.max(axis=1),
+                                other_class=others.argmax(axis=1),
+                                label_subcenter_cos=np.clip(cos[np.arange(n), labels][:, None]
+                                                            + rng.normal(0, 0.2, (n, 3)), -1, 1))
+    rec._cache["topk"] = {"topk_logits": lg.astype(np.float16), "topk_index": index.astype(np.int32),
+                          "rest_mean_logit": rest.astype(np.float16),
+                          "label_logit": logits[:, np.arange(n), labels].astype(np.float16)}
+    return rec
+
+
 def make_tiny_dataset(out: Path):
     run_script("make_synthetic_dataset.py", "--out", out, *TINY_DATASET)
     return out

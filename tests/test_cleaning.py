@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from config.config import parse_config
-from tests.helpers import REPO, TINY_TRAIN, make_tiny_dataset, run_script
+from tests.helpers import REPO, TINY_TRAIN, crafted_records, make_tiny_dataset, run_script, write_records
 from utils.cleaning import lists, probabilities, quality, registry, rules
 from utils.artifacts import paths
-from utils.artifacts.files import Fingerprint, load_array, load_kept_index, read_array, save_array
+from utils.artifacts.files import load_array, load_kept_index, read_array
 from utils.dynamics.soft_labels import SparseProbs
 from utils.data.datasets import open_dataset
 from utils.errors import InputError
-from utils.artifacts.records import Records, clean_round_dir, round_model_dir, round_scores_path, round_train_keys
+from utils.artifacts.records import clean_round_dir, round_model_dir, round_scores_path, round_train_keys
 from utils.dynamics.soft_labels import soft_label_entropy
 
 
@@ -159,33 +159,6 @@ def test_soft_label_rule_reads_only_the_top_two_classes():
 
 
 # ---------------------------------------------------------------------------------------- registry
-def crafted_records(rng, n=120, k_classes=6, topk=3, epochs=4):
-    """Records of a tiny dataset with in-memory scores and top-k records (labels 0..K-1, every identity used)."""
-    labels = np.sort(rng.integers(0, k_classes, n))
-    labels[:k_classes] = np.arange(k_classes)
-    labels.sort()
-    logits = rng.normal(size=(epochs, n, k_classes))
-    logits[:, np.arange(n), labels] += 3
-    logits[:, :5] = rng.normal(size=(epochs, 5, k_classes))  # a few samples the model does not follow
-    index = np.argsort(-logits, axis=2)[:, :, :topk]
-    lg = np.take_along_axis(logits, index, axis=2)
-    rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (k_classes - topk)
-    p = np.exp(logits[-1]) / np.exp(logits[-1]).sum(axis=1, keepdims=True)
-    fp = Fingerprint(n, k_classes, 1)
-    rec = Records(parse_config([]), labels, fp, k_classes, inputs=[])  # the files: in memory, below
-    rec._cache["scores"] = {"pred": p.argmax(axis=1), "pred_prob": p.max(axis=1), "gt_prob": p[np.arange(n), labels],
-                            "gt_prob_with_margin": p[np.arange(n), labels], "label": labels}
-    cos = np.clip(logits[-1] / 8, -1, 1)  # where the samples lie among the centres, as eval_trainset.py records it
-    others = np.where(np.arange(k_classes) == labels[:, None], -np.inf, cos)
-    rec._cache["scores"].update(label_cos=cos[np.arange(n), labels], other_cos=others.max(axis=1),
-                                other_class=others.argmax(axis=1),
-                                label_subcenter_cos=np.clip(cos[np.arange(n), labels][:, None]
-                                                            + rng.normal(0, 0.2, (n, 3)), -1, 1))
-    rec._cache["topk"] = {"topk_logits": lg.astype(np.float16), "topk_index": index.astype(np.int32),
-                          "rest_mean_logit": rest.astype(np.float16)}
-    return rec
-
-
 @pytest.mark.parametrize("name", list(registry.RULES))
 @pytest.mark.parametrize("probs", ["trajectory", "scores"])
 def test_every_registered_rule_returns_valid_flags(name, probs):
@@ -275,24 +248,6 @@ def test_flag_change():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
-
-
-def write_records(cfg, ds, pred, epochs=4, topk=4, seed=0):
-    """Scores and top-k records as scoring and training write them; the top-k follow `pred`."""
-    rng = np.random.default_rng(seed)
-    n, k_classes, labels = ds.num_images, ds.fingerprint.num_classes, ds.all_labels
-    prob = np.where(pred == labels, 0.9, 0.01).astype(np.float32)
-    save_array(paths.scores_path(cfg), {"gt_prob_with_margin": prob, "gt_prob": prob, "pred": pred,
-                                        "pred_prob": np.full(n, 0.9, np.float32), "label": labels},
-               "eval_trainset", ds.fingerprint)
-    logits = rng.normal(size=(epochs, n, k_classes))
-    logits[:, np.arange(n), pred] += 10
-    index = np.argsort(-logits, axis=2)[:, :, :topk]
-    lg = np.take_along_axis(logits, index, axis=2)
-    rest = (logits.sum(axis=2) - lg.sum(axis=2)) / (k_classes - topk)
-    save_array(paths.topk_history_path(cfg), {"topk_logits": lg.astype(np.float16), "topk_index": index.astype(np.int32),
-                                              "rest_mean_logit": rest.astype(np.float16)}, "train_everything",
-               ds.fingerprint)
 
 
 def noisy_indices(rec_dir):

@@ -26,12 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config.config import parse_config  # noqa: E402
 from utils.artifacts import paths  # noqa: E402
-from utils.cleaning import probabilities, quality, registry
+from utils.cleaning import experiment, probabilities, quality, registry  # noqa: E402
 from utils.artifacts.files import ArtifactError, atomic_write_json  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.data.datasets import open_dataset  # noqa: E402
 from utils.artifacts.records import open_records  # noqa: E402
-from utils.data.noise_file import load_noise  # noqa: E402
 
 DENSE_LIMIT = 5e7  # probabilities the cleanlab reference may hold densely (N x K float64: 400 MB)
 
@@ -98,33 +97,22 @@ def round_rows(cfg) -> list:
 
 def measure(out: Path, loss: str = None, defaults_only: bool = False, measured: dict = None) -> str:
     """The table of every rule (at its defaults only with `defaults_only`) on the original model of `loss` (default:
-    the first original_* folder); each row's quality also lands in `measured` ({rule: cleaning_quality}) if given."""
-    runs = out / "runs" if (out / "runs").is_dir() else out
-    originals = sorted(runs.glob("original_*/config.json"))
-    if loss:
-        originals = sorted(originals, key=lambda o: json.loads(o.read_text())["loss"] != loss)
-    if not originals or (loss and json.loads(originals[0].read_text())["loss"] != loss):
-        raise ArtifactError(f"no original_<network>_{loss or '<loss>'}/config.json under {runs}: train the original "
-                            f"model first (python run_pipeline.py --out {out} --stop_after 3)")
-    trained = json.loads(originals[0].read_text())
-    base = ["--rec", trained["rec"], "--output", str(runs), "--network", trained["network"],
-            "--original_net_loss", trained["loss"], "--dataset", trained["dataset"]]
-    cfg = parse_config(base)
-    noise = load_noise(cfg.rec)
-    if noise is None:
-        raise ArtifactError(f"{cfg.rec}/noise.json not found: the table measures against injected noise")
+    the first original_* folder that is not SubCenterArcFace's); each row's quality also lands in `measured`
+    ({rule: cleaning_quality}) if given."""
+    cfg, base, noise = experiment.open_experiment(out, loss)
     rec = open_records(cfg, open_dataset(cfg.rec))
     num_epochs = rec.topk["topk_logits"].shape[0]
     lines = ["| rule | options | flagged | precision | recall | F1 | flips: precision / recall / relabel acc. "
              "| open-set: precision / recall |", "|---|---|---|---|---|---|---|---|"]
-    subcenter = next((o for o in originals if json.loads(o.read_text())["loss"] == "SubCenterArcFace"), None)
+    subcenter = experiment.originals(experiment.runs_folder(out)).get(experiment.SUBCENTER_LOSS)
     for name, options in rule_rows(num_epochs):
         if defaults_only and options:
             continue
         rule_cfg = parse_config(base + ["--clean_rule", name, *options])
         rule_rec = rec
         if name == "subcenter" and subcenter is not None:  # read the sub-center model's scores
-            rule_cfg = parse_config(base + ["--clean_rule", name, "--original_net_loss", "SubCenterArcFace", *options])
+            rule_cfg = parse_config(base + ["--clean_rule", name, "--original_net_loss", experiment.SUBCENTER_LOSS,
+                                            *options])
             rule_rec = open_records(rule_cfg, open_dataset(cfg.rec))
         try:
             flags = registry.run_rule(registry.get_rule(name), rule_rec, rule_cfg)
