@@ -109,7 +109,8 @@ class Config:
     #                                   reads where it lets you choose (utils/cleaning/probabilities.py)
     clean_margin_quantile: float = 0.25  # soft-label margin rule: flag when another identity beats the label by the
     #                                      clean majority's margin at this quantile (0 < q < 1)
-    clean_angle: float = 75.0  # the sub-center rule's largest angle (degrees) to an identity's dominant sub-center
+    clean_angle: float = 75.0  # the sub-center rule's largest angle (degrees) to an identity's dominant sub-center (the
+    #                            paper's 75; 0: a bound from the data, the identity's median + Tukey's fence)
     clean_round: int = 0  # iterative cleaning: round R >= 1 (R >= 2 scores with round R-1's retrained model)
     clean_tolerance: float = 0.01  # rounds stop when the flagged set changes by less (share of the last)
     fraction: float = 0.5  # kept fraction (per identity, or overall for a threshold method: the method table)

@@ -3,7 +3,8 @@
 
 - `subcenter_flags`: Sub-center ArcFace's rule (Deng et al., ECCV 2020). Each identity has k sub-centers; its
   dominant one is the sub-center most of its images are nearest to. A sample is flagged when its nearest sub-center
-  of its identity is not the dominant one, or its angle to the dominant one exceeds `max_angle` degrees.
+  of its identity is not the dominant one, or its angle to the dominant one exceeds `max_angle` degrees (0: a bound
+  from the data, as `center_angle` sets its outlier bound: the per-identity median plus Tukey's fence).
   `subcenter_loop` is the same rule as a plain loop (the tests hold the two equal).
 - `center_angle_flags`: RobustFace's angle view. theta_y, the angle to the labelled identity's centre, against
   theta_o, the angle to the nearest other identity's centre: a clean sample sits near its own centre and far from
@@ -50,11 +51,20 @@ def subcenter_flags(sub_cos, labels, num_classes: int, max_angle: float, other_c
     nearest = np.argmax(np.nan_to_num(sub_cos, nan=-2.0), axis=1)
     dominant_cos = sub_cos[np.arange(labels.size), dominant]
     not_dominant = nearest != dominant
-    too_far = degrees(dominant_cos) > max_angle
+    angle = degrees(dominant_cos)
+    info = {}
+    if max_angle > 0:
+        too_far = angle > max_angle
+    else:  # from the data: farther from the dominant sub-center than its identity's majority allows
+        majority = seen & ~not_dominant
+        excess = angle - _identity_medians(angle, labels, majority, num_classes)[labels]
+        info["fence_degrees"] = tukey_fence(excess[majority])
+        with np.errstate(invalid="ignore"):
+            too_far = excess > info["fence_degrees"]
     flagged = seen & (not_dominant | too_far)
     index = np.flatnonzero(flagged).astype(np.int64)
-    info = {"max_angle": float(max_angle), "subcenters": int(sub_cos.shape[1]),
-            "not_dominant": int((seen & not_dominant).sum()), "too_far": int((seen & too_far).sum())}
+    info.update({"max_angle": float(max_angle), "subcenters": int(sub_cos.shape[1]),
+            "not_dominant": int((seen & not_dominant).sum()), "too_far": int((seen & too_far).sum())})
     if other_cos is None:
         outlier = np.ones(index.size, dtype=bool)
         return Flags(index, np.full(index.size, -1, np.int64), dominant_cos[index], info, outlier)
@@ -75,14 +85,21 @@ def subcenter_loop(sub_cos, labels, num_classes: int, max_angle: float) -> np.nd
             nearest = max(range(k), key=lambda j: (cos[j], -j))  # the first of equal cosines, as np.argmax
             counts[y][nearest] += 1
     dominant = [max(range(k), key=lambda j: (row[j], -j)) for row in counts]
-    flagged = []
-    for i, (cos, y) in enumerate(zip(sub_cos, labels)):
-        if not all(np.isfinite(c) for c in cos):
-            continue
-        nearest = max(range(k), key=lambda j: (cos[j], -j))
-        angle = np.degrees(np.arccos(min(1.0, max(-1.0, float(cos[dominant[y]])))))
-        if nearest != dominant[y] or angle > max_angle:
-            flagged.append(i)
+    scored = [i for i, cos in enumerate(sub_cos) if all(np.isfinite(c) for c in cos)]
+    nearest = {i: max(range(k), key=lambda j: (sub_cos[i][j], -j)) for i in scored}
+    angle = {i: float(np.degrees(np.arccos(min(1.0, max(-1.0, float(sub_cos[i][dominant[labels[i]]]))))))
+             for i in scored}
+    bound = {i: max_angle for i in scored}
+    if max_angle <= 0:  # from the data: its identity's median angle among the majority + Tukey's fence over them all
+        majority = [i for i in scored if nearest[i] == dominant[labels[i]]]
+        everyone = [angle[i] for i in majority]
+        median = {}
+        for y in range(num_classes):
+            mine = [angle[i] for i in majority if labels[i] == y]
+            median[y] = float(np.median(mine if mine else everyone))
+        q1, q3 = np.percentile([angle[i] - median[labels[i]] for i in majority], [25, 75])
+        bound = {i: median[labels[i]] + q3 + 1.5 * (q3 - q1) for i in scored}
+    flagged = [i for i in scored if nearest[i] != dominant[labels[i]] or angle[i] > bound[i]]
     return np.array(flagged, dtype=np.int64)
 
 

@@ -110,9 +110,9 @@ def check_clean_config(cfg):
         raise InputError(f"clean_round={cfg.clean_round} must be >= 0 (0: no rounds)")
     if cfg.clean_probs not in PROB_SOURCES:
         raise InputError(f"clean_probs={cfg.clean_probs!r}: valid: {', '.join(PROB_SOURCES)}")
-    if not 0 < cfg.clean_angle <= 180:
-        raise InputError(f"clean_angle={cfg.clean_angle} must be in (0, 180] (degrees: the subcenter rule's largest "
-                         f"angle to an identity's dominant sub-center)")
+    if not 0 <= cfg.clean_angle <= 180:
+        raise InputError(f"clean_angle={cfg.clean_angle} must be in [0, 180] (degrees: the subcenter rule's largest "
+                         f"angle to an identity's dominant sub-center; 0: a bound from the data)")
     if cfg.clean_epochs.strip():
         epoch_window(cfg.clean_epochs, 10 ** 9)  # the format; the range is checked against the records
     for name in cfg.clean_agree or ():
@@ -181,7 +181,7 @@ def flag_center_angle(rec: Records, cfg) -> Flags:
 
 @register_rule("subcenter", needs=("scores",),
                summary="Sub-center ArcFace (`--loss SubCenterArcFace`): its nearest sub-center is not its identity's "
-                       "dominant one, or it lies more than `--clean_angle` degrees (75) from the dominant one")
+                       "dominant one, or it lies more than `--clean_angle` degrees (75; 0: a bound from the data) from it")
 def flag_subcenter(rec: Records, cfg) -> Flags:
     """Sub-center ArcFace's cleaning (Deng et al., ECCV 2020) on the scoring model's sub-centers."""
     scores = rec.scores
