@@ -40,7 +40,7 @@ def pick_original(out, loss: str = None, hint: str = "") -> dict:
     found = originals(runs)
     if not found:
         raise ArtifactError(f"no original_<network>_<loss>/config.json under {runs}: train the original model first "
-                            f"(python run_pipeline.py --out {out} --stop_after 3){hint}")
+                            f"(the demo profile: python run_pipeline.py --out {out} --stop_after 4){hint}")
     if loss is not None:
         if loss not in found:
             raise ArtifactError(f"no original model trained with --loss {loss} under {runs} "
