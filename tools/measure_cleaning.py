@@ -3,8 +3,8 @@
     python tools/measure_cleaning.py --out output/demo          # run_pipeline.py's --out (or its runs/)
 
 Reads the original model's records and scores there (train and score first: `run_pipeline.py --stop_after 4` with
-the demo profile), runs every rule with its options through `utils/cleaning/registry.py` (no file is written) and measures the flagged
-sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged with a
+the demo profile), runs every rule with its options through `utils/cleaning/registry.py` (no file is written) and
+measures the flagged sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged with a
 suggested label, against the flips: precision, recall, relabel accuracy (suggestion = true identity); for
 the outliers, against the open-set images. Reference rows: cleanlab's `find_label_issues` on the same
 probabilities as `confident_learning` (the soft labels, made dense: each unlisted class at the rest
