@@ -4,8 +4,8 @@
 
 Reads the original model's records and scores there (train and score first: `run_pipeline.py --stop_after 4` with
 the demo profile), runs every rule with its options through `utils/cleaning/registry.py` (no file is written) and
-measures the flagged sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged with a
-suggested label, against the flips: precision, recall, relabel accuracy (suggestion = true identity); for
+measures the flagged sets against the dataset's `noise.json`: flagged, precision, recall, F1; for the samples flagged
+with a suggested label, against the flips: precision, recall, relabel accuracy (suggestion = true identity); for
 the outliers, against the open-set images. Reference rows: cleanlab's `find_label_issues` on the same
 probabilities as `confident_learning` (the soft labels, made dense: each unlisted class at the rest
 probability), with its default filter and with 'confident_learning'; their suggestion is the row's
