@@ -59,6 +59,10 @@ def test_the_clean_road_trains_on_what_the_rule_keeps(noisy):
     np.testing.assert_array_equal(kept, np.setdiff1d(np.arange(scores["label"].size), flagged))
     clean = next(x for x in results["runs"] if x["road"] == "clean")
     assert clean["num_images"] == kept.size
+    folder = out / "runs" / "clean" / "smallnet_CosFace"  # the lists and the sheet, as for every rule
+    mislabeled, outliers = np.load(folder / "mislabeled.npy"), np.load(folder / "outliers.npy")
+    assert mislabeled.size + outliers.size == flagged.size and (folder / "contact_sheet.png").exists()
+    assert len((folder / "mislabeled.csv").read_text().splitlines()) == mislabeled.size + 1
     _, flips, opens = _noise(out)
     q = results["cleaning"][0]["center_angle"]
     hit = len(set(flagged.tolist()) & (flips | opens))
