@@ -86,6 +86,19 @@ def _disagrees(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 99]).random(n) < 0.02
 
 
+def simulate_geometry(labels: np.ndarray, wrong: np.ndarray, quality: np.ndarray, num_classes: int, seed: int) -> dict:
+    """Where the scoring model puts each sample among the class centres (eval_trainset.py's geometry, what the angle
+    rules read): nearer its own centre the more confident it is, nearer the next identity's where it disagrees; three
+    sub-centre cosines around its own (as a SubCenterArcFace model's scores would hold them)."""
+    rng = np.random.default_rng([seed, 7])
+    label_cos = (0.1 + 0.7 * quality).astype(np.float32)
+    other_cos = np.where(wrong, label_cos + 0.1, rng.uniform(0.0, 0.3, labels.size)).astype(np.float32)
+    subcenter = np.clip(label_cos[:, None] - rng.uniform(0.0, 0.3, (labels.size, 3)).astype(np.float32), -1, 1)
+    subcenter[np.arange(labels.size), rng.integers(0, 3, labels.size)] = label_cos
+    return {"label_cos": label_cos, "other_cos": np.minimum(other_cos, 1), "other_class": (labels + 1) % num_classes,
+            "label_subcenter_cos": subcenter}
+
+
 def simulate_epoch(labels: np.ndarray, num_classes: int, epoch: int, epochs: int, seed: int) -> dict:
     """One epoch's records as Recorder.write saves them (dtypes, NaN / -1 for the samples not seen)."""
     n = labels.size
@@ -183,7 +196,8 @@ def step_write_epoch_records(work: Path, scale: str, epochs: int, seed: int) -> 
     wrong = _disagrees(labels.size, seed)  # the model disagrees with 2% of the labels
     pred[wrong] = (labels[wrong] + 1) % fp.num_classes
     save_array(paths.scores_path(cfg), {"gt_prob_with_margin": q, "gt_prob": q, "pred": pred,
-                                        "pred_prob": np.maximum(q, np.float32(0.5)), "label": labels},
+                                        "pred_prob": np.maximum(q, np.float32(0.5)), "label": labels,
+                                        **simulate_geometry(labels, wrong, q, fp.num_classes, seed)},
                "eval_trainset", fp, cfg)
     size = sum(f.stat().st_size for f in (out / "probs").glob("*.npz"))
     return {"seconds": seconds, "note": f"{epochs} epoch files, {size / 2**30:.1f} GiB; "

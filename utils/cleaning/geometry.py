@@ -162,13 +162,19 @@ def center_angle_flags(label_cos, other_cos, other_class, labels, num_classes: i
 
 
 def _identity_medians(theta_y, labels, majority, num_classes: int) -> np.ndarray:
-    """Per identity, the median theta_y of its majority; an identity without one: the whole majority's median."""
-    order = np.argsort(labels[majority], kind="stable")
-    values, classes = theta_y[majority][order], labels[majority][order]
-    starts = np.searchsorted(classes, np.arange(num_classes))
-    ends = np.searchsorted(classes, np.arange(num_classes), side="right")
-    fallback = float(np.median(values))
-    return np.array([np.median(values[a:b]) if b > a else fallback for a, b in zip(starts, ends)])
+    """Per identity, the median theta_y of its majority; an identity without one: the whole majority's median.
+    Vectorised (Glint360K has 360K identities): each identity's values sorted, the middle one or the mean of the two
+    middle ones, as np.median takes them."""
+    values, classes = theta_y[majority].astype(np.float64), labels[majority]
+    order = np.lexsort((values, classes))
+    values = values[order]
+    counts = np.bincount(classes, minlength=num_classes)
+    starts = np.cumsum(counts) - counts
+    lo, hi = starts + (counts - 1) // 2, starts + counts // 2
+    has = counts > 0
+    medians = np.full(num_classes, float(np.median(values)))
+    medians[has] = (values[lo[has]] + values[hi[has]]) / 2
+    return medians
 
 
 def center_angle_loop(label_cos, other_cos, labels, num_classes: int) -> np.ndarray:
