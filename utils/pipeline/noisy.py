@@ -39,7 +39,7 @@ from utils.evaluation.report import TAR_KEY, mean_accuracy
 
 NOISY_DATA = ("flip_rate=0.15", "open_rate=0.05")  # RobustFace's MS1MCON setting: 15% close-set + 5% open-set
 INTERCLASS_DEFAULT = 0.4  # not tuned on this data: a cosine well above the typical nearest other centre (~0.3)
-RULE_DEFAULT = "center_angle"  # the best F1 at its defaults over the demo noise and three times it (docs/cleaning.md)
+RULE_DEFAULT = "center_angle"  # the best F1 at its defaults over the demo noise and three times it (docs/noisy.md)
 ROUNDS_DEFAULT = 3
 HEADS = ("CosFace", "ArcFace", "RobustFace", "SubCenterArcFace")
 ROADS = {
