@@ -11,6 +11,7 @@ from tests.helpers import crafted_records, make_tiny_dataset, write_records
 from utils.artifacts import paths
 from utils.cleaning import curves, quality, registry
 from utils.data.datasets import open_dataset
+from utils.data.noise_file import noisy_mask
 
 # Ten samples from the most suspicious down; N: noisy, C: clean. Flagging the first k:
 #   k       1    2    3    4    5    6    7    8    9    10
@@ -78,7 +79,7 @@ def test_a_rules_default_point_lies_on_its_curve(seed, name, options):
     flags = registry.run_rule(registry.get_rule(name), rec, cfg)
     s = curves.QUANTITIES[name][0](rec, cfg)
     assert curves.on_curve(flags.index, s)
-    c = curves.pr_curve(s, curves.noisy_mask(noise, len(rec.labels)))
+    c = curves.pr_curve(s, noisy_mask(noise, len(rec.labels)))
     q = quality.cleaning_quality(flags.index, noise)
     if flags.index.size:
         at = np.flatnonzero(c.flagged == flags.index.size)
@@ -97,7 +98,7 @@ def test_center_angle_mislabeled_branch_is_the_threshold_0_point(seed):
     assert np.array_equal(branch, np.flatnonzero(s.value > 0)) and curves.on_curve(branch, s)
     assert 20 in flags.index[flags.outlier] and s.value[20] < 0  # the outlier branch: a second condition
     assert not curves.on_curve(flags.index, s)  # so the rule's point lies off the curve
-    c = curves.pr_curve(s, curves.noisy_mask(noise, len(rec.labels)))
+    c = curves.pr_curve(s, noisy_mask(noise, len(rec.labels)))
     point = c.flagged == branch.size
     assert c.precision[point] == pytest.approx(quality.cleaning_quality(branch, noise)["precision"])
 

@@ -38,6 +38,7 @@ from utils.artifacts.files import ArtifactError, atomic_path  # noqa: E402
 from utils.artifacts.records import open_records  # noqa: E402
 from utils.cleaning import curves, experiment, quality, registry  # noqa: E402
 from utils.data.datasets import open_dataset  # noqa: E402
+from utils.data.noise_file import noisy_mask  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 
 TARGET = (0.8, 0.9)  # the region the figure shades: recall >= 0.8 at precision >= 0.9
@@ -89,7 +90,7 @@ def folder_curves(out, loss: str = None, subcenter_runs=None, say=print) -> dict
     cfg, base, noise = experiment.open_experiment(out, loss)
     dataset = open_dataset(cfg.rec)
     rec = open_records(cfg, dataset)
-    noisy = curves.noisy_mask(noise, len(rec.labels))
+    noisy = noisy_mask(noise, len(rec.labels))
     result = {"folder": str(out), "title": noise_title(noise), "images": int(len(rec.labels)),
               "identities": int(rec.num_classes), "flipped": len(noise.get("flipped", [])),
               "open_set": len(noise.get("open_set", [])), "original": paths.scorer_tag(cfg), "subcenter_original": None,

@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 
 from utils.artifacts.records import SUBCENTER_KEY
-from utils.cleaning.geometry import degrees, dominant_subcenters
+from utils.cleaning.geometry import degrees, subcenter_geometry
 from utils.cleaning.probabilities import PROB_SOURCES, trajectory_probs
 from utils.cleaning.rules import confident_learning
 from utils.dynamics.scores import aum_scores
@@ -67,14 +67,6 @@ class Curve:
     def f1(self) -> np.ndarray:
         s = self.precision + self.recall
         return np.divide(2 * self.precision * self.recall, s, out=np.zeros_like(s), where=s > 0)
-
-
-def noisy_mask(noise: dict, n: int) -> np.ndarray:
-    """(n,) bool: the samples noise.json lists as flipped or open-set."""
-    index = [int(e["index"]) for e in noise.get("flipped", []) + noise.get("open_set", [])]
-    mask = np.zeros(n, dtype=bool)
-    mask[np.asarray(index, dtype=np.int64)] = True
-    return mask
 
 
 def _ranked(s: Suspicion) -> tuple:
@@ -193,13 +185,8 @@ def center_angle_suspicion(rec, cfg) -> Suspicion:
 
 
 def subcenter_suspicion(rec, cfg) -> Suspicion:
-    sub = np.asarray(rec.scores[SUBCENTER_KEY], dtype=np.float64)
-    labels = np.asarray(rec.labels, np.int64)
-    dominant = dominant_subcenters(sub, labels, rec.num_classes)[labels]
-    nearest = np.argmax(np.nan_to_num(sub, nan=-2.0), axis=1)
-    seen = np.isfinite(sub).all(axis=1)
-    angle = degrees(sub[np.arange(labels.size), dominant])
-    return Suspicion(np.where(seen, angle, np.nan), seen & (nearest != dominant))
+    seen, not_dominant, _, angle = subcenter_geometry(rec.scores[SUBCENTER_KEY], rec.labels, rec.num_classes)
+    return Suspicion(np.where(seen, angle, np.nan), seen & not_dominant)
 
 
 def aum_suspicion(rec, cfg) -> Suspicion:

@@ -36,6 +36,20 @@ def dominant_subcenters(sub_cos: np.ndarray, labels: np.ndarray, num_classes: in
     return np.argmax(counts, axis=1)
 
 
+def subcenter_geometry(sub_cos, labels, num_classes: int) -> tuple:
+    """Per sample: (scored, nearest sub-center is not its identity's dominant one, cosine and angle in degrees to the
+    dominant one) from the (N, k) cosines to its identity's sub-centers."""
+    sub_cos = np.asarray(sub_cos, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if sub_cos.ndim != 2 or sub_cos.shape[0] != labels.size:
+        raise ValueError(f"subcenter rule: cosines of shape {sub_cos.shape} for {labels.size} labels")
+    seen = np.isfinite(sub_cos).all(axis=1)
+    dominant = dominant_subcenters(sub_cos, labels, num_classes)[labels]
+    nearest = np.argmax(np.nan_to_num(sub_cos, nan=-2.0), axis=1)
+    dominant_cos = sub_cos[np.arange(labels.size), dominant]
+    return seen, nearest != dominant, dominant_cos, degrees(dominant_cos)
+
+
 def subcenter_flags(sub_cos, labels, num_classes: int, max_angle: float, other_cos=None, other_class=None) -> Flags:
     """Sub-center ArcFace's rule on (N, k) cosines to each sample's labelled identity's sub-centers (module doc).
 
@@ -44,14 +58,7 @@ def subcenter_flags(sub_cos, labels, num_classes: int, max_angle: float, other_c
     for an outlier to its own dominant sub-center. Unscored samples (NaN) are not judged."""
     sub_cos = np.asarray(sub_cos, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    if sub_cos.ndim != 2 or sub_cos.shape[0] != labels.size:
-        raise ValueError(f"subcenter_flags: cosines of shape {sub_cos.shape} for {labels.size} labels")
-    seen = np.isfinite(sub_cos).all(axis=1)
-    dominant = dominant_subcenters(sub_cos, labels, num_classes)[labels]
-    nearest = np.argmax(np.nan_to_num(sub_cos, nan=-2.0), axis=1)
-    dominant_cos = sub_cos[np.arange(labels.size), dominant]
-    not_dominant = nearest != dominant
-    angle = degrees(dominant_cos)
+    seen, not_dominant, dominant_cos, angle = subcenter_geometry(sub_cos, labels, num_classes)
     info = {}
     if max_angle > 0:
         too_far = angle > max_angle

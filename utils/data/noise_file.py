@@ -52,3 +52,11 @@ def noise_record(labels, true_labels, flip_rate, open_rate, seed, num_classes: i
         "flip_rate": flip_rate, "open_rate": open_rate, "seed": seed,
         "num_images": int(labels.size), "num_classes": int(num_classes),
     }
+
+
+def noisy_mask(noise: dict, n: int) -> np.ndarray:
+    """(n,) bool: the samples noise.json lists as flipped or open-set."""
+    index = [int(e["index"]) for e in noise.get("flipped", []) + noise.get("open_set", [])]
+    mask = np.zeros(n, dtype=bool)
+    mask[np.asarray(index, dtype=np.int64)] = True
+    return mask

@@ -29,12 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts import paths
-from utils.artifacts.files import atomic_save_npy, atomic_write_json, atomic_write_text, check_bins, is_complete
+from utils.artifacts.files import atomic_save_npy, atomic_write_json, atomic_write_text, is_complete
 from utils.artifacts.records import clean_round_dir, round_model_dir, round_scores_path
 from utils.cleaning import quality
-from utils.data.datasets import dataset_fingerprint
-from utils.errors import UserError
-from utils.data.noise_file import load_noise
+from utils.data.noise_file import load_noise, noisy_mask
 from utils.evaluation.report import TAR_KEY, mean_accuracy
 
 NOISY_DATA = ("flip_rate=0.15", "open_rate=0.05")  # RobustFace's MS1MCON setting: 15% close-set + 5% open-set
@@ -84,29 +82,15 @@ class NoisyExperiment:
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        pipe = self.pipe
-        self.out.mkdir(parents=True, exist_ok=True)
-        pipe.t_start = t0 = time.time()
-        pipe.work_total, pipe.spent = self.planned_work(), {"train": [0.0, 0.0], "other": [0.0, 0.0]}
-        pipe.skipped = {"train": 0.0, "other": 0.0}
-        if self.synthetic:
-            self.check_existing_data()
-            self.step("make the synthetic dataset", ["make_synthetic_dataset.py"],
-                      lambda: (self.rec / "train.idx").exists() and (self.rec / "dataset.json").exists(),
-                      "--out", self.rec, *(self.data_args if self.data_args is not None else self.profile.data))
+        t0 = self.pipe.begin(self.planned_work())
+        fp = self.fp
         noise = load_noise(self.rec)
         if noise is None:
             raise SystemExit(f"run_pipeline: --experiment noisy measures against injected noise: {self.rec} has no "
                              f"noise.json (make one with make_noisy_dataset.py, or leave out --rec)")
-        fp = pipe.fp = dataset_fingerprint(self.rec)
-        try:
-            check_bins(self.cfg())
-        except UserError as e:
-            raise SystemExit(f"run_pipeline: error: {e}") from None
         noise_free = self.out / "noise_free_kept.npy"
         if not noise_free.exists():
-            noisy = {int(e["index"]) for e in noise.get("flipped", []) + noise.get("open_set", [])}
-            atomic_save_npy(noise_free, np.array([i for i in range(fp.num_images) if i not in noisy], np.int64))
+            atomic_save_npy(noise_free, np.flatnonzero(~noisy_mask(noise, fp.num_images)).astype(np.int64))
         seeds = range(self.seeds)
         models = {}
         with self.concurrently():  # the roads that need nothing but the data

@@ -259,11 +259,14 @@ class Pipeline:
                 logs.rmdir()
 
     # --------------------------------------------------------------------------------------- steps
-    def run(self) -> dict:
+    def begin(self, planned: tuple) -> float:
+        """What every experiment does first: the output folder, the clocks and the ETA's `planned` work, the stages'
+        imports (fork runner), the synthetic data (or a check of --rec), the dataset's fingerprint (`self.fp`) and
+        the verification sets (before hours of training, not after). Returns the start time."""
         self.out.mkdir(parents=True, exist_ok=True)
-        t0 = self.t_start = time.time()
-        self.work_total, self.spent, self.skipped = self.planned_work(), {"train": [0.0, 0.0], "other": [0.0, 0.0]}, \
-            {"train": 0.0, "other": 0.0}
+        self.t_start = time.time()
+        self.work_total, self.spent = planned, {"train": [0.0, 0.0], "other": [0.0, 0.0]}
+        self.skipped = {"train": 0.0, "other": 0.0}
         if self.runner == "fork":  # the stages' imports, once
             preload(REPO / s for s in STAGE_SCRIPTS)
         if self.synthetic:
@@ -273,9 +276,13 @@ class Pipeline:
                       "--out", self.rec, *(self.data_args if self.data_args is not None else self.profile.data))
         elif not (self.rec / "train.rec").exists():
             raise SystemExit(f"run_pipeline: {self.rec}/train.rec not found (--rec must be a RecordIO dataset folder)")
-        fp = self.fp = dataset_fingerprint(self.rec)
-        base = self.cfg()
-        require_bins(base)  # before hours of training, not after
+        self.fp = dataset_fingerprint(self.rec)
+        require_bins(self.cfg())
+        return self.t_start
+
+    def run(self) -> dict:
+        t0 = self.begin(self.planned_work())
+        fp, base = self.fp, self.cfg()
         original = paths.original_dir(base, base.network, base.loss)
         full_seeds = range(1, self.seeds) if self.seeds > 1 else range(1, self.profile.extra_seeds + 1)
         with self.concurrently():  # the full-data models of the other seeds need nothing of the original's
